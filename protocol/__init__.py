@@ -1,0 +1,98 @@
+"""Sans-I/O wire protocol of the voice agent, and the messages between its processes.
+
+Pure functions and msgspec types only: no sockets, processes, asyncio or torch. The wire format is
+described in `protocol.wire` (frames, check order) and `protocol.messages` (control messages);
+`protocol.internal` holds the messages our own processes exchange.
+"""
+
+from protocol.codes import ErrorCode
+from protocol.constants import (
+    BYTES_PER_SAMPLE,
+    CLIENT_AUDIO,
+    FRAME_MS,
+    IN_FRAME_BYTES,
+    IN_FRAME_SAMPLES,
+    IN_RATE,
+    MAX_SAFE_INTEGER,
+    MAX_TEXT_BYTES,
+    OUT_FRAME_BYTES,
+    OUT_FRAME_SAMPLES,
+    OUT_RATE,
+    PROTOCOL_VERSION,
+    SERVER_AUDIO,
+)
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    CLIENT_AUDIO_FORMAT,
+    SERVER_AUDIO_FORMAT,
+    AudioFormat,
+    ClientControl,
+    ClientSessionEnd,
+    Error,
+    Latency,
+    LatencyBreakdown,
+    Ping,
+    Pong,
+    ServerControl,
+    SessionEnd,
+    SessionStart,
+    Transcript,
+    Vad,
+    session_start,
+)
+from protocol.wire import (
+    decode_client,
+    decode_client_audio,
+    decode_client_control,
+    decode_server,
+    decode_server_audio,
+    decode_server_control,
+    encode_client_audio,
+    encode_client_control,
+    encode_server_audio,
+    encode_server_control,
+)
+
+__all__ = [
+    "BYTES_PER_SAMPLE",
+    "CLIENT_AUDIO",
+    "CLIENT_AUDIO_FORMAT",
+    "FRAME_MS",
+    "IN_FRAME_BYTES",
+    "IN_FRAME_SAMPLES",
+    "IN_RATE",
+    "MAX_SAFE_INTEGER",
+    "MAX_TEXT_BYTES",
+    "OUT_FRAME_BYTES",
+    "OUT_FRAME_SAMPLES",
+    "OUT_RATE",
+    "PROTOCOL_VERSION",
+    "SERVER_AUDIO",
+    "SERVER_AUDIO_FORMAT",
+    "AudioFormat",
+    "ClientControl",
+    "ClientSessionEnd",
+    "Error",
+    "ErrorCode",
+    "Latency",
+    "LatencyBreakdown",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "ServerControl",
+    "SessionEnd",
+    "SessionStart",
+    "Transcript",
+    "Vad",
+    "decode_client",
+    "decode_client_audio",
+    "decode_client_control",
+    "decode_server",
+    "decode_server_audio",
+    "decode_server_control",
+    "encode_client_audio",
+    "encode_client_control",
+    "encode_server_audio",
+    "encode_server_control",
+    "session_start",
+]

@@ -1,0 +1,27 @@
+"""Stable, machine-readable error codes sent to clients in `error` messages."""
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a frame or a session was refused. Values are part of the wire protocol: never rename.
+
+    A `StrEnum` is a `str` and an `enum.Enum` at once, so members compare equal to their values.
+    """
+
+    # Binary frames (checked in this order).
+    EMPTY_FRAME = "empty_frame"
+    BAD_HEADER = "bad_header"
+    BAD_LENGTH = "bad_length"
+    # Text frames (checked in this order, after EMPTY_FRAME).
+    OVERSIZE = "oversize"
+    BAD_UTF8 = "bad_utf8"
+    BAD_JSON = "bad_json"
+    UNKNOWN_TYPE = "unknown_type"
+    BAD_FIELD = "bad_field"
+    # Session-level conditions raised by the server, never by the decoders.
+    CAPACITY = "capacity"
+    RATE_LIMITED = "rate_limited"
+    INTERNAL = "internal"
+    SHUTDOWN = "shutdown"
+    BAD_REQUEST = "bad_request"

@@ -1,0 +1,31 @@
+"""Wire-format constants shared by the server, the browser client and the test bots.
+
+Audio travels as binary WebSocket frames: one prefix byte, then exactly one 20 ms frame of mono
+signed 16-bit little-endian PCM. Control travels as JSON text frames.
+"""
+
+from typing import Final
+
+PROTOCOL_VERSION: Final = 1
+
+# Prefix byte of every binary frame; a frame's direction is part of its identity.
+CLIENT_AUDIO: Final = 0x01
+SERVER_AUDIO: Final = 0x02
+
+FRAME_MS: Final = 20
+BYTES_PER_SAMPLE: Final = 2  # s16le
+
+IN_RATE: Final = 16_000
+IN_FRAME_SAMPLES: Final = IN_RATE * FRAME_MS // 1000  # 320
+IN_FRAME_BYTES: Final = IN_FRAME_SAMPLES * BYTES_PER_SAMPLE  # 640
+
+OUT_RATE: Final = 24_000
+OUT_FRAME_SAMPLES: Final = OUT_RATE * FRAME_MS // 1000  # 480
+OUT_FRAME_BYTES: Final = OUT_FRAME_SAMPLES * BYTES_PER_SAMPLE  # 960
+
+# Largest JSON control frame accepted, in UTF-8 bytes. Every legitimate control message is far
+# smaller; the cap bounds parsing work and nesting depth an untrusted peer can cause.
+MAX_TEXT_BYTES: Final = 4096
+
+# Ids travel through JavaScript, whose numbers are exact only up to 2**53 - 1.
+MAX_SAFE_INTEGER: Final = 2**53 - 1

@@ -1,0 +1,194 @@
+"""Control messages carried in JSON text frames.
+
+Every message is a msgspec Struct in a tagged union: its JSON object carries a "type" field whose
+value is the tag given here. Structs are frozen, so one message object can be shared freely (and
+module-level format constants are safe). Unknown extra fields are ignored when decoding, so a newer
+peer may add fields without breaking an older one.
+
+Non-finite floats (NaN, ±inf) have no JSON spelling: msgspec encodes them as `null`, which the
+other side rejects as `bad_field`. Senders must only put finite numbers in float fields.
+"""
+
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+from protocol.codes import ErrorCode
+from protocol.constants import (
+    CLIENT_AUDIO,
+    FRAME_MS,
+    IN_FRAME_BYTES,
+    IN_RATE,
+    MAX_SAFE_INTEGER,
+    OUT_FRAME_BYTES,
+    OUT_RATE,
+    PROTOCOL_VERSION,
+    SERVER_AUDIO,
+)
+
+# Ping ids are echoed by JavaScript peers, so they must stay exact there.
+MessageId = Annotated[int, msgspec.Meta(ge=0, le=MAX_SAFE_INTEGER)]
+
+
+class _Control(msgspec.Struct, tag_field="type", frozen=True):
+    """Base of every control message; subclasses set `tag=` to their wire name."""
+
+
+class AudioFormat(msgspec.Struct, frozen=True, kw_only=True):
+    """Describes one direction's binary audio frames (sent inside `session_start`)."""
+
+    encoding: str = "pcm_s16le"
+    sample_rate: int
+    channels: int = 1
+    frame_ms: int = FRAME_MS
+    frame_bytes: int
+    prefix: int  # first byte of every binary frame in this direction
+
+
+CLIENT_AUDIO_FORMAT: Final = AudioFormat(sample_rate=IN_RATE, frame_bytes=IN_FRAME_BYTES, prefix=CLIENT_AUDIO)
+SERVER_AUDIO_FORMAT: Final = AudioFormat(
+    sample_rate=OUT_RATE, frame_bytes=OUT_FRAME_BYTES, prefix=SERVER_AUDIO
+)
+
+
+class LatencyBreakdown(msgspec.Struct, frozen=True):
+    """Where the server's processing time went, in milliseconds."""
+
+    queue_ms: float = 0.0
+    step_ms: float = 0.0
+    resample_ms: float = 0.0
+    transport_ms: float = 0.0
+
+
+# --- server -> client ---------------------------------------------------------------------------
+
+
+class SessionStart(_Control, tag="session_start"):
+    """First message of every session: what the server expects and what it will send."""
+
+    session_id: str
+    protocol_version: int
+    input: AudioFormat
+    output: AudioFormat
+    model: str  # checkpoint name
+    demo_weights: bool  # True when the model has random/demo weights (its speech is not meaningful)
+    max_sessions: int
+
+
+class SessionEnd(_Control, tag="session_end"):
+    """Last message of a session, from the server."""
+
+    reason: str  # e.g. "server_shutdown", "client_request", "error"
+    frames_in: int = 0
+    frames_out: int = 0
+
+
+class Latency(_Control, tag="latency"):
+    """Server processing time: last input frame of an 80 ms block received -> first answer frame sent."""
+
+    ms: float
+    breakdown: LatencyBreakdown
+    p99_ms: float
+    dropped_frames: int
+    window_s: float  # the window `p99_ms` and `dropped_frames` cover
+
+
+class Error(_Control, tag="error"):
+    """A refused frame (fatal=False, the session goes on) or a session-ending condition (fatal=True)."""
+
+    code: ErrorCode
+    msg: str
+    fatal: bool = False
+
+
+class Vad(_Control, tag="vad"):
+    """Voice activity edge in the client's audio, at `t_ms` on the session's own audio clock."""
+
+    event: Literal["start", "end"]
+    t_ms: float
+
+
+class Transcript(_Control, tag="transcript"):
+    """Text the model produced (its inner monologue), at `t_ms` on the session's audio clock."""
+
+    text: str
+    t_ms: float
+
+
+# --- both directions ----------------------------------------------------------------------------
+
+
+class Ping(_Control, tag="ping"):
+    """Liveness/RTT probe; the receiver answers with a `Pong` carrying the same id and t_ms."""
+
+    id: MessageId
+    t_ms: float  # sender's clock
+
+
+class Pong(_Control, tag="pong"):
+    """Answer to a `Ping`: echoes its id and t_ms."""
+
+    id: MessageId
+    t_ms: float
+
+
+# --- client -> server ---------------------------------------------------------------------------
+
+
+class ClientSessionEnd(_Control, tag="session_end"):
+    """The client asks to end its session; the server answers with `SessionEnd` and closes."""
+
+    reason: str = "client_request"
+
+
+ServerControl = SessionStart | SessionEnd | Latency | Error | Vad | Transcript | Ping | Pong
+ClientControl = Ping | Pong | ClientSessionEnd
+
+SERVER_CONTROL_TYPES: Final = (SessionStart, SessionEnd, Latency, Error, Vad, Transcript, Ping, Pong)
+CLIENT_CONTROL_TYPES: Final = (Ping, Pong, ClientSessionEnd)
+
+
+def _tags(types: tuple[type[_Control], ...]) -> frozenset[str]:
+    return frozenset(str(t.__struct_config__.tag) for t in types)
+
+
+SERVER_CONTROL_TAGS: Final = _tags(SERVER_CONTROL_TYPES)
+CLIENT_CONTROL_TAGS: Final = _tags(CLIENT_CONTROL_TYPES)
+
+
+def session_start(session_id: str, model: str, demo_weights: bool, max_sessions: int) -> SessionStart:
+    """A `SessionStart` for this protocol version and the fixed audio formats."""
+    return SessionStart(
+        session_id=session_id,
+        protocol_version=PROTOCOL_VERSION,
+        input=CLIENT_AUDIO_FORMAT,
+        output=SERVER_AUDIO_FORMAT,
+        model=model,
+        demo_weights=demo_weights,
+        max_sessions=max_sessions,
+    )
+
+
+__all__ = [
+    "CLIENT_AUDIO_FORMAT",
+    "CLIENT_CONTROL_TAGS",
+    "CLIENT_CONTROL_TYPES",
+    "SERVER_AUDIO_FORMAT",
+    "SERVER_CONTROL_TAGS",
+    "SERVER_CONTROL_TYPES",
+    "AudioFormat",
+    "ClientControl",
+    "ClientSessionEnd",
+    "Error",
+    "Latency",
+    "LatencyBreakdown",
+    "MessageId",
+    "Ping",
+    "Pong",
+    "ServerControl",
+    "SessionEnd",
+    "SessionStart",
+    "Transcript",
+    "Vad",
+    "session_start",
+]
