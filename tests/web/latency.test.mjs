@@ -1,0 +1,89 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+
+import {
+  MODEL_ALGORITHMIC_MS,
+  RttTracker,
+  estimateMouthToEar,
+  formatEstimate,
+  formatTotal,
+} from '../../web/lib/latency.js';
+import {
+  DEMO_WEIGHTS_NOTICE,
+  liveMessage,
+  microphoneErrorMessage,
+  reconnectMessage,
+} from '../../web/lib/messages.js';
+
+describe('mouth-to-ear estimate', () => {
+  test('adds capture, one round trip, server, the 160 ms model latency, buffer and output', () => {
+    const estimate = estimateMouthToEar({
+      captureBaseLatencyMs: 10,
+      captureResamplerMs: 1,
+      rttMs: 40,
+      serverMs: 12,
+      playbackBufferMs: 25,
+      outputBaseLatencyMs: 5,
+      outputLatencyMs: 15,
+    });
+    assert.equal(MODEL_ALGORITHMIC_MS, 160);
+    assert.equal(estimate.complete, true);
+    assert.equal(estimate.totalMs, 20 + 10 + 1 + 40 + 12 + 160 + 25 + 5 + 15);
+    const byKey = Object.fromEntries(estimate.parts.map((p) => [p.key, p.ms]));
+    assert.deepEqual(byKey, { capture: 31, network: 40, server: 12, model: 160, playback: 25, output: 20 });
+    assert.equal(formatEstimate(estimate), '31 + 40 + 12 + 160 + 25 + 20 = 288 ms');
+    assert.equal(formatTotal(estimate), '≈ 288 ms');
+  });
+
+  test('unknown parts count as zero and mark the estimate incomplete', () => {
+    const estimate = estimateMouthToEar({ playbackBufferMs: 30 });
+    assert.equal(estimate.complete, false);
+    assert.equal(estimate.totalMs, 20 + 160 + 30);
+    assert.equal(formatTotal(estimate), '≥ 210 ms');
+    // The output device's latency is optional (not every browser reports it).
+    const noOutput = estimateMouthToEar({ rttMs: 1, serverMs: 1, playbackBufferMs: 1 });
+    assert.equal(noOutput.complete, true);
+  });
+
+  test('RttTracker keeps last, smoothed and minimum round trips and ignores nonsense', () => {
+    const rtt = new RttTracker(0.5);
+    assert.equal(rtt.record(100, 140), 40);
+    assert.equal(rtt.record(200, 220), 20);
+    assert.equal(rtt.lastMs, 20);
+    assert.equal(rtt.smoothedMs, 30);
+    assert.equal(rtt.minMs, 20);
+    assert.equal(rtt.record(300, 250), null); // from the future: not ours
+    assert.equal(rtt.record(undefined, 250), null);
+    assert.equal(rtt.samples, 2);
+  });
+});
+
+describe('status messages', () => {
+  test('a denied microphone says so and how to fix it', () => {
+    const denied = microphoneErrorMessage({ name: 'NotAllowedError', message: 'Permission denied' });
+    assert.match(denied, /denied/);
+    assert.match(denied, /Start again/);
+    assert.match(microphoneErrorMessage({ name: 'NotFoundError' }), /No microphone/);
+    assert.match(microphoneErrorMessage({ name: 'InsecureContext' }), /https/);
+    assert.match(microphoneErrorMessage(new Error('boom')), /boom/);
+  });
+
+  test('reconnect texts tell a full server, a restart and a lost connection apart', () => {
+    const full = reconnectMessage({ code: 1013, capacity: true, delayMs: 4000 }, 4);
+    assert.match(full, /server is full \(all 4 sessions are busy\)/);
+    assert.match(full, /reconnecting…/);
+    const restart = reconnectMessage({ code: 1001, shutdown: true, delayMs: 500 });
+    assert.match(restart, /restarting — reconnecting… \(in 0\.5 s\)/);
+    const lost = reconnectMessage({ code: 1006, delayMs: 1000 });
+    assert.match(lost, /Connection lost \(code 1006\) — reconnecting…/);
+    assert.match(
+      reconnectMessage({ code: 1008, delayMs: 1000, serverError: { code: 'bad_header', msg: 'bad header' } }),
+      /Server error: bad header/,
+    );
+  });
+
+  test('demo weights and live texts', () => {
+    assert.equal(DEMO_WEIGHTS_NOTICE, 'Demo checkpoint — random weights, output is noise');
+    assert.match(liveMessage({ model: 'moshiko' }), /Connected to moshiko/);
+  });
+});

@@ -1,0 +1,265 @@
+// Page entry point: wires the microphone/speaker pipeline, the WebSocket session and the view together,
+// and exposes `window.voiceAgent` for browser tests.
+//
+// Per audio frame the main thread does only this: a captured frame goes straight to ws.send(), a received
+// frame is transferred straight to the playback worklet. Everything else (latency monitor, status) is
+// refreshed a few times a second from counters.
+
+import { AudioPipeline } from './audio.js';
+import { AgentConnection } from './lib/connection.js';
+import { estimateMouthToEar } from './lib/latency.js';
+import {
+  DEMO_WEIGHTS_NOTICE,
+  liveMessage,
+  microphoneErrorMessage,
+  reconnectMessage,
+  sessionEndMessage,
+} from './lib/messages.js';
+import { webSocketUrl } from './lib/protocol.js';
+import { View } from './view.js';
+
+const REFRESH_MS = 250;
+// The test hook returns the transcript; keep its tail bounded on long sessions.
+const TRANSCRIPT_KEEP_CHARS = 20000;
+
+const EMPTY_PLAYBACK = Object.freeze({
+  bufferMs: null,
+  meanBufferMs: null,
+  targetMs: null,
+  underruns: 0,
+  framesPlayed: 0,
+});
+
+class VoiceAgent {
+  /** @param {View} view @param {string} pageUrl */
+  constructor(view, pageUrl) {
+    this.view = view;
+    this.pageUrl = pageUrl;
+    this.running = false;
+    this.audio = null;
+    this.audioInputs = {};
+    this.rates = null;
+    this.connection = null;
+    this.refreshTimer = null;
+    this.playback = EMPTY_PLAYBACK;
+    this.latency = null;
+    this.session = null;
+    this.sessions = 0;
+    this.speaking = false;
+    this.transcript = '';
+    this.lastError = '';
+  }
+
+  /** Start capture, playback and the session. Must run inside the click that asks for it. */
+  start() {
+    if (this.running) return Promise.resolve();
+    this.running = true;
+    this.playback = EMPTY_PLAYBACK;
+    this.latency = null;
+    this.session = null;
+    this.sessions = 0;
+    this.transcript = '';
+    this.lastError = '';
+    this.view.clearTranscript();
+    this.view.setDemo(null);
+    this.view.setRunning(true);
+    this.view.setStatus('Asking for the microphone…', 'starting');
+    // Created synchronously, still inside the user's gesture (see AudioPipeline).
+    const audio = new AudioPipeline({
+      onCaptureFrame: (frame) => this.connection?.sendAudio(frame),
+      onPlaybackStats: (stats) => {
+        this.playback = stats;
+      },
+      onFailure: (what) => this.onAudioFailure(what),
+    });
+    this.audio = audio;
+    this.rates = audio.rates;
+    this.refreshTimer = setInterval(() => this.render(), REFRESH_MS);
+    return this.openAudioThenConnect(audio);
+  }
+
+  async openAudioThenConnect(audio) {
+    try {
+      await audio.open();
+    } catch (error) {
+      if (this.audio !== audio) return; // stopped while the permission prompt was up
+      this.lastError = microphoneErrorMessage(error);
+      await this.teardown();
+      this.view.setStatus(this.lastError, 'error');
+      return;
+    }
+    if (this.audio !== audio) return;
+    if (audio.suspended) this.resumeAudioOnNextGesture();
+    this.connection = new AgentConnection({
+      url: webSocketUrl(this.pageUrl),
+      handlers: {
+        onState: (state, detail) => this.onConnectionState(state, detail),
+        onAudio: (frame) => this.audio?.playFrame(frame),
+        onSessionStart: (message) => this.onSessionStart(message),
+        onSessionEnd: (message) => this.view.setStatus(sessionEndMessage(message), 'connecting'),
+        onLatency: (message) => {
+          this.latency = message;
+        },
+        onVad: (message) => this.setSpeaking(message.event === 'start'),
+        onTranscript: (message) => this.onTranscript(message),
+        onServerError: (message) => {
+          this.lastError = `${message.code}: ${message.msg}`;
+        },
+      },
+    });
+    this.connection.start();
+  }
+
+  /** Stop at the user's request: end the session and release the microphone. */
+  async stop() {
+    if (!this.running) return;
+    await this.teardown();
+    this.view.setStatus('Stopped. Press Start to talk again.', 'stopped');
+  }
+
+  async teardown() {
+    this.running = false;
+    this.connection?.stop();
+    clearInterval(this.refreshTimer);
+    this.refreshTimer = null;
+    const audio = this.audio;
+    this.audio = null;
+    this.setSpeaking(false);
+    this.view.setRunning(false);
+    this.render();
+    await audio?.close();
+  }
+
+  /** A worklet threw: nothing will be heard or sent, so stop and say so. */
+  async onAudioFailure(what) {
+    if (!this.running) return;
+    this.lastError = `The ${what} audio processing failed. Press Start to try again.`;
+    await this.teardown();
+    this.view.setStatus(this.lastError, 'error');
+  }
+
+  onConnectionState(state, detail) {
+    if (!this.running) return;
+    if (state === 'connecting') {
+      const text = detail.attempt > 1 ? `Reconnecting… (attempt ${detail.attempt})` : 'Connecting…';
+      this.view.setStatus(text, detail.attempt > 1 ? 'reconnecting' : 'connecting');
+    } else if (state === 'open') {
+      this.view.setStatus('Connected — waiting for the server to start the session…', 'connecting');
+    } else if (state === 'live') {
+      const hint = this.audio?.suspended ? ' Click anywhere on the page to turn the sound on.' : '';
+      this.view.setStatus(liveMessage(detail.session) + hint, 'live');
+    } else if (state === 'reconnecting') {
+      this.setSpeaking(false);
+      this.lastError = reconnectMessage(detail, this.session?.max_sessions ?? null);
+      this.view.setStatus(this.lastError, 'reconnecting');
+    }
+  }
+
+  onSessionStart(message) {
+    this.session = message;
+    this.sessions++;
+    if (this.sessions > 1) this.view.transcriptBreak();
+    this.view.setDemo(message.demo_weights ? DEMO_WEIGHTS_NOTICE : null);
+  }
+
+  onTranscript(message) {
+    if (typeof message.text !== 'string' || message.text === '') return;
+    // SentencePiece marks word starts with U+2581; show it as the space it stands for.
+    const text = message.text.replaceAll('\u2581', ' ');
+    this.transcript = (this.transcript + text).slice(-TRANSCRIPT_KEEP_CHARS);
+    this.view.appendTranscript(text);
+  }
+
+  setSpeaking(speaking) {
+    this.speaking = speaking;
+    this.view.setSpeaking(speaking);
+  }
+
+  resumeAudioOnNextGesture() {
+    const resume = () => this.audio?.resume();
+    for (const type of ['pointerdown', 'keydown']) {
+      document.addEventListener(type, resume, { once: true, capture: true });
+    }
+  }
+
+  /** Everything the view and the test hook show, computed from the latest counters. */
+  snapshot() {
+    if (this.audio) this.audioInputs = this.audio.latencyInputs();
+    const connection = this.connection;
+    const rtt = connection?.rtt;
+    const latency = this.latency;
+    const rttMs = rtt?.smoothedMs ?? null;
+    const serverMs = typeof latency?.ms === 'number' ? latency.ms : null;
+    const bufferMs = this.playback.bufferMs;
+    const estimate = estimateMouthToEar({
+      ...this.audioInputs,
+      rttMs,
+      serverMs,
+      playbackBufferMs: this.playback.meanBufferMs,
+    });
+    return {
+      rttMs,
+      rttMinMs: rtt?.minMs ?? null,
+      rttLastMs: rtt?.lastMs ?? null,
+      serverMs,
+      serverBreakdown: latency?.breakdown ?? null,
+      serverP99Ms: latency?.p99_ms ?? null,
+      serverDroppedFrames: latency?.dropped_frames ?? null,
+      bufferMs,
+      bufferTargetMs: this.playback.targetMs,
+      underruns: this.playback.underruns,
+      framesPlayed: this.playback.framesPlayed,
+      framesSent: connection?.framesSent ?? 0,
+      framesReceived: connection?.framesReceived ?? 0,
+      reconnects: connection?.reconnects ?? 0,
+      sessionId: connection?.sessionId ?? '',
+      model: this.session?.model ?? '',
+      rates: this.rates,
+      estimate,
+    };
+  }
+
+  render() {
+    this.view.renderMetrics(this.snapshot());
+  }
+
+  /** The test hook's view of the page (see the README of web/). */
+  stats() {
+    const s = this.snapshot();
+    return {
+      connected: this.connection?.connected ?? false,
+      state: this.connection?.state ?? (this.running ? 'starting' : 'idle'),
+      sessionId: s.sessionId,
+      framesSent: s.framesSent,
+      framesReceived: s.framesReceived,
+      framesPlayed: s.framesPlayed,
+      underruns: s.underruns,
+      bufferMs: s.bufferMs,
+      bufferTargetMs: s.bufferTargetMs,
+      rttMs: s.rttMs,
+      serverMs: s.serverMs,
+      mouthToEarMs: s.rttMs === null || s.serverMs === null ? null : s.estimate.totalMs,
+      mouthToEarParts: Object.fromEntries(s.estimate.parts.map((part) => [part.key, part.ms])),
+      speaking: this.speaking,
+      reconnects: s.reconnects,
+      transcript: this.transcript,
+      lastError: this.lastError,
+      demoWeights: Boolean(this.session?.demo_weights),
+      captureRate: this.rates?.capture ?? null,
+      playbackRate: this.rates?.playback ?? null,
+    };
+  }
+}
+
+const view = new View(document);
+const agent = new VoiceAgent(view, window.location.href);
+view.startButton.addEventListener('click', () => agent.start());
+view.stopButton.addEventListener('click', () => agent.stop());
+// Leaving the page ends the session cleanly instead of leaving the server to notice a dead socket.
+window.addEventListener('pagehide', () => agent.connection?.stop());
+window.voiceAgent = Object.freeze({
+  stats: () => agent.stats(),
+  start: () => agent.start(),
+  stop: () => agent.stop(),
+});
+if (new URLSearchParams(window.location.search).get('autostart') === '1') agent.start();
