@@ -1,0 +1,99 @@
+"""A minimal Prometheus text-format registry owned by the network process.
+
+Small enough to write by hand, and it keeps the registry an explicit object (no process-global default
+registry as in prometheus_client).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.2, 0.4)
+
+
+class Counter:
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name, self.help, self.value = name, help_text, 0.0
+
+    def inc(self, n: float = 1.0) -> None:
+        self.value += n
+
+    def samples(self) -> list[str]:
+        return [f"{self.name} {_fmt(self.value)}"]
+
+
+class Gauge(Counter):
+    kind = "gauge"
+
+    def set(self, v: float) -> None:
+        self.value = v
+
+
+class Histogram:
+    kind = "histogram"
+
+    def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
+        self.name, self.help = name, help_text
+        self.bounds = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, v)] += 1
+        self.sum += v
+        self.count += 1
+
+    def samples(self) -> list[str]:
+        out, acc = [], 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            acc += n
+            out.append(f'{self.name}_bucket{{le="{_fmt(bound)}"}} {acc}')
+        out.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
+        out.append(f"{self.name}_sum {_fmt(self.sum)}")
+        out.append(f"{self.name}_count {self.count}")
+        return out
+
+
+class ServerMetrics:
+    """The series `GET /metrics` exposes."""
+
+    def __init__(self) -> None:
+        self.sessions_active = Gauge("voice_sessions_active", "Sessions connected now")
+        self.sessions_max = Gauge("voice_sessions_max", "Session slots this server holds")
+        self.sessions_total = Counter("voice_sessions_total", "Sessions accepted")
+        self.sessions_rejected = Counter("voice_sessions_rejected_total", "Sessions refused (capacity)")
+        self.frames_in = Counter("voice_frames_in_total", "Client audio frames received")
+        self.frames_out = Counter("voice_frames_out_total", "Model audio frames sent")
+        self.frames_dropped = Counter(
+            "voice_frames_dropped_total", "Audio frames dropped (full rings, a session falling behind)"
+        )
+        self.protocol_errors = Counter("voice_protocol_errors_total", "Malformed client messages")
+        self.step_seconds = Histogram("voice_step_seconds", "Batched model step duration", STEP_BUCKETS)
+        self.step_wait_seconds = Histogram(
+            "voice_step_wait_seconds", "Time a ready 80 ms block waited for its step", LATENCY_BUCKETS
+        )
+        self.frame_latency_seconds = Histogram(
+            "voice_frame_latency_seconds",
+            "Server-added latency: last input frame of a block received -> first output frame sent",
+            LATENCY_BUCKETS,
+        )
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in vars(self).values():
+            lines.append(f"# HELP {m.name} {m.help}")
+            lines.append(f"# TYPE {m.name} {m.kind}")
+            lines.extend(m.samples())
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float) -> str:
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v)) if not float(v).is_integer() else str(int(v))

@@ -1,0 +1,34 @@
+"""What every child process does first: logging with context, signals, dying with its parent."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s [%(processName)s] %(name)s: %(message)s"
+_PR_SET_PDEATHSIG = 1
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr, force=True
+    )
+
+
+def setup_child(level: str, on_term: Callable[[], None]) -> None:
+    """Children leave Ctrl-C to the supervisor (the terminal sends SIGINT to the whole process group),
+    stop cleanly on SIGTERM, and get SIGTERM themselves if the supervisor dies without telling them."""
+    setup_logging(level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: on_term())
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own shutdown path still applies
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        on_term()

@@ -1,0 +1,101 @@
+"""Which rings connect which processes.
+
+The supervisor creates (and alone unlinks) every ring at start-up, one set per session slot, and hands the
+picklable `Topology` to each child at spawn time. Each consumer process owns one doorbell; every ring it
+reads rings that doorbell on publish, so one wait covers all of a process's inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from procs.frames import IN_SLOT_BYTES, OUT_SLOT_BYTES
+from ringbuf import Doorbell, Policy, Ring, RingSpec
+
+# 1.28 s of audio per ring: far more than a healthy session ever holds, so only a stalled peer fills it,
+# and then the oldest audio goes first (counted), which is what a live conversation wants.
+AUDIO_RING_FRAMES = 64
+CTRL_SLOT_BYTES = 4096
+CTRL_RING_SLOTS = 512
+
+
+@dataclass(frozen=True)
+class Topology:
+    max_sessions: int
+    audio_to_inference: tuple[RingSpec, ...]  # network -> inference, client audio per slot
+    audio_to_vad: tuple[RingSpec, ...]  # network -> VAD, its own copy of the client audio
+    audio_to_network: tuple[RingSpec, ...]  # inference -> network, model audio per slot
+    ctrl_to_inference: RingSpec
+    ctrl_to_vad: RingSpec
+    ctrl_from_inference: RingSpec
+    ctrl_from_vad: RingSpec
+    bell_network: Doorbell
+    bell_inference: Doorbell
+    bell_vad: Doorbell
+
+
+class OwnedTopology(contextlib.AbstractContextManager):
+    """The supervisor's side: owns the segments and the doorbells, unlinks them on exit."""
+
+    def __init__(self, max_sessions: int) -> None:
+        self._rings: list[Ring] = []
+        self._bells = [Doorbell() for _ in range(3)]
+        try:
+
+            def audio(slot_bytes: int) -> tuple[RingSpec, ...]:
+                return tuple(
+                    self._ring(slot_bytes, AUDIO_RING_FRAMES, Policy.DROP_OLDEST) for _ in range(max_sessions)
+                )
+
+            def ctrl() -> RingSpec:
+                # Control messages must never vanish silently: a full control ring refuses and is counted.
+                return self._ring(CTRL_SLOT_BYTES, CTRL_RING_SLOTS, Policy.REFUSE)
+
+            self.topology = Topology(
+                max_sessions=max_sessions,
+                audio_to_inference=audio(IN_SLOT_BYTES),
+                audio_to_vad=audio(IN_SLOT_BYTES),
+                audio_to_network=audio(OUT_SLOT_BYTES),
+                ctrl_to_inference=ctrl(),
+                ctrl_to_vad=ctrl(),
+                ctrl_from_inference=ctrl(),
+                ctrl_from_vad=ctrl(),
+                bell_network=self._bells[0],
+                bell_inference=self._bells[1],
+                bell_vad=self._bells[2],
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _ring(self, slot_size: int, capacity: int, policy: Policy) -> RingSpec:
+        ring = Ring.create(slot_size, capacity, policy)
+        self._rings.append(ring)
+        return ring.spec
+
+    @property
+    def segment_names(self) -> list[str]:
+        return [r.spec.name for r in self._rings]
+
+    def close(self) -> None:
+        for ring in self._rings:
+            ring.close()
+        self._rings.clear()
+        for bell in self._bells:
+            bell.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach_producer(spec: RingSpec, bell: Doorbell) -> Ring:
+    ring = Ring.attach(spec)
+    ring.bind_producer(bell)
+    return ring
+
+
+def attach_consumer(spec: RingSpec) -> Ring:
+    ring = Ring.attach(spec)
+    ring.bind_consumer()
+    return ring

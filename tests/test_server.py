@@ -1,0 +1,232 @@
+"""End to end: the real supervisor with its three processes, real WebSockets on loopback, real Silero,
+real moshi modules (the demo checkpoint), Telugu speech from espeak-ng streamed at real-time pace."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from procs.vad_model import offline_speech_segments
+from protocol import Error, ErrorCode, Latency, SessionEnd, Vad, decode_server
+from tests.harness import SHM, ClientRun, ServerProcess, stream_client, wait_gone
+from tests.speech import conversation_16k, telugu_speech_16k
+
+FRAME_S = 0.02
+
+
+@pytest.fixture(scope="module")
+def conversation() -> tuple[np.ndarray, list[tuple[float, float]]]:
+    pcm = conversation_16k()
+    pcm = pcm[: len(pcm) // 1280 * 1280]  # whole 80 ms blocks
+    return pcm, offline_speech_segments(pcm)
+
+
+@pytest.fixture(scope="module")
+def moshi_server(demo_checkpoint: str):
+    with ServerProcess("--max-sessions", "4") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def loopback_server():
+    with ServerProcess("--engine", "loopback", "--max-sessions", "2") as server:
+        yield server
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def assert_real_time(run: ClientRun) -> None:
+    """0x02 frames of exactly 960 bytes, at least 90% of the real-time rate once the first one arrived."""
+    assert run.session_start is not None
+    assert not run.bad_frames, f"{len(run.bad_frames)} output frames of the wrong size"
+    assert run.frames, "no audio came back"
+    t_first = run.frames[0][0]
+    expected = (run.t_last_send - t_first) / FRAME_S
+    got = sum(1 for t, _ in run.frames if t <= run.t_last_send)
+    assert got >= 0.9 * expected, f"{got} frames back while {expected:.0f} were due"
+
+
+def vad_segments(run: ClientRun) -> list[tuple[float, float]]:
+    events = [m for m in run.of_type("Vad") if isinstance(m, Vad)]
+    starts = [e.t_ms for e in events if e.event == "start"]
+    ends = [e.t_ms for e in events if e.event == "end"]
+    return list(zip(starts, ends, strict=False))
+
+
+def test_default_server_is_ready_within_20_s(moshi_server: ServerProcess) -> None:
+    assert moshi_server.ready_s < 20, moshi_server.log()
+    status, body = http_get(moshi_server.url + "/health")
+    assert status == 200
+    health = json.loads(body)
+    assert health["status"] == "ok" and health["demo_weights"] is True
+    assert "random weights" in moshi_server.log() or "RANDOM" in moshi_server.log()
+
+
+def test_two_clients_converse_in_real_time(moshi_server: ServerProcess, conversation) -> None:
+    pcm, offline = conversation
+
+    async def both() -> list[ClientRun]:
+        first = asyncio.create_task(stream_client(moshi_server.ws_url, pcm))
+        await asyncio.sleep(0.033)  # a different phase of the 20 ms clock, as two real people would have
+        second = asyncio.create_task(stream_client(moshi_server.ws_url, pcm))
+        return [await first, await second]
+
+    runs = asyncio.run(both())
+    assert runs[0].session_start.session_id != runs[1].session_start.session_id
+    for run in runs:
+        assert_real_time(run)
+        latencies = [m for m in run.of_type("Latency") if isinstance(m, Latency)]
+        duration_s = run.t_last_send - run.t_first_send
+        assert len(latencies) >= duration_s - 2, f"{len(latencies)} latency messages in {duration_s:.1f} s"
+        assert all(m.ms > 0 and m.breakdown.step_ms > 0 for m in latencies)
+        streamed = vad_segments(run)
+        assert len(streamed) == len(offline), (streamed, offline)
+        for (s0, e0), (s1, e1) in zip(streamed, offline, strict=True):
+            assert abs(s0 - s1) <= 100 and abs(e0 - e1) <= 100, (streamed, offline)
+        assert run.close_code == 1000
+        assert isinstance(run.controls[-1][1], SessionEnd)
+
+
+def test_bad_input_gets_errors_and_spares_the_neighbour(moshi_server: ServerProcess) -> None:
+    pcm = telugu_speech_16k()
+    pcm = np.concatenate([pcm, np.zeros(16000, np.int16)])[: 4 * 16000 // 1280 * 1280]
+    garbage: dict[int, list[str | bytes]] = {
+        25: [b""],
+        30: [b"\x07" + bytes(640)],
+        35: [b"\x01" + bytes(100)],
+        40: ["this is not json"],
+        45: ['{"type": "bogus"}'],
+        50: ['{"type": "ping"}'],
+        55: ["x" * 10_000],
+    }
+    want = {
+        ErrorCode.EMPTY_FRAME,
+        ErrorCode.BAD_HEADER,
+        ErrorCode.BAD_LENGTH,
+        ErrorCode.BAD_JSON,
+        ErrorCode.UNKNOWN_TYPE,
+        ErrorCode.BAD_FIELD,
+        ErrorCode.OVERSIZE,
+    }
+    flood = {i: [b"\x09garbage"] * 2 for i in range(10, 60)}
+
+    async def three() -> list[ClientRun]:
+        return list(
+            await asyncio.gather(
+                stream_client(moshi_server.ws_url, pcm, inject=garbage),
+                stream_client(moshi_server.ws_url, pcm),
+                stream_client(moshi_server.ws_url, pcm, inject=flood),
+            )
+        )
+
+    bad, neighbour, flooder = asyncio.run(three())
+    codes = {m.code for m in bad.of_type("Error") if isinstance(m, Error)}
+    assert codes == want
+    # The misbehaving session goes on: audio keeps coming after the last garbage (frame 55, 1.1 s).
+    assert any(t > bad.t_first_send + 2.0 for t, _ in bad.frames)
+    assert_real_time(bad)
+    assert_real_time(neighbour)
+    assert not neighbour.of_type("Error")
+    # A client that only sends garbage is closed with 1008 after answers with errors.
+    assert flooder.close_code == 1008
+    assert flooder.of_type("Error")
+
+
+def test_loopback_returns_the_audio_sent(loopback_server: ServerProcess) -> None:
+    pcm = telugu_speech_16k()
+    pcm = pcm[: len(pcm) // 1280 * 1280]
+    run = asyncio.run(stream_client(loopback_server.ws_url, pcm, tail_s=0.5))
+    assert_real_time(run)
+    got = run.pcm().astype(np.float64)
+    assert len(got) == len(pcm) * 3 // 2, "every frame comes back exactly once"
+    # An independent reference: band-limited resampling in the frequency domain.
+    x = pcm.astype(np.float64)
+    ref = np.fft.irfft(np.fft.rfft(x), n=len(x) * 3 // 2) * 1.5
+    lags = range(0, 200)
+    corr = [np.corrcoef(ref[: len(ref) - lag], got[lag:])[0, 1] for lag in lags]
+    assert max(corr) > 0.99, f"best correlation {max(corr):.4f} at lag {int(np.argmax(corr))}"
+    status, body = http_get(loopback_server.url + "/metrics")
+    assert status == 200
+    for name in (
+        "voice_sessions_active",
+        "voice_frames_in_total",
+        "voice_frames_out_total",
+        "voice_frames_dropped_total",
+        "voice_step_seconds_bucket",
+        "voice_frame_latency_seconds_bucket",
+    ):
+        assert name in body
+    frames_in = float(
+        next(ln.split()[1] for ln in body.splitlines() if ln.startswith("voice_frames_in_total"))
+    )
+    assert frames_in >= run.sent
+
+
+def test_third_client_is_refused_while_two_go_on(loopback_server: ServerProcess) -> None:
+    pcm = telugu_speech_16k()[: 3 * 16000]
+
+    async def scenario() -> tuple[ClientRun, ClientRun, str, int | None, tuple[int, str]]:
+        started = [asyncio.Event(), asyncio.Event()]
+        a = asyncio.create_task(stream_client(loopback_server.ws_url, pcm, first_audio=started[0]))
+        b = asyncio.create_task(stream_client(loopback_server.ws_url, pcm, first_audio=started[1]))
+        await asyncio.gather(*(e.wait() for e in started))
+        health = await asyncio.to_thread(http_get, loopback_server.url + "/health")
+        async with connect(loopback_server.ws_url) as ws:
+            first = await ws.recv()
+            await ws.wait_closed()
+            code = ws.close_code
+        return await a, await b, first, code, health
+
+    a, b, first, code, health = asyncio.run(scenario())
+    msg = decode_server(first)
+    assert isinstance(msg, Error) and msg.code == ErrorCode.CAPACITY and msg.msg == "Server at capacity"
+    assert code == 1013
+    assert health[0] == 503 and json.loads(health[1])["status"] == "full"
+    assert_real_time(a)
+    assert_real_time(b)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_says_goodbye_and_leaves_nothing(sig: signal.Signals) -> None:
+    server = ServerProcess("--engine", "loopback", "--max-sessions", "2")
+    pcm = telugu_speech_16k()
+    pcm = np.concatenate([pcm] * 4)
+
+    async def scenario() -> tuple[ClientRun, tuple[int, float]]:
+        got_audio = asyncio.Event()
+        client = asyncio.create_task(
+            stream_client(server.ws_url, pcm, first_audio=got_audio, end_session=False)
+        )
+        await got_audio.wait()
+        stopped = await asyncio.to_thread(server.stop, sig)
+        return await client, stopped
+
+    try:
+        run, (code, took) = asyncio.run(scenario())
+    finally:
+        server.__exit__(None, None, None)
+    assert code == 0, server.log()
+    assert took < 10
+    ends = [m for m in run.of_type("SessionEnd") if isinstance(m, SessionEnd)]
+    assert ends and ends[-1].reason == "server_shutdown"
+    assert run.close_code == 1001
+    assert len(server.children) >= 3  # network, inference, VAD (+ the resource tracker)
+    # The resource tracker leaves a moment after the supervisor, when it sees its pipe close.
+    assert not wait_gone(server.children, timeout=5)
+    assert not list(SHM.glob(f"vring-{server.proc.pid}-*"))
+    assert not list(Path("/dev/shm").glob(f"vring-{server.children[0]}-*"))
+    assert "resource_tracker" not in server.log()
