@@ -29,10 +29,14 @@ from pathlib import Path
 
 import sentencepiece
 import torch
+
+# isort: off
+import procs.torch_env  # noqa: F401  (before moshi: see there)
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.quantization.core_vq import EuclideanCodebook
 from moshi.quantization.vq import ResidualVectorQuantizer
+# isort: on
 from safetensors.torch import save_file
 
 # Bump when the build recipe changes in a way the config/corpus digest below cannot see.
@@ -208,8 +212,6 @@ def build_demo_checkpoint(out_dir: Path, *, seed: int = 0, progress: Progress | 
     Deterministic: the same seed, corpus and moshi/torch versions give byte-identical files.
     Not atomic by itself; `demo_checkpoint_dir` builds in a temporary directory and renames.
     """
-    # The demo is built on the CPU, where moshi would otherwise compile on first use (tens of seconds).
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

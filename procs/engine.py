@@ -23,10 +23,14 @@ from typing import Protocol
 import numpy as np
 import sentencepiece
 import torch
+
+# isort: off
+import procs.torch_env  # noqa: F401  (before moshi: see there)
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen, LMModel
 from moshi.modules.transformer import StreamingMultiheadAttention
+# isort: on
 
 from procs.demo_checkpoint import demo_checkpoint_dir
 

@@ -9,7 +9,6 @@ Each decoded block leaves as four 20 ms frames.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -308,9 +307,6 @@ def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     stop = threading.Event()
     # The stop flag is set from a signal handler; ring our own doorbell so a blocked wait returns at once.
     setup_child(cfg.log_level, lambda: (stop.set(), topo.bell_inference.ring()))
-    if cfg.device == "cpu":
-        # moshi compiles on first use unless told not to: tens of seconds on a CPU, for little gain.
-        os.environ.setdefault("NO_TORCH_COMPILE", "1")
     # One torch thread on a CPU by default: measured on 2 cores, two threads stall steps for 1-2 s whenever
     # the network and VAD processes want the other core.
     threads = cfg.threads or (1 if cfg.device == "cpu" else None)

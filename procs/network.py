@@ -526,19 +526,33 @@ def _charset(ctype: str) -> str:
     return f"{ctype}; charset=utf-8" if ctype.startswith(("text/", "application/json")) else ctype
 
 
+class StopRelay:
+    """Carries SIGTERM from the signal handler into the event loop, whenever it arrives: before the loop
+    runs, while it runs, or after it closed (a second signal during exit)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._callback: Callable[[], None] | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop, self._callback = loop, callback
+        if self.requested:
+            loop.call_soon(callback)
+
+    def __call__(self) -> None:
+        self.requested = True
+        if self._loop is not None and self._callback is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._callback)
+
+
 def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
-    holder: list[Callable[[], None]] = []
-
-    def on_term() -> None:
-        if holder:
-            holder[0]()
-
-    setup_child(cfg.log_level, on_term)
+    relay = StopRelay()
+    setup_child(cfg.log_level, relay)
 
     async def run() -> None:
         server = NetworkServer(cfg, topo, status)
-        loop = asyncio.get_running_loop()
-        holder.append(lambda: loop.call_soon_threadsafe(server.stop))
+        relay.bind(asyncio.get_running_loop(), server.stop)
         await server.run()
 
     uvloop.run(run())
