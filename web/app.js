@@ -6,6 +6,7 @@
 // refreshed a few times a second from counters.
 
 import { AudioPipeline } from './audio.js';
+import { Backoff } from './lib/backoff.js';
 import { AgentConnection } from './lib/connection.js';
 import { estimateMouthToEar } from './lib/latency.js';
 import {
@@ -21,6 +22,11 @@ import { View } from './view.js';
 const REFRESH_MS = 250;
 // The test hook returns the transcript; keep its tail bounded on long sessions.
 const TRANSCRIPT_KEEP_CHARS = 20000;
+// Longest wait between reconnection attempts. A restarted server must have the page streaming again within
+// 5 s of being ready, and a restart (stop + model load) outlasts the first retries, so the gap between two
+// attempts must stay under that; the default cap (10 s) let a page sit out 8 s after the server was back.
+// One handshake every ~3 s per waiting page is no load on a server that is down or full.
+const RECONNECT_MAX_DELAY_MS = 3000;
 
 const EMPTY_PLAYBACK = Object.freeze({
   bufferMs: null,
@@ -92,6 +98,7 @@ class VoiceAgent {
     if (audio.suspended) this.resumeAudioOnNextGesture();
     this.connection = new AgentConnection({
       url: webSocketUrl(this.pageUrl),
+      backoff: new Backoff({ maxMs: RECONNECT_MAX_DELAY_MS }),
       handlers: {
         onState: (state, detail) => this.onConnectionState(state, detail),
         onAudio: (frame) => this.audio?.playFrame(frame),
