@@ -74,10 +74,6 @@ class OwnedTopology(contextlib.AbstractContextManager):
         self._rings.append(ring)
         return ring.spec
 
-    @property
-    def segment_names(self) -> list[str]:
-        return [r.spec.name for r in self._rings]
-
     def close(self) -> None:
         for ring in self._rings:
             ring.close()

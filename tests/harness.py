@@ -161,7 +161,6 @@ async def stream_client(
     inject: dict[int, list[str | bytes]] | None = None,
     end_session: bool = True,
     first_audio: asyncio.Event | None = None,
-    ws_holder: list | None = None,
 ) -> ClientRun:
     """Stream `pcm16` (16 kHz int16) as 20 ms frames at real-time pace, collecting everything the server
     sends; `inject` maps a frame index to raw messages to send right before that frame."""
@@ -169,8 +168,6 @@ async def stream_client(
     n_frames = len(pcm16) // IN_FRAME_SAMPLES
     loop = asyncio.get_running_loop()
     async with connect(url, compression=None, max_size=2**20) as ws:
-        if ws_holder is not None:
-            ws_holder.append(ws)
 
         async def receive() -> None:
             with contextlib.suppress(ConnectionClosed):
