@@ -8,6 +8,8 @@ respect to each other).
 
 from __future__ import annotations
 
+import enum
+
 import numpy as np
 
 from protocol import IN_FRAME_BYTES, OUT_FRAME_BYTES
@@ -50,5 +52,74 @@ def read_in_frame(slot: np.ndarray) -> tuple[np.void, np.ndarray]:
     )
 
 
-def read_out_header(slot: np.ndarray) -> np.void:
-    return slot[: OUT_HEADER.itemsize].view(OUT_HEADER)[0]
+_U32_MAX = 2**32 - 1
+
+
+def write_out_frame(
+    slot: np.ndarray,
+    pcm: np.ndarray,
+    *,
+    seq: int,
+    t_in_ns: int,
+    gen: int,
+    block_pos: int,
+    queue_us: int,
+    step_us: int,
+    resample_us: int,
+    dropped: int,
+) -> int:
+    """Fill a reserved ring slot with one 20 ms output frame (`pcm`: 480 int16); returns the byte count to
+    publish. Timings saturate at the u32 maximum rather than wrap."""
+    hdr = slot[: OUT_HEADER.itemsize].view(OUT_HEADER)
+    hdr["seq"] = seq
+    hdr["t_in_ns"] = t_in_ns
+    hdr["gen"] = gen
+    hdr["block_pos"] = block_pos
+    hdr["queue_us"] = min(queue_us, _U32_MAX)
+    hdr["step_us"] = min(step_us, _U32_MAX)
+    hdr["resample_us"] = min(resample_us, _U32_MAX)
+    hdr["dropped"] = min(dropped, _U32_MAX)
+    slot[OUT_HEADER.itemsize : OUT_SLOT_BYTES] = pcm.view(np.uint8)
+    return OUT_SLOT_BYTES
+
+
+def read_out_frame(slot: np.ndarray) -> tuple[np.void, np.ndarray]:
+    """Header and PCM bytes (a view into the slot) of one output frame."""
+    return slot[: OUT_HEADER.itemsize].view(OUT_HEADER)[0], slot[OUT_HEADER.itemsize : OUT_SLOT_BYTES]
+
+
+class FrameFate(enum.Enum):
+    STALE = enum.auto()  # from a session that has left the slot (or was never admitted there)
+    NEW_SESSION = enum.auto()  # first frame of a new session in the slot: reset the slot's state
+    CURRENT = enum.auto()  # from the slot's open session
+
+
+class SlotGenerations:
+    """Which session each slot holds, told apart by the `gen` its frames carry.
+
+    The network process numbers the sessions of each slot 1, 2, 3, ... A reader learns that a new session
+    started from its first frame (audio and control travel in different rings, which are not ordered with
+    respect to each other), and that one ended from its `SessionClose`, which may overtake that session's
+    last frames; frames of a closed or older generation are stale either way.
+    """
+
+    def __init__(self, n_slots: int) -> None:
+        self.current = [0] * n_slots
+        self.closed = [0] * n_slots
+
+    def classify(self, slot: int, gen: int) -> FrameFate:
+        if gen == self.current[slot]:
+            return FrameFate.CURRENT if gen > self.closed[slot] else FrameFate.STALE
+        if gen <= max(self.current[slot], self.closed[slot]):
+            return FrameFate.STALE
+        self.current[slot] = gen
+        return FrameFate.NEW_SESSION
+
+    def close(self, slot: int, gen: int) -> bool:
+        """Record that session `gen` left `slot`; True if that closed the slot's open session."""
+        was_open = self.is_open(slot) and self.current[slot] == gen
+        self.closed[slot] = max(self.closed[slot], gen)
+        return was_open
+
+    def is_open(self, slot: int) -> bool:
+        return self.current[slot] > self.closed[slot]

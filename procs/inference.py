@@ -18,7 +18,7 @@ import numpy as np
 
 from procs.config import ServerConfig
 from procs.engine import Engine, EngineOOM, load_engine
-from procs.frames import OUT_HEADER, OUT_SLOT_BYTES, read_in_frame
+from procs.frames import FrameFate, SlotGenerations, read_in_frame, write_out_frame
 from procs.resample import Resampler16to24, float_to_int16
 from procs.runtime import setup_child
 from procs.topology import Topology, attach_consumer, attach_producer
@@ -95,10 +95,8 @@ class SlotState:
     resampler: Resampler16to24 = field(default_factory=Resampler16to24)
     block: np.ndarray = field(default_factory=lambda: np.zeros(1920, dtype=np.float32))
     fill: int = 0
-    gen: int = 0
-    closed_gen: int = 0
-    open: bool = False
     session_id: str = ""
+    opened_ns: int = 0
     skip: int = 0
     ready_at_ns: int | None = None
     block_t_in_ns: int = 0
@@ -108,10 +106,10 @@ class SlotState:
     dropped: int = 0
     audio_t_ms: float = 0.0
 
-    def start(self, gen: int, session_id: str) -> None:
+    def start(self, session_id: str, opened_ns: int) -> None:
         self.resampler.reset()
         self.fill = 0
-        self.gen, self.open, self.session_id = gen, True, session_id
+        self.session_id, self.opened_ns = session_id, opened_ns
         self.skip = 0
         self.ready_at_ns = None
         self.out_seq = 0
@@ -130,13 +128,13 @@ class InferenceLoop:
         self.bell = topo.bell_inference
         self.all_inputs: list[Ring] = [*self.inputs, self.ctrl_in]
         self.slots = [SlotState() for _ in range(self.n)]
+        self.gens = SlotGenerations(self.n)
         self.batch = np.zeros((self.n, engine.frame_samples), dtype=np.float32)
         self.session_ids: dict[tuple[int, int], str] = {}
         wait_ms = cfg.batch_wait_ms
         if wait_ms is None:
             wait_ms = 0.0 if engine.name == "loopback" else MOSHI_BATCH_WAIT_MS
         self.policy = StepPolicy(max_wait_ns=int(wait_ms * 1e6))
-        self.capacity = self.n
 
     def send(self, msg: object) -> None:
         if not self.ctrl_out.try_write(encode_internal(msg)):
@@ -151,9 +149,8 @@ class InferenceLoop:
             for slot in range(self.n):
                 self.drain_audio(slot)
             now = time.monotonic_ns()
-            if self.policy.should_step(
-                now, [s.ready_at_ns for s in self.slots], [s.open for s in self.slots]
-            ):
+            open_slots = [self.gens.is_open(i) for i in range(self.n)]
+            if self.policy.should_step(now, [s.ready_at_ns for s in self.slots], open_slots):
                 self.step(now)
 
     # ---- input --------------------------------------------------------------------------------------------
@@ -164,10 +161,8 @@ class InferenceLoop:
                     self.session_ids[(slot, gen)] = sid
                 case SessionClose(slot=slot, gen=gen, reason=reason):
                     st = self.slots[slot]
-                    st.closed_gen = max(st.closed_gen, gen)
                     self.session_ids.pop((slot, gen), None)
-                    if st.gen == gen and st.open:
-                        st.open = False
+                    if self.gens.close(slot, gen):
                         st.ready_at_ns = None
                         log.info("session=%s slot=%d: closed (%s)", st.session_id, slot, reason)
                 case other:
@@ -190,12 +185,11 @@ class InferenceLoop:
             if not ring.release():
                 st.dropped += 1
                 continue
-            if gen != st.gen:
-                if gen <= max(st.gen, st.closed_gen):
-                    continue  # a previous session's frame
-                self.open_slot(slot, gen, t_ns)
-            if not st.open:
+            fate = self.gens.classify(slot, gen)
+            if fate is FrameFate.STALE:
                 continue
+            if fate is FrameFate.NEW_SESSION:
+                self.open_slot(slot, gen, t_ns)
             if st.skip:
                 st.skip -= 1
                 continue
@@ -203,9 +197,9 @@ class InferenceLoop:
 
     def open_slot(self, slot: int, gen: int, t_ns: int) -> None:
         st = self.slots[slot]
-        st.start(gen, self.session_ids.get((slot, gen), f"gen{gen}"))
+        st.start(self.session_ids.get((slot, gen), f"gen{gen}"), opened_ns=t_ns)
         self.engine.reset_slot(slot)
-        others = any(s.open for i, s in enumerate(self.slots) if i != slot)
+        others = any(self.gens.is_open(i) for i in range(self.n) if i != slot)
         st.skip = self.policy.alignment_skip(t_ns, others)
         log.info("session=%s slot=%d: started (aligning by %d frames)", st.session_id, slot, st.skip)
 
@@ -227,8 +221,10 @@ class InferenceLoop:
 
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self, now_ns: int) -> None:
-        ready = np.array([s.open and s.ready_at_ns is not None for s in self.slots])
-        waits_ns = [now_ns - s.ready_at_ns for s in self.slots if s.open and s.ready_at_ns is not None]
+        ready = np.array(
+            [self.gens.is_open(i) and s.ready_at_ns is not None for i, s in enumerate(self.slots)]
+        )
+        waits_ns = [now_ns - self.slots[i].ready_at_ns for i in np.flatnonzero(ready)]
         t0 = time.monotonic_ns()
         try:
             result = self.engine.step_batch(self.batch, ready)
@@ -246,7 +242,7 @@ class InferenceLoop:
                 self.send(
                     Transcript(
                         slot=int(slot),
-                        gen=st.gen,
+                        gen=self.gens.current[slot],
                         session_id=st.session_id,
                         text=result.text[slot],
                         t_ms=st.audio_t_ms,
@@ -267,40 +263,40 @@ class InferenceLoop:
             if buf is None:
                 st.dropped += 1
                 continue
-            hdr = buf[: OUT_HEADER.itemsize].view(OUT_HEADER)
-            hdr["seq"] = st.out_seq
-            hdr["t_in_ns"] = st.block_t_in_ns
-            hdr["gen"] = st.gen
-            hdr["block_pos"] = pos
-            hdr["queue_us"] = min(queue_ns // 1000, 2**32 - 1)
-            hdr["step_us"] = min(step_ns // 1000, 2**32 - 1)
-            hdr["resample_us"] = min(resample_us, 2**32 - 1)
-            hdr["dropped"] = min(st.dropped, 2**32 - 1)
-            chunk = samples[pos * OUT_FRAME_SAMPLES : (pos + 1) * OUT_FRAME_SAMPLES]
-            buf[OUT_HEADER.itemsize : OUT_SLOT_BYTES] = chunk.view(np.uint8)
-            ring.publish(OUT_SLOT_BYTES)
+            n = write_out_frame(
+                buf,
+                samples[pos * OUT_FRAME_SAMPLES : (pos + 1) * OUT_FRAME_SAMPLES],
+                seq=st.out_seq,
+                t_in_ns=st.block_t_in_ns,
+                gen=self.gens.current[slot],
+                block_pos=pos,
+                queue_us=queue_ns // 1000,
+                step_us=step_ns // 1000,
+                resample_us=resample_us,
+                dropped=st.dropped,
+            )
+            ring.publish(n)
             st.out_seq += 1
 
     def on_oom(self) -> None:
         """GPU memory ran out: the newest session goes (told `capacity`), the others keep running."""
-        newest = max(
-            (i for i, s in enumerate(self.slots) if s.open), key=lambda i: self.slots[i].gen, default=None
-        )
-        if newest is None:
+        open_slots = [i for i in range(self.n) if self.gens.is_open(i)]
+        if not open_slots:
             return
-        st = self.slots[newest]
+        newest = max(open_slots, key=lambda i: self.slots[i].opened_ns)
+        st, gen = self.slots[newest], self.gens.current[newest]
         log.error("session=%s slot=%d: GPU out of memory; closing the newest session", st.session_id, newest)
         self.send(
             SlotError(
                 slot=newest,
-                gen=st.gen,
+                gen=gen,
                 session_id=st.session_id,
                 code="capacity",
                 msg="Server at capacity (GPU memory)",
             )
         )
-        st.open, st.ready_at_ns = False, None
-        st.closed_gen = st.gen
+        self.gens.close(newest, gen)
+        st.ready_at_ns = None
 
 
 def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:

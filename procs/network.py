@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from procs.config import ServerConfig
-from procs.frames import OUT_HEADER, OUT_SLOT_BYTES, write_in_frame
+from procs.frames import read_out_frame, write_in_frame
 from procs.metrics import ServerMetrics
 from procs.runtime import setup_child
 from procs.topology import Topology, attach_consumer, attach_producer
@@ -468,8 +468,8 @@ class NetworkServer:
             while s.outbox:
                 await ws.send(s.outbox.popleft())
             while (view := ring.peek()) is not None:
-                hdr = view[: OUT_HEADER.itemsize].view(OUT_HEADER)[0]
-                frame = encode_server_audio(view[OUT_HEADER.itemsize : OUT_SLOT_BYTES])
+                hdr, pcm = read_out_frame(view)
+                frame = encode_server_audio(pcm)
                 gen, pos, t_in = int(hdr["gen"]), int(hdr["block_pos"]), int(hdr["t_in_ns"])
                 queue_us, step_us, resample_us = (
                     int(hdr["queue_us"]),
@@ -513,9 +513,7 @@ def _respond(
     resp = conn.respond(status, "")
     del resp.headers["Content-Type"]
     del resp.headers["Content-Length"]
-    resp.headers["Content-Type"] = (
-        ctype if "charset" in ctype or ctype.startswith("image") else _charset(ctype)
-    )
+    resp.headers["Content-Type"] = _charset(ctype)
     resp.headers["Content-Length"] = str(len(body))
     resp.headers["Cache-Control"] = cache
     resp.body = body
@@ -523,6 +521,7 @@ def _respond(
 
 
 def _charset(ctype: str) -> str:
+    """Text types say they are UTF-8; others are left as they are."""
     return f"{ctype}; charset=utf-8" if ctype.startswith(("text/", "application/json")) else ctype
 
 

@@ -12,7 +12,7 @@ import threading
 from multiprocessing.connection import Connection
 
 from procs.config import ServerConfig
-from procs.frames import read_in_frame
+from procs.frames import FrameFate, SlotGenerations, read_in_frame
 from procs.runtime import setup_child
 from procs.topology import Topology, attach_consumer, attach_producer
 from procs.vad_model import StreamingVad
@@ -32,8 +32,7 @@ class VadLoop:
         self.ctrl_out = attach_producer(topo.ctrl_from_vad, topo.bell_network)
         self.bell = topo.bell_vad
         self.vad = StreamingVad(self.n)
-        self.gen = [0] * self.n
-        self.closed_gen = [0] * self.n
+        self.gens = SlotGenerations(self.n)
         self.session_ids: dict[tuple[int, int], str] = {}
 
     def send(self, msg: object) -> None:
@@ -48,8 +47,8 @@ class VadLoop:
             for slot in range(self.n):
                 self.drain_audio(slot)
             for ev in self.vad.process():
-                gen = self.gen[ev.slot]
-                if gen > self.closed_gen[ev.slot]:
+                gen = self.gens.current[ev.slot]
+                if self.gens.is_open(ev.slot):
                     sid = self.session_ids.get((ev.slot, gen), "")
                     log.debug("session=%s slot=%d: speech %s at %.0f ms", sid, ev.slot, ev.event, ev.t_ms)
                     self.send(VadEvent(slot=ev.slot, gen=gen, session_id=sid, event=ev.event, t_ms=ev.t_ms))
@@ -60,7 +59,7 @@ class VadLoop:
                 case SessionOpen(slot=slot, gen=gen, session_id=sid):
                     self.session_ids[(slot, gen)] = sid
                 case SessionClose(slot=slot, gen=gen):
-                    self.closed_gen[slot] = max(self.closed_gen[slot], gen)
+                    self.gens.close(slot, gen)
                     self.session_ids.pop((slot, gen), None)
                 case _:
                     pass
@@ -73,13 +72,12 @@ class VadLoop:
             gen = int(hdr["gen"])
             if not ring.release():
                 continue
-            if gen != self.gen[slot]:
-                if gen <= max(self.gen[slot], self.closed_gen[slot]):
-                    continue  # a previous session's frame
-                self.gen[slot] = gen
+            fate = self.gens.classify(slot, gen)
+            if fate is FrameFate.STALE:
+                continue
+            if fate is FrameFate.NEW_SESSION:
                 self.vad.reset(slot)
-            if gen > self.closed_gen[slot]:
-                self.vad.push(slot, pcm)
+            self.vad.push(slot, pcm)
 
 
 def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
