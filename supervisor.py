@@ -20,14 +20,13 @@ import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
-from procs import inference, network, vad
 from procs.config import ServerConfig, parse_config
-from procs.runtime import setup_logging
+from procs.runtime import run_process, setup_logging
 from procs.topology import OwnedTopology
 
 log = logging.getLogger("supervisor")
 
-CHILDREN = {"network": network.main, "inference": inference.main, "vad": vad.main}
+CHILDREN = ("network", "inference", "vad")  # modules in procs/, each with main(cfg, topology, status)
 NETWORK_DRAIN_S = 5.0  # the network process says goodbye to every client within this
 CHILD_STOP_S = 3.0
 
@@ -55,9 +54,11 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.on_signal)
         started = time.monotonic()
         with OwnedTopology(self.cfg.max_sessions) as owned:
-            for name, target in CHILDREN.items():
+            for name in CHILDREN:
                 parent_end, child_end = self.ctx.Pipe(duplex=False)
-                proc = self.ctx.Process(target=target, args=(self.cfg, owned.topology, child_end), name=name)
+                proc = self.ctx.Process(
+                    target=run_process, args=(name, self.cfg, owned.topology, child_end), name=name
+                )
                 proc.start()
                 child_end.close()
                 self.procs[name], self.status[name] = proc, parent_end

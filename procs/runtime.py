@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import signal
@@ -32,3 +33,9 @@ def setup_child(level: str, on_term: Callable[[], None]) -> None:
         pass
     if os.getppid() == 1:  # the parent died before prctl took effect
         on_term()
+
+
+def run_process(module: str, *args: object) -> None:
+    """Spawn target: import `procs.<module>` in the child and run its `main(*args)`. The supervisor names
+    its children this way so that it never imports what they need (torch, moshi, onnxruntime) itself."""
+    importlib.import_module(f"procs.{module}").main(*args)
