@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from websockets.asyncio.client import connect
@@ -22,10 +23,14 @@ from websockets.exceptions import ConnectionClosed
 from protocol import (
     IN_FRAME_SAMPLES,
     OUT_FRAME_BYTES,
+    ClientSessionEnd,
+    SessionStart,
     decode_server,
     encode_client_audio,
     encode_client_control,
 )
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHM = Path("/dev/shm")
@@ -136,7 +141,7 @@ class ServerProcess:
 class ClientRun:
     """What one client saw."""
 
-    session_start: dict | None = None
+    session_start: SessionStart | None = None
     frames: list[tuple[float, bytes]] = field(default_factory=list)  # (receive time, 960 PCM bytes)
     bad_frames: list[bytes] = field(default_factory=list)
     controls: list[tuple[float, object]] = field(default_factory=list)
@@ -146,8 +151,9 @@ class ClientRun:
     close_code: int | None = None
     close_reason: str = ""
 
-    def of_type(self, name: str) -> list[object]:
-        return [m for _, m in self.controls if type(m).__name__ == name]
+    def of_type(self, cls: type[T]) -> list[T]:
+        """The control messages of one type, in the order they arrived."""
+        return [m for _, m in self.controls if isinstance(m, cls)]
 
     def pcm(self) -> np.ndarray:
         return np.frombuffer(b"".join(f for _, f in self.frames), dtype=np.int16)
@@ -182,7 +188,7 @@ async def stream_client(
                         )
                     else:
                         run.controls.append((t, decoded))
-                        if type(decoded).__name__ == "SessionStart":
+                        if isinstance(decoded, SessionStart):
                             run.session_start = decoded
 
         receiver = asyncio.create_task(receive())
@@ -203,8 +209,6 @@ async def stream_client(
             run.t_last_send = loop.time()
             await asyncio.sleep(tail_s)  # let the answer to the last frames arrive
             if end_session:
-                from protocol import ClientSessionEnd
-
                 await ws.send(encode_client_control(ClientSessionEnd()))
             await asyncio.wait_for(receiver, timeout=10)
         except ConnectionClosed:

@@ -278,7 +278,7 @@ def test_haproxy_spreads_sessions_refuses_when_full_and_drains(
         assert await handshake_status(haproxy.ws_url) == 503
 
         drained_run = drained.result()
-        ends = drained_run.of_type("SessionEnd")
+        ends = drained_run.of_type(SessionEnd)
         assert ends and isinstance(ends[-1], SessionEnd) and ends[-1].reason == "server_shutdown"
         assert drained_run.close_code == 1001
         assert survivor_run.close_code == 1000 and newcomer_run.close_code == 1000

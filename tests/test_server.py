@@ -61,7 +61,7 @@ def assert_real_time(run: ClientRun) -> None:
 
 
 def vad_segments(run: ClientRun) -> list[tuple[float, float]]:
-    events = [m for m in run.of_type("Vad") if isinstance(m, Vad)]
+    events = run.of_type(Vad)
     starts = [e.t_ms for e in events if e.event == "start"]
     ends = [e.t_ms for e in events if e.event == "end"]
     return list(zip(starts, ends, strict=False))
@@ -89,7 +89,7 @@ def test_two_clients_converse_in_real_time(moshi_server: ServerProcess, conversa
     assert runs[0].session_start.session_id != runs[1].session_start.session_id
     for run in runs:
         assert_real_time(run)
-        latencies = [m for m in run.of_type("Latency") if isinstance(m, Latency)]
+        latencies = run.of_type(Latency)
         duration_s = run.t_last_send - run.t_first_send
         assert len(latencies) >= duration_s - 2, f"{len(latencies)} latency messages in {duration_s:.1f} s"
         assert all(m.ms > 0 and m.breakdown.step_ms > 0 for m in latencies)
@@ -134,16 +134,16 @@ def test_bad_input_gets_errors_and_spares_the_neighbour(moshi_server: ServerProc
         )
 
     bad, neighbour, flooder = asyncio.run(three())
-    codes = {m.code for m in bad.of_type("Error") if isinstance(m, Error)}
+    codes = {m.code for m in bad.of_type(Error)}
     assert codes == want
     # The misbehaving session goes on: audio keeps coming after the last garbage (frame 55, 1.1 s).
     assert any(t > bad.t_first_send + 2.0 for t, _ in bad.frames)
     assert_real_time(bad)
     assert_real_time(neighbour)
-    assert not neighbour.of_type("Error")
+    assert not neighbour.of_type(Error)
     # A client that only sends garbage is closed with 1008 after answers with errors.
     assert flooder.close_code == 1008
-    assert flooder.of_type("Error")
+    assert flooder.of_type(Error)
 
 
 def test_loopback_returns_the_audio_sent(loopback_server: ServerProcess) -> None:
@@ -221,7 +221,7 @@ def test_shutdown_says_goodbye_and_leaves_nothing(sig: signal.Signals) -> None:
         server.__exit__(None, None, None)
     assert code == 0, server.log()
     assert took < 10
-    ends = [m for m in run.of_type("SessionEnd") if isinstance(m, SessionEnd)]
+    ends = run.of_type(SessionEnd)
     assert ends and ends[-1].reason == "server_shutdown"
     assert run.close_code == 1001
     assert len(server.children) >= 3  # network, inference, VAD (+ the resource tracker)
