@@ -26,7 +26,7 @@ from procs.topology import OwnedTopology
 
 log = logging.getLogger("supervisor")
 
-CHILDREN = ("network", "inference", "vad")  # modules in procs/, each with main(cfg, topology, status)
+CHILDREN = ("network", "inference", "vad")  # procs/<role>/main.py, each with main(cfg, topology, status)
 NETWORK_DRAIN_S = 5.0  # the network process says goodbye to every client within this
 CHILD_STOP_S = 3.0
 

@@ -2,10 +2,10 @@
 
 Two measurements, both printed as tables:
 
-1. Step time against batch size: `procs.engine.load_engine("moshi", checkpoint=None, ...)` in this process,
-   all slots ready, with `--threads` torch threads (default: torch's default, which the server's inference
-   process also uses unless started with --threads). A batch of B sessions is served in real time only if
-   one step takes under 80 ms (one Mimi frame).
+1. Step time against batch size: `procs.model.engine.load_engine("moshi", checkpoint=None, ...)` in this
+   process, all slots ready, with `--threads` torch threads (default: torch's default, which the server's
+   inference process also uses unless started with --threads). A batch of B sessions is served in real
+   time only if one step takes under 80 ms (one Mimi frame).
 2. Sessions held in real time by the running server: for each N, `python supervisor.py --max-sessions N`
    (plus `--threads T` when given) is started fresh and N WebSocket clients (`tests.harness.stream_client`,
    at different phases of the block clock) stream Telugu speech at real-time pace for `--seconds`.
@@ -46,9 +46,9 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi would compile its first 
 
 import numpy as np
 
+from procs.audio.speech import conversation_16k
 from protocol import Latency
 from tests.harness import ClientRun, ServerProcess, stream_client
-from tests.speech import conversation_16k
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAME_S = 0.02
@@ -200,7 +200,7 @@ def measure_step_times(batches: list[int], rounds: int, threads: int | None = No
     """In this process; `threads` sets torch's thread count (None: torch's default, as the server)."""
     import torch
 
-    from procs.engine import load_engine
+    from procs.model.engine import load_engine
 
     if threads:
         torch.set_num_threads(threads)
@@ -396,7 +396,7 @@ def capacity_table(rows: list[CapacityRow], seconds: float, server_args: tuple[s
 
 def ensure_demo_checkpoint() -> None:
     """Build (or find cached) the demo checkpoint, so that no server start includes the build."""
-    subprocess.run([sys.executable, "-m", "procs.demo_checkpoint"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "procs.model.demo"], cwd=ROOT, check=True, capture_output=True)
 
 
 def parse_counts(text: str) -> list[int]:

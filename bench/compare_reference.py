@@ -5,10 +5,10 @@
 Needs the optional extra `reference` (`pip install "aiohttp>=3.10.5,<3.12" "sphn>=0.2,<0.3"`), espeak-ng
 and sox. It runs one scenario per column, each on a freshly started server on 127.0.0.1 — ours, the
 reference as shipped and the reference with 1 torch thread (see below), first with 1 session, then with N —
-and prints one markdown table, then what each client saw. Every client streams
-the same Telugu speech (tests/speech.py, repeated to --seconds) at real-time pace in 20 ms frames, starting
+and prints one markdown table, then what each client saw. Every client streams the same Telugu speech
+(procs/audio/speech.py, repeated to --seconds) at real-time pace in 20 ms frames, starting
 as soon as its WebSocket is open; N clients start 80/N ms apart so their frames arrive at different phases.
-Both servers load the demo checkpoint (`procs.demo_checkpoint.demo_checkpoint_dir()`), each as shipped:
+Both servers load the demo checkpoint (`procs.model.demo.demo_checkpoint_dir()`), each as shipped:
 ours with `--checkpoint DIR --max-sessions N` (LM in float32 on the CPU), the reference with its own
 defaults (LM in bfloat16; it has no float32 option).
 
@@ -378,8 +378,8 @@ class Scenario:
 
 def telugu_speech(seconds: float) -> tuple[np.ndarray, np.ndarray]:
     """The test conversation repeated to `seconds`: int16 at 16 kHz (ours), float32 at 24 kHz (reference)."""
-    from procs.resample import Resampler16to24
-    from tests.speech import conversation_16k
+    from procs.audio.resample import Resampler16to24
+    from procs.audio.speech import conversation_16k
 
     clip = conversation_16k()
     n_frames = round(seconds / FRAME_S)
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ["NO_TORCH_COMPILE"] = "1"
 
-    from procs.demo_checkpoint import demo_checkpoint_dir
+    from procs.model.demo import demo_checkpoint_dir
 
     checkpoint_dir = demo_checkpoint_dir(progress=lambda m: print(f"# {m}", file=sys.stderr))
     pcm16, pcm24 = telugu_speech(args.seconds)

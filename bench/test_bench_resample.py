@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from procs.resample import BatchResampler16to24, Resampler16to24, float_to_int16
+from procs.audio.resample import BatchResampler16to24, Resampler16to24, float_to_int16
 
 
 def _frames(rows: int) -> np.ndarray:

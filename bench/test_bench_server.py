@@ -61,6 +61,7 @@ from capacity_cpu import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from procs.audio.speech import conversation_16k
 from protocol import (
     IN_FRAME_SAMPLES,
     ClientSessionEnd,
@@ -71,7 +72,6 @@ from protocol import (
     encode_client_control,
 )
 from tests.harness import ServerProcess
-from tests.speech import conversation_16k
 
 SPAWN = multiprocessing.get_context("spawn")
 FRAME_S = 0.02

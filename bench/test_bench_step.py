@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from procs.demo_checkpoint import demo_checkpoint_dir
-from procs.engine import MoshiEngine, StepResult, load_engine
+from procs.model.demo import demo_checkpoint_dir
+from procs.model.engine import MoshiEngine, StepResult, load_engine
 
 FRAME_MS = 80.0
 ROUNDS = 40

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from procs.vad_model import WINDOW_SAMPLES, StreamingVad
+from procs.audio.silero import WINDOW_SAMPLES, StreamingVad
 
 
 def speech_like_windows(n_slots: int, seed: int) -> np.ndarray:

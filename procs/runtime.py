@@ -35,7 +35,7 @@ def setup_child(level: str, on_term: Callable[[], None]) -> None:
         on_term()
 
 
-def run_process(module: str, *args: object) -> None:
-    """Spawn target: import `procs.<module>` in the child and run its `main(*args)`. The supervisor names
+def run_process(role: str, *args: object) -> None:
+    """Spawn target: import `procs.<role>.main` in the child and run its `main(*args)`. The supervisor names
     its children this way so that it never imports what they need (torch, moshi, onnxruntime) itself."""
-    importlib.import_module(f"procs.{module}").main(*args)
+    importlib.import_module(f"procs.{role}.main").main(*args)

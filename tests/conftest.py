@@ -17,7 +17,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 def demo_checkpoint() -> str:
     """Build the demo checkpoint before any server starts, so start-up times exclude the first build."""
     out = subprocess.run(
-        [sys.executable, "-m", "procs.demo_checkpoint"], cwd=ROOT, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "procs.model.demo"], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""

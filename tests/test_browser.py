@@ -22,8 +22,8 @@ from urllib.parse import urlparse
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 
+from procs.audio.speech import conversation_16k, write_wav
 from tests.harness import ROOT, ServerProcess
-from tests.speech import conversation_16k, write_wav
 
 CHROMIUM = "/usr/bin/chromium"
 SERVER_ARGS = ("--max-sessions", "2")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from moshi.models import loaders
 
-from procs.demo_checkpoint import demo_checkpoint_dir
-from procs.engine import (
+from procs.model.demo import demo_checkpoint_dir
+from procs.model.engine import (
     EngineOOM,
     LoopbackEngine,
     MoshiEngine,

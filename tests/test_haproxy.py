@@ -29,9 +29,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from procs.audio.speech import telugu_speech_16k
 from protocol import Error, ErrorCode, SessionEnd, decode_server
 from tests.harness import ROOT, SHM, ClientRun, ServerProcess, stream_client, wait_gone
-from tests.speech import telugu_speech_16k
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 SERVER_NAMES = ("gpu1", "gpu2")  # the `server` lines of deploy/haproxy.cfg, in order

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from procs.resample import (
+from procs.audio.resample import (
     LATENCY_SAMPLES,
     BatchResampler16to24,
     Resampler16to24,
@@ -17,7 +17,7 @@ from procs.resample import (
     int16_to_float,
     prototype_filter,
 )
-from tests.speech import telugu_speech_16k
+from procs.audio.speech import telugu_speech_16k
 
 IN_RATE, OUT_RATE = 16_000, 24_000
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from procs.vad_model import offline_speech_segments
+from procs.audio.silero import offline_speech_segments
+from procs.audio.speech import conversation_16k, telugu_speech_16k
 from protocol import Error, ErrorCode, Latency, SessionEnd, Vad, decode_server
 from tests.harness import SHM, ClientRun, ServerProcess, stream_client, wait_gone
-from tests.speech import conversation_16k, telugu_speech_16k
 
 FRAME_S = 0.02
 

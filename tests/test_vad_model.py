@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from procs.vad_model import (
+from procs.audio.silero import (
     WINDOW_SAMPLES,
     StreamingVad,
     VadEvent,
     offline_speech_segments,
     pcm16_to_float,
 )
-from tests.speech import (
+from procs.audio.speech import (
     DEFAULT_UTTERANCES,
     SAMPLE_RATE,
     conversation_16k,

@@ -9,7 +9,7 @@ and 12.5 Hz with 8 codebooks, an LM with an inner-monologue text stream, a depfo
 moshi's default acoustic delays); only widths and depths are shrunk so that a 2-core CPU steps several
 sessions in real time. Its output is noise.
 
-CLI: `python -m procs.demo_checkpoint [--out DIR] [--force]` prints progress, then the directory on its
+CLI: `python -m procs.model.demo [--out DIR] [--force]` prints progress, then the directory on its
 last line.
 """
 
@@ -31,7 +31,7 @@ import sentencepiece
 import torch
 
 # isort: off
-import procs.torch_env  # noqa: F401  (before moshi: see there)
+import procs.model.torch_setup  # noqa: F401  (before moshi: see there)
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.quantization.core_vq import EuclideanCodebook
@@ -302,7 +302,7 @@ def demo_checkpoint_dir(*, progress: Progress | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m procs.demo_checkpoint",
+    parser = argparse.ArgumentParser(prog="python -m procs.model.demo",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output directory (default: {default_demo_dir()})")

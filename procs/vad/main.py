@@ -11,11 +11,11 @@ import logging
 import threading
 from multiprocessing.connection import Connection
 
+from procs.audio.silero import StreamingVad
 from procs.config import ServerConfig
 from procs.frames import FrameFate, SlotGenerations, read_in_frame
 from procs.runtime import setup_child
 from procs.topology import Topology, attach_consumer, attach_producer
-from procs.vad_model import StreamingVad
 from protocol.internal import Ready, SessionClose, SessionOpen, VadEvent, decode_internal, encode_internal
 from ringbuf import wait_any
 

@@ -16,10 +16,10 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from procs.audio.resample import Resampler16to24, float_to_int16
 from procs.config import ServerConfig
-from procs.engine import Engine, EngineOOM, load_engine
 from procs.frames import FrameFate, SlotGenerations, read_in_frame, write_out_frame
-from procs.resample import Resampler16to24, float_to_int16
+from procs.model.engine import Engine, EngineOOM, load_engine
 from procs.runtime import setup_child
 from procs.topology import Topology, attach_consumer, attach_producer
 from protocol import OUT_FRAME_SAMPLES

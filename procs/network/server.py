@@ -15,21 +15,18 @@ import mimetypes
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 import msgspec
 import numpy as np
-import uvloop
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from procs.config import ServerConfig
 from procs.frames import read_out_frame, write_in_frame
-from procs.metrics import ServerMetrics
-from procs.runtime import setup_child
+from procs.network.metrics import ServerMetrics
 from procs.topology import Topology, attach_consumer, attach_producer
 from protocol import (
     ClientSessionEnd,
@@ -523,35 +520,3 @@ def _respond(
 def _charset(ctype: str) -> str:
     """Text types say they are UTF-8; others are left as they are."""
     return f"{ctype}; charset=utf-8" if ctype.startswith(("text/", "application/json")) else ctype
-
-
-class StopRelay:
-    """Carries SIGTERM from the signal handler into the event loop, whenever it arrives: before the loop
-    runs, while it runs, or after it closed (a second signal during exit)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._callback: Callable[[], None] | None = None
-
-    def bind(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        self._loop, self._callback = loop, callback
-        if self.requested:
-            loop.call_soon(callback)
-
-    def __call__(self) -> None:
-        self.requested = True
-        if self._loop is not None and self._callback is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._callback)
-
-
-def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
-    relay = StopRelay()
-    setup_child(cfg.log_level, relay)
-
-    async def run() -> None:
-        server = NetworkServer(cfg, topo, status)
-        relay.bind(asyncio.get_running_loop(), server.stop)
-        await server.run()
-
-    uvloop.run(run())

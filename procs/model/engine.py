@@ -25,14 +25,14 @@ import sentencepiece
 import torch
 
 # isort: off
-import procs.torch_env  # noqa: F401  (before moshi: see there)
+import procs.model.torch_setup  # noqa: F401  (before moshi: see there)
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen, LMModel
 from moshi.modules.transformer import StreamingMultiheadAttention
 # isort: on
 
-from procs.demo_checkpoint import demo_checkpoint_dir
+from procs.model.demo import demo_checkpoint_dir
 
 FRAME_SAMPLES = 1920  # one Mimi frame: 80 ms at 24 kHz
 SAMPLE_RATE = 24000

@@ -1,0 +1,1 @@
+"""The VAD process: Silero voice-activity detection over its own copy of every session's audio."""
