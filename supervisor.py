@@ -23,6 +23,7 @@ from multiprocessing.process import BaseProcess
 from procs.config import ServerConfig, parse_config
 from procs.runtime import run_process, setup_logging
 from procs.topology import OwnedTopology
+from protocol.internal import NetworkReady, decode_internal
 
 log = logging.getLogger("supervisor")
 
@@ -83,14 +84,14 @@ class Supervisor:
                 else:
                     conn = ready
                     try:
-                        kind, info = conn.recv()
+                        msg = decode_internal(conn.recv_bytes())
                     except EOFError:
                         del conns[conn]
                         continue
-                    if kind == "ready":
-                        url = f"http://{info['host']}:{info['port']}"
+                    if isinstance(msg, NetworkReady):
+                        url = f"http://{msg.host}:{msg.port}"
                         # Tests and scripts wait for this exact line.
-                        print(f"READY {url} model={info.get('model', '')}", flush=True)
+                        print(f"READY {url} model={msg.model}", flush=True)
                         log.info("ready in %.1f s: open %s/ in a browser", time.monotonic() - started, url)
 
     def shutdown(self) -> None:

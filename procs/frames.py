@@ -9,6 +9,7 @@ respect to each other).
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -83,9 +84,35 @@ def write_out_frame(
     return OUT_SLOT_BYTES
 
 
-def read_out_frame(slot: np.ndarray) -> tuple[np.void, np.ndarray]:
-    """Header and PCM bytes (a view into the slot) of one output frame."""
-    return slot[: OUT_HEADER.itemsize].view(OUT_HEADER)[0], slot[OUT_HEADER.itemsize : OUT_SLOT_BYTES]
+@dataclass(frozen=True, slots=True)
+class ModelFrame:
+    """One 20 ms frame of model audio as the network process reads it: timings and a copy of the PCM."""
+
+    seq: int
+    t_in_ns: int
+    gen: int
+    block_pos: int
+    queue_us: int
+    step_us: int
+    resample_us: int
+    dropped: int
+    pcm: bytes  # 960 bytes, 24 kHz s16le
+
+
+def read_out_frame(slot: np.ndarray) -> ModelFrame:
+    """One output frame, copied out of its ring slot (so the slot can be released at once)."""
+    h = slot[: OUT_HEADER.itemsize].view(OUT_HEADER)[0]
+    return ModelFrame(
+        seq=int(h["seq"]),
+        t_in_ns=int(h["t_in_ns"]),
+        gen=int(h["gen"]),
+        block_pos=int(h["block_pos"]),
+        queue_us=int(h["queue_us"]),
+        step_us=int(h["step_us"]),
+        resample_us=int(h["resample_us"]),
+        dropped=int(h["dropped"]),
+        pcm=slot[OUT_HEADER.itemsize : OUT_SLOT_BYTES].tobytes(),
+    )
 
 
 class FrameFate(enum.Enum):

@@ -39,3 +39,27 @@ def run_process(role: str, *args: object) -> None:
     """Spawn target: import `procs.<role>.main` in the child and run its `main(*args)`. The supervisor names
     its children this way so that it never imports what they need (torch, moshi, onnxruntime) itself."""
     importlib.import_module(f"procs.{role}.main").main(*args)
+
+
+class LogThrottle:
+    """At most one log line per key per `period_s`; says how many were held back meanwhile.
+
+    A flood (a client sending garbage, a full ring) must not flood the log: `allow` returns None while the
+    key is quiet, else the number of lines suppressed since the last one that was written."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._last: dict[object, float] = {}
+        self._suppressed: dict[object, int] = {}
+
+    def allow(self, key: object, now: float) -> int | None:
+        last = self._last.get(key)
+        if last is not None and now - last < self.period_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
+
+    def forget(self, key: object) -> None:
+        self._last.pop(key, None)
+        self._suppressed.pop(key, None)

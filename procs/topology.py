@@ -1,15 +1,23 @@
-"""Which rings connect which processes.
+"""Which rings connect which processes: the one place that says it.
 
 The supervisor creates (and alone unlinks) every ring at start-up, one set per session slot, and hands the
 picklable `Topology` to each child at spawn time. Each consumer process owns one doorbell; every ring it
 reads rings that doorbell on publish, so one wait covers all of a process's inputs.
+
+    network   --audio_to_inference[slot]-->  inference  --audio_to_network[slot]-->  network
+    network   --audio_to_vad[slot]-------->  VAD
+    network   --ctrl_to_inference / ctrl_to_vad-->  workers  --ctrl_from_inference / ctrl_from_vad-->  network
+
+A child attaches its side with `network_links`, `inference_links` or `vad_links`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
+from procs.control import ControlChannel
 from procs.frames import IN_SLOT_BYTES, OUT_SLOT_BYTES
 from ringbuf import Doorbell, Policy, Ring, RingSpec
 
@@ -95,3 +103,76 @@ def attach_consumer(spec: RingSpec) -> Ring:
     ring = Ring.attach(spec)
     ring.bind_consumer()
     return ring
+
+
+@dataclass
+class NetworkLinks:
+    """The network process's side: it writes every session's audio twice and reads the model's audio."""
+
+    audio_to_inference: list[Ring]
+    audio_to_vad: list[Ring]
+    audio_from_inference: list[Ring]
+    to_inference: ControlChannel
+    to_vad: ControlChannel
+    from_workers: list[ControlChannel]
+    bell: Doorbell  # rung by audio_from_inference and both workers' control rings
+
+
+@dataclass
+class WorkerLinks:
+    """A worker's side (inference or VAD): audio in per slot, model audio out per slot (inference only),
+    control both ways, and the doorbell its inputs ring."""
+
+    audio_in: list[Ring]
+    audio_out: list[Ring]
+    control_in: ControlChannel
+    control_out: ControlChannel
+    bell: Doorbell
+
+    @property
+    def inputs(self) -> list[Ring]:
+        """Every ring this worker waits on."""
+        return [*self.audio_in, self.control_in.ring]
+
+
+def network_links(topo: Topology, log: logging.Logger) -> NetworkLinks:
+    return NetworkLinks(
+        audio_to_inference=[attach_producer(s, topo.bell_inference) for s in topo.audio_to_inference],
+        audio_to_vad=[attach_producer(s, topo.bell_vad) for s in topo.audio_to_vad],
+        audio_from_inference=[attach_consumer(s) for s in topo.audio_to_network],
+        to_inference=ControlChannel(
+            attach_producer(topo.ctrl_to_inference, topo.bell_inference), name="network->inference", log=log
+        ),
+        to_vad=ControlChannel(attach_producer(topo.ctrl_to_vad, topo.bell_vad), name="network->vad", log=log),
+        from_workers=[
+            ControlChannel(attach_consumer(topo.ctrl_from_inference), name="inference->network", log=log),
+            ControlChannel(attach_consumer(topo.ctrl_from_vad), name="vad->network", log=log),
+        ],
+        bell=topo.bell_network,
+    )
+
+
+def inference_links(topo: Topology, log: logging.Logger) -> WorkerLinks:
+    return WorkerLinks(
+        audio_in=[attach_consumer(s) for s in topo.audio_to_inference],
+        audio_out=[attach_producer(s, topo.bell_network) for s in topo.audio_to_network],
+        control_in=ControlChannel(
+            attach_consumer(topo.ctrl_to_inference), name="network->inference", log=log
+        ),
+        control_out=ControlChannel(
+            attach_producer(topo.ctrl_from_inference, topo.bell_network), name="inference->network", log=log
+        ),
+        bell=topo.bell_inference,
+    )
+
+
+def vad_links(topo: Topology, log: logging.Logger) -> WorkerLinks:
+    return WorkerLinks(
+        audio_in=[attach_consumer(s) for s in topo.audio_to_vad],
+        audio_out=[],
+        control_in=ControlChannel(attach_consumer(topo.ctrl_to_vad), name="network->vad", log=log),
+        control_out=ControlChannel(
+            attach_producer(topo.ctrl_from_vad, topo.bell_network), name="vad->network", log=log
+        ),
+        bell=topo.bell_vad,
+    )

@@ -5,7 +5,7 @@ described in `protocol.wire` (frames, check order) and `protocol.messages` (cont
 `protocol.internal` holds the messages our own processes exchange.
 """
 
-from protocol.codes import ErrorCode
+from protocol.codes import EndReason, ErrorCode
 from protocol.constants import (
     BYTES_PER_SAMPLE,
     CLIENT_AUDIO,
@@ -72,6 +72,7 @@ __all__ = [
     "AudioFormat",
     "ClientControl",
     "ClientSessionEnd",
+    "EndReason",
     "Error",
     "ErrorCode",
     "Latency",

@@ -25,3 +25,14 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
     SHUTDOWN = "shutdown"
     BAD_REQUEST = "bad_request"
+
+
+class EndReason(enum.StrEnum):
+    """Why a session ended: the `reason` of the wire's `session_end` and of the processes' `session_close`,
+    and what the server's logs say. Values are part of the wire protocol: never rename."""
+
+    CLIENT_REQUEST = "client_request"  # the client sent `session_end`
+    CLIENT_CLOSED = "client_closed"  # the client closed the WebSocket (or the connection was lost)
+    SERVER_SHUTDOWN = "server_shutdown"  # the server is stopping
+    PROTOCOL_ERROR = "protocol_error"  # too many malformed messages (close 1008)
+    CAPACITY = "capacity"  # the model ran out of memory and this session had to go (close 1013)

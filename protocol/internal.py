@@ -1,8 +1,11 @@
-"""Messages between our own processes (network, VAD, inference, supervisor).
+"""Messages between our own processes (network, VAD, inference).
 
 msgspec Structs in one tagged union, encoded as msgpack arrays (`array_like`: the tag first, then
 the fields in declaration order), which is compact and fast. To stay compatible between a newer and
 an older process, only append fields, with defaults. Tags are the snake_case class names.
+
+Names here never repeat the wire's (`protocol.messages`): `ModelText` becomes the wire's `Transcript`
+and `VoiceActivity` the wire's `Vad` once the network process has matched them to a session.
 
 `slot` is the index of a session's row in the shared rings and in the model's batch; `gen` counts the
 sessions a slot has held, so a message about a session that has since left its slot is recognised.
@@ -12,7 +15,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from protocol.codes import ErrorCode
+from protocol.codes import EndReason, ErrorCode
 from protocol.errors import ProtocolError
 
 
@@ -20,70 +23,101 @@ class _Internal(msgspec.Struct, tag_field="type", array_like=True, frozen=True):
     """Base of every internal message; subclasses set `tag=` to their snake_case name."""
 
 
+# --- network -> workers ----------------------------------------------------------------------------
+
+
 class SessionOpen(_Internal, tag="session_open"):
-    """A session was admitted into `slot`; `t_ns` is when (time.monotonic_ns of the sender)."""
+    """A session was admitted into `slot`. Workers learn its start from its first frame (rings are not
+    ordered with respect to each other); this tells them its id, for their logs."""
 
     slot: int
     gen: int
     session_id: str
-    t_ns: int
 
 
 class SessionClose(_Internal, tag="session_close"):
-    """The session in `slot` ended; its slot may be reused after every process has seen this."""
+    """The session in `slot` ended; frames of its generation are stale from now on."""
 
     slot: int
     gen: int
-    session_id: str
-    reason: str
+    reason: EndReason
 
 
-class VadEvent(_Internal, tag="vad_event"):
+# --- workers -> network ----------------------------------------------------------------------------
+
+
+class VoiceActivity(_Internal, tag="voice_activity"):
     """Voice activity edge at `t_ms` on the session's audio clock."""
 
     slot: int
     gen: int
-    session_id: str
     event: Literal["start", "end"]
     t_ms: float
 
 
-class Transcript(_Internal, tag="transcript"):
-    """Text the model produced for the session, at `t_ms` on its audio clock."""
+class ModelText(_Internal, tag="model_text"):
+    """Inner-monologue text the model produced for the session, at `t_ms` on its audio clock."""
 
     slot: int
     gen: int
-    session_id: str
     text: str
     t_ms: float
 
 
 class SlotError(_Internal, tag="slot_error"):
-    """Something failed for one session; `code` is an `ErrorCode` value."""
+    """Something failed for one session."""
 
     slot: int
     gen: int
-    session_id: str
-    code: str
+    code: ErrorCode
     msg: str
 
 
-class Ready(_Internal, tag="ready"):
-    """A child process finished starting; `info` carries what it wants to tell (model name, ...)."""
+class InferenceReady(_Internal, tag="inference_ready"):
+    """The inference process loaded its engine: what it serves, and how many sessions at once.
 
-    proc: str
-    info: dict[str, str]
+    `max_sessions` is the engine's batch size, the one truth about capacity: the network admits exactly
+    that many, whatever `--max-sessions` asked for."""
+
+    model: str
+    demo_weights: bool
+    max_sessions: int
+    device: str
+
+
+class VadReady(_Internal, tag="vad_ready"):
+    """The VAD process is running."""
+
+    model: str
+
+
+class NetworkReady(_Internal, tag="network_ready"):
+    """To the supervisor: the server is listening, both workers are ready; sessions can start."""
+
+    host: str
+    port: int
+    model: str
 
 
 class StepStats(_Internal, tag="step_stats"):
-    """One model step: its duration, batch size, and how long each frame waited for it."""
+    """One model step: its duration, batch size, and how long each ready block waited for it."""
 
     step_s: float
     batch: int
     wait_s: list[float]
 
 
-InternalMessage = SessionOpen | SessionClose | VadEvent | Transcript | SlotError | Ready | StepStats
+InternalMessage = (
+    SessionOpen
+    | SessionClose
+    | VoiceActivity
+    | ModelText
+    | SlotError
+    | InferenceReady
+    | VadReady
+    | NetworkReady
+    | StepStats
+)
 
 # Stateless codec objects, built once because building them compiles the type's schema.
 _ENCODER: Final = msgspec.msgpack.Encoder()

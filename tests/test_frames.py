@@ -61,7 +61,8 @@ def test_frames_round_trip_through_a_slot() -> None:
         out, pcm24, seq=5, t_in_ns=9, gen=3, block_pos=2, queue_us=2**40, step_us=1, resample_us=2, dropped=4
     )
     assert n == OUT_SLOT_BYTES
-    hdr, raw = read_out_frame(out)
-    assert (int(hdr["seq"]), int(hdr["gen"]), int(hdr["block_pos"]), int(hdr["dropped"])) == (5, 3, 2, 4)
-    assert int(hdr["queue_us"]) == 2**32 - 1  # saturates instead of wrapping
-    assert np.array_equal(raw.view(np.int16), pcm24)
+    frame = read_out_frame(out)
+    assert (frame.seq, frame.t_in_ns, frame.gen, frame.block_pos, frame.dropped) == (5, 9, 3, 2, 4)
+    assert (frame.step_us, frame.resample_us) == (1, 2)
+    assert frame.queue_us == 2**32 - 1  # saturates instead of wrapping
+    assert np.array_equal(np.frombuffer(frame.pcm, np.int16), pcm24)

@@ -10,21 +10,33 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import ErrorCode, Ping, ProtocolError
+from protocol import EndReason, ErrorCode, Ping, ProtocolError
 from protocol.internal import (
+    InferenceReady,
     InternalMessage,
-    Ready,
+    ModelText,
+    NetworkReady,
     SessionClose,
     SessionOpen,
     SlotError,
     StepStats,
-    Transcript,
-    VadEvent,
+    VadReady,
+    VoiceActivity,
     decode_internal,
     encode_internal,
 )
 
-ALL_TYPES = (SessionOpen, SessionClose, VadEvent, Transcript, SlotError, Ready, StepStats)
+ALL_TYPES = (
+    SessionOpen,
+    SessionClose,
+    VoiceActivity,
+    ModelText,
+    SlotError,
+    InferenceReady,
+    VadReady,
+    NetworkReady,
+    StepStats,
+)
 
 slots = st.integers(min_value=0, max_value=1023)
 gens = st.integers(min_value=0, max_value=2**32 - 1)
@@ -34,28 +46,20 @@ floats = st.floats()
 ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 
 internal_messages = st.one_of(
-    st.builds(SessionOpen, slot=slots, gen=gens, session_id=session_ids, t_ns=ints),
-    st.builds(SessionClose, slot=slots, gen=gens, session_id=session_ids, reason=st.text()),
+    st.builds(SessionOpen, slot=slots, gen=gens, session_id=session_ids),
+    st.builds(SessionClose, slot=slots, gen=gens, reason=st.sampled_from(EndReason)),
+    st.builds(VoiceActivity, slot=slots, gen=gens, event=st.sampled_from(["start", "end"]), t_ms=floats),
+    st.builds(ModelText, slot=slots, gen=gens, text=st.text(), t_ms=floats),
+    st.builds(SlotError, slot=slots, gen=gens, code=st.sampled_from(ErrorCode), msg=st.text()),
     st.builds(
-        VadEvent,
-        slot=slots,
-        gen=gens,
-        session_id=session_ids,
-        event=st.sampled_from(["start", "end"]),
-        t_ms=floats,
+        InferenceReady,
+        model=st.text(max_size=20),
+        demo_weights=st.booleans(),
+        max_sessions=st.integers(0, 256),
+        device=st.text(max_size=10),
     ),
-    st.builds(Transcript, slot=slots, gen=gens, session_id=session_ids, text=st.text(), t_ms=floats),
-    st.builds(
-        SlotError,
-        slot=slots,
-        gen=gens,
-        session_id=session_ids,
-        code=st.sampled_from([c.value for c in ErrorCode]),
-        msg=st.text(),
-    ),
-    st.builds(
-        Ready, proc=st.text(max_size=20), info=st.dictionaries(st.text(max_size=10), st.text(max_size=20))
-    ),
+    st.builds(VadReady, model=st.text(max_size=20)),
+    st.builds(NetworkReady, host=st.text(max_size=9), port=st.integers(0, 65535), model=st.text(max_size=9)),
     st.builds(StepStats, step_s=floats, batch=st.integers(0, 64), wait_s=st.lists(floats, max_size=64)),
 )
 
@@ -81,9 +85,21 @@ def test_round_trip(msg: Any) -> None:
 
 
 def test_encoding_is_compact_and_tagged() -> None:
-    data = encode_internal(SessionOpen(slot=3, gen=7, session_id="abc", t_ns=123))
-    assert msgspec.msgpack.decode(data) == ["session_open", 3, 7, "abc", 123]
+    data = encode_internal(SessionOpen(slot=3, gen=7, session_id="abc"))
+    assert msgspec.msgpack.decode(data) == ["session_open", 3, 7, "abc"]
     assert len(data) < 24
+
+
+def test_codes_and_reasons_are_checked_on_decode() -> None:
+    """Typed fields refuse what is not one of their values, even from our own processes."""
+    bad_code = msgspec.msgpack.encode(["slot_error", 1, 2, "no_such_code", "x"])
+    bad_reason = msgspec.msgpack.encode(["session_close", 1, 2, "bored"])
+    for data in (bad_code, bad_reason):
+        with pytest.raises(ProtocolError):
+            decode_internal(data)
+    assert decode_internal(msgspec.msgpack.encode(["slot_error", 1, 2, "capacity", "x"])).code is (
+        ErrorCode.CAPACITY
+    )
 
 
 def test_encode_refuses_non_internal_messages() -> None:
@@ -99,8 +115,8 @@ def test_encode_refuses_non_internal_messages() -> None:
         msgspec.msgpack.encode(["no_such_message", 1]),
         msgspec.msgpack.encode(["session_open", "not a slot", "abc", 1]),
         msgspec.msgpack.encode(["session_open", 1, "abc"]),  # field missing
-        msgspec.msgpack.encode(["vad_event", 1, "abc", "maybe", 0.0]),
-        msgspec.msgpack.encode({"type": "ready", "proc": "vad", "info": {}}),  # a map, not an array
+        msgspec.msgpack.encode(["voice_activity", 1, 2, "maybe", 0.0]),
+        msgspec.msgpack.encode({"type": "vad_ready", "model": "silero"}),  # a map, not an array
         b"\xdd\xff\xff\xff\xff",  # array header claiming 4 billion items, then nothing
         b"\x91" * 5000 + b"\xc0",  # nested far too deep
     ],

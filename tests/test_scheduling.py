@@ -1,6 +1,6 @@
 """The inference process's step policy: when a batched step runs, and how sessions get aligned."""
 
-from procs.inference.main import BLOCK_NS, FRAME_NS, StepPolicy
+from procs.inference.policy import BLOCK_NS, FRAME_NS, StepPolicy
 
 MS = 1_000_000
 

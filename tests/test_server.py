@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,7 +17,17 @@ from websockets.asyncio.client import connect
 
 from procs.audio.silero import offline_speech_segments
 from procs.audio.speech import conversation_16k, telugu_speech_16k
-from protocol import Error, ErrorCode, Latency, SessionEnd, Vad, decode_server
+from protocol import (
+    ClientSessionEnd,
+    Error,
+    ErrorCode,
+    Latency,
+    SessionEnd,
+    SessionStart,
+    Vad,
+    decode_server,
+    encode_client_control,
+)
 from tests.harness import SHM, ClientRun, ServerProcess, stream_client, wait_gone
 
 FRAME_S = 0.02
@@ -165,7 +176,8 @@ def test_loopback_returns_the_audio_sent(loopback_server: ServerProcess) -> None
         "voice_sessions_active",
         "voice_frames_in_total",
         "voice_frames_out_total",
-        "voice_frames_dropped_total",
+        "voice_input_frames_dropped_total",
+        "voice_output_frames_dropped_total",
         "voice_step_seconds_bucket",
         "voice_frame_latency_seconds_bucket",
     ):
@@ -198,6 +210,42 @@ def test_third_client_is_refused_while_two_go_on(loopback_server: ServerProcess)
     assert health[0] == 503 and json.loads(health[1])["status"] == "full"
     assert_real_time(a)
     assert_real_time(b)
+
+
+def wait_for_sessions(url: str, active: int, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) until the server's /health reports `active` sessions."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := json.loads(http_get(url + "/health")[1])["sessions_active"]) != active:
+        assert time.monotonic() < deadline, f"sessions_active stayed {seen}, expected {active}"
+        time.sleep(0.02)
+
+
+def test_sessions_that_end_before_any_audio_give_their_slot_back(loopback_server: ServerProcess) -> None:
+    """Regression: a client that read `session_start` and left without sending audio kept its slot forever,
+    so after --max-sessions of them every newcomer was refused. Each way of leaving early is tried, three
+    times as many times as there are slots; then a client streams as usual."""
+    max_sessions = 2
+
+    async def leave_early(how: str) -> None:
+        async with connect(loopback_server.ws_url, compression=None) as ws:
+            first = decode_server(await ws.recv())
+            assert isinstance(first, SessionStart), first
+            if how == "abort":
+                ws.transport.abort()  # no close frame: the TCP connection just dies
+            elif how == "end":
+                await ws.send(encode_client_control(ClientSessionEnd()))
+                await ws.wait_closed()
+        # "close": leaving the block closes cleanly (1000)
+
+    for _ in range(3 * max_sessions):
+        for how in ("close", "abort", "end"):
+            asyncio.run(leave_early(how))
+            wait_for_sessions(loopback_server.url, 0)
+    pcm = telugu_speech_16k()[: 2 * 16000]
+    run = asyncio.run(stream_client(loopback_server.ws_url, pcm, tail_s=0.5))
+    assert run.close_code == 1000 and not run.of_type(Error)
+    assert_real_time(run)
+    assert len(run.frames) == run.sent  # loopback: every frame came back
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -10,8 +10,8 @@ import torch
 
 from procs.audio.silero import (
     WINDOW_SAMPLES,
+    SpeechEdge,
     StreamingVad,
-    VadEvent,
     offline_speech_segments,
     pcm16_to_float,
 )
@@ -49,15 +49,15 @@ def other_conversation() -> np.ndarray:
 
 def stream_events(
     vad: StreamingVad, slot: int, pcm: np.ndarray, chunk: int = FRAME_SAMPLES
-) -> list[VadEvent]:
-    events: list[VadEvent] = []
+) -> list[SpeechEdge]:
+    events: list[SpeechEdge] = []
     for offset in range(0, len(pcm), chunk):
         vad.push(slot, pcm[offset : offset + chunk])
         events += vad.process()
     return events
 
 
-def as_segments(events: list[VadEvent]) -> list[tuple[float, float]]:
+def as_segments(events: list[SpeechEdge]) -> list[tuple[float, float]]:
     """Pair start/end events, checking they alternate and start with a start."""
     kinds = [event.event for event in events]
     assert kinds == ["start", "end"] * (len(events) // 2), kinds
@@ -139,7 +139,7 @@ def test_chunk_size_does_not_change_events(conversation: np.ndarray) -> None:
 
     rng = np.random.default_rng(7)
     ragged_vad = StreamingVad(1)
-    ragged: list[VadEvent] = []
+    ragged: list[SpeechEdge] = []
     offset = 0
     while offset < len(conversation):
         size = int(rng.integers(1, 3000))
@@ -166,7 +166,7 @@ def test_interleaved_slots_are_isolated(conversation: np.ndarray, other_conversa
     alone = {slot: stream_events(StreamingVad(1), 0, pcm) for slot, pcm in audios.items()}
 
     shared = StreamingVad(8)  # slots 1, 4 and 7 stay idle
-    together: dict[int, list[VadEvent]] = {slot: [] for slot in audios}
+    together: dict[int, list[SpeechEdge]] = {slot: [] for slot in audios}
     offsets = dict.fromkeys(audios, 0)
     while any(offsets[slot] < len(pcm) for slot, pcm in audios.items()):
         for slot, pcm in audios.items():

@@ -58,7 +58,7 @@ def pcm16_to_float(pcm16: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, slots=True)
-class VadEvent:
+class SpeechEdge:
     slot: int
     event: Literal["start", "end"]
     t_ms: float  # in the session's own audio clock (samples since reset / 16), padding applied
@@ -149,13 +149,13 @@ class StreamingVad:
 
     # ---- inference ---------------------------------------------------------------------------------
 
-    def process(self) -> list[VadEvent]:
+    def process(self) -> list[SpeechEdge]:
         """Score every full 512-sample window queued, one batched call per round; return the events.
 
         Each round takes one window from every slot that has one, so a slot that fell behind catches up
         over several rounds while the others are not delayed. Events come in audio order per slot.
         """
-        events: list[VadEvent] = []
+        events: list[SpeechEdge] = []
         while True:
             ready = np.flatnonzero(self._write - self._read >= WINDOW_SAMPLES)
             if ready.size == 0:
@@ -208,7 +208,7 @@ class StreamingVad:
         self._context[ready] = batch[:, -CONTEXT_SAMPLES:]
         return probs[:, 0]
 
-    def _decide(self, slot: int, prob: float) -> VadEvent | None:
+    def _decide(self, slot: int, prob: float) -> SpeechEdge | None:
         """Hysteresis of VADIterator / get_speech_timestamps for the window that just scored `prob`.
 
         `window_start` is the window's first sample, which is what get_speech_timestamps calls
@@ -224,7 +224,7 @@ class StreamingVad:
             if not decision.triggered:
                 decision.triggered = True
                 start = max(0.0, window_start - self._speech_pad_samples)
-                return VadEvent(slot, "start", start / SAMPLES_PER_MS)
+                return SpeechEdge(slot, "start", start / SAMPLES_PER_MS)
             return None
 
         if prob < self.neg_threshold and decision.triggered:
@@ -234,7 +234,7 @@ class StreamingVad:
                 end = decision.silence_since + self._speech_pad_samples
                 decision.triggered = False
                 decision.silence_since = None
-                return VadEvent(slot, "end", end / SAMPLES_PER_MS)
+                return SpeechEdge(slot, "end", end / SAMPLES_PER_MS)
         return None
 
     def _make_room(self, slot: int, count: int) -> None:

@@ -55,6 +55,15 @@ class Gauge(Counter):
         self.value = v
 
 
+class SummedCounter(Counter):
+    """A counter whose value is a sum kept elsewhere (every session's own count), set at scrape time."""
+
+    def set_total(self, v: float) -> None:
+        if v < self.value:
+            raise ValueError(f"{self.name} would go down from {self.value} to {v}")
+        self.value = v
+
+
 class Histogram:
     kind = "histogram"
 
@@ -89,12 +98,18 @@ class ServerMetrics:
         self.sessions_max = Gauge("voice_sessions_max", "Session slots this server holds")
         self.sessions_total = Counter("voice_sessions_total", "Sessions accepted")
         self.sessions_rejected = Counter("voice_sessions_rejected_total", "Sessions refused (capacity)")
-        self.frames_in = Counter("voice_frames_in_total", "Client audio frames received")
-        self.frames_out = Counter("voice_frames_out_total", "Model audio frames sent")
-        self.frames_dropped = Counter(
-            "voice_frames_dropped_total", "Audio frames dropped (full rings, a session falling behind)"
+        # Sums of every session's counters (procs.network.session.SessionCounters), set at scrape time.
+        self.frames_in = SummedCounter("voice_frames_in_total", "Client audio frames received")
+        self.frames_out = SummedCounter("voice_frames_out_total", "Model audio frames sent")
+        self.input_frames_dropped = SummedCounter(
+            "voice_input_frames_dropped_total",
+            "Client audio frames the model never heard because the session fell behind",
         )
-        self.protocol_errors = Counter("voice_protocol_errors_total", "Malformed client messages")
+        self.output_frames_dropped = SummedCounter(
+            "voice_output_frames_dropped_total",
+            "Model audio frames never sent because the client did not take them in time",
+        )
+        self.protocol_errors = SummedCounter("voice_protocol_errors_total", "Malformed client messages")
         self.step_seconds = Histogram("voice_step_seconds", "Batched model step duration", STEP_BUCKETS)
         self.step_wait_seconds = Histogram(
             "voice_step_wait_seconds", "Time a ready 80 ms block waited for its step", LATENCY_BUCKETS

@@ -1,0 +1,98 @@
+"""Plain HTTP next to the WebSocket, sans I/O: the page and its files, `/health`, `/metrics`.
+
+websockets hands every HTTP request to `HttpRoutes.respond` before its handshake; a `Response` answers it,
+None lets the WebSocket handshake of `/ws` go on. Only GET and HEAD are served (HEAD: the same headers,
+no body); any other method gets 405 with an `Allow` header.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import mimetypes
+from collections.abc import Callable
+from http import HTTPStatus
+from pathlib import Path
+
+import msgspec
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+WS_PATH = "/ws"
+READ_METHODS = ("GET", "HEAD")
+
+
+class Health(msgspec.Struct, frozen=True):
+    """Body of `GET /health`: 200 only while `status` is "ok" (ready, with a free slot), else 503."""
+
+    status: str  # "ok", "full", "starting" or "draining"
+    sessions_active: int
+    max_sessions: int
+    model: str
+    engine: str
+    demo_weights: bool
+
+    @property
+    def http_status(self) -> int:
+        return 200 if self.status == "ok" else 503
+
+
+class HttpRoutes:
+    def __init__(
+        self,
+        web_dir: Path,
+        health: Callable[[], Health],
+        metrics: Callable[[], str],
+        websocket_refusal: Callable[[], str | None],
+    ) -> None:
+        """`websocket_refusal()` says why `/ws` is not open now ("starting", "draining"), None if it is."""
+        self.web_dir = web_dir.resolve()
+        self.health, self.metrics, self.websocket_refusal = health, metrics, websocket_refusal
+
+    def respond(self, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        method = request.method
+        if path == WS_PATH:
+            if method != "GET":
+                return _response(405, b"method not allowed\n", "text/plain", allow="GET")
+            refusal = self.websocket_refusal()
+            return None if refusal is None else _response(503, f"{refusal}\n".encode(), "text/plain")
+        if method not in READ_METHODS:
+            return _response(405, b"method not allowed\n", "text/plain", allow=", ".join(READ_METHODS))
+        if path == "/health":
+            health = self.health()
+            response = _response(health.http_status, msgspec.json.encode(health), "application/json")
+        elif path == "/metrics":
+            response = _response(200, self.metrics().encode(), "text/plain; version=0.0.4")
+        else:
+            response = self._static(path)
+        if method == "HEAD":
+            response.body = b""  # Content-Length still says what GET would send
+        return response
+
+    def _static(self, path: str) -> Response:
+        rel = "index.html" if path in ("", "/") else path.lstrip("/")
+        target = (self.web_dir / rel).resolve()
+        if not target.is_relative_to(self.web_dir) or not target.is_file():
+            return _response(404, b"not found\n", "text/plain")
+        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if target.suffix in (".js", ".mjs"):
+            ctype = "text/javascript"
+        return _response(200, target.read_bytes(), ctype, cache="no-cache")
+
+
+def _response(status: int, body: bytes, ctype: str, cache: str = "no-store", allow: str | None = None
+              ) -> Response:
+    headers = Headers()
+    headers["Date"] = email.utils.formatdate(usegmt=True)
+    headers["Connection"] = "close"  # websockets serves one request per connection
+    headers["Content-Type"] = _charset(ctype)
+    headers["Content-Length"] = str(len(body))
+    headers["Cache-Control"] = cache
+    if allow is not None:
+        headers["Allow"] = allow
+    return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+def _charset(ctype: str) -> str:
+    """Text types say they are UTF-8; others are left as they are."""
+    return f"{ctype}; charset=utf-8" if ctype.startswith(("text/", "application/json")) else ctype

@@ -1,0 +1,365 @@
+"""One WebSocket session's rules, sans I/O.
+
+`Session` is a state machine in python-websockets' shape: the asyncio layer (`server.py`) feeds it events
+and carries out what it asks, nothing more; every rule of a session lives here, where a test drives it
+without a socket, a ring or an event loop. Time comes in with the events (`time.monotonic()` seconds,
+`time.monotonic_ns()` where a frame is stamped); nothing here reads a clock.
+
+Events (methods):
+    receive(message, now_ns)      a WebSocket message from the client (str: text frame, bytes: binary)
+    model_audio(frame, now_ns)    a 20 ms frame of model audio the I/O layer read from the inference ring
+    voice_activity(event, t_ms)   the VAD process saw speech start or end
+    model_text(text, t_ms)        the model's inner monologue
+    slot_error(code, msg)         the inference process failed this session
+    tick(now)                     the clock: periodic `latency` reports
+    shutdown()                    the server is stopping
+    connection_closed()           the socket is gone: the client closed it, the network failed, or our own
+                                  close finished
+
+Actions:
+    returned by an event          `PublishAudio`: write this client frame to the workers' rings;
+                                  `Release`: the session is over, free its slot and tell the workers.
+    pulled by the sender          `next_outgoing(now_ns)`: a control message (`str`), model audio
+                                  (`AudioOut`), then, once the session ends, one `Close`, last.
+
+States:
+
+    OPEN ─ server ends it (client_request, protocol_error, ...) ─▶ CLOSING ─ connection_closed ─▶ CLOSED
+     └──────────────── connection_closed (client_closed) ────────────────────────────▶ CLOSED
+
+Invariants (tests/test_session.py checks them over arbitrary event sequences): no event raises; every way
+out of OPEN yields exactly one `Release`, and nothing else does; a session that is not OPEN publishes
+nothing and queues nothing new; a session the server ends yields exactly one `Close`; a CLOSED session
+has nothing to send.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from procs.frames import ModelFrame
+from protocol import (
+    ClientSessionEnd,
+    EndReason,
+    Error,
+    ErrorCode,
+    Latency,
+    LatencyBreakdown,
+    Ping,
+    Pong,
+    ProtocolError,
+    ServerControl,
+    SessionEnd,
+    SessionStart,
+    Transcript,
+    Vad,
+    decode_client,
+    encode_server_audio,
+    encode_server_control,
+)
+
+CAPACITY_MESSAGE = "Server at capacity"
+
+
+class Phase(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"  # the server ended the session; what is queued goes out, then the close
+    CLOSED = "closed"  # the socket is gone
+
+
+@dataclass(frozen=True)
+class SessionRules:
+    """The limits a session lives by."""
+
+    # A client that sends this many malformed messages within `garbage_window_s` is closed with 1008; fewer
+    # are answered with an `error` each, at most `errors_per_second` of them.
+    garbage_limit: int = 50
+    garbage_window_s: float = 10.0
+    errors_per_second: int = 10
+    latency_period_s: float = 1.0
+    # Model audio waiting for a slow client: beyond this the oldest frames are dropped (counted).
+    max_queued_audio_frames: int = 64
+
+
+# --- actions ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PublishAudio:
+    """Write this 20 ms client frame to the inference and VAD rings."""
+
+    pcm: memoryview  # 640 bytes aliasing the received message: use it before the next event
+    seq: int
+    t_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The session is over: give its slot back and tell the workers. Exactly once per session."""
+
+    reason: EndReason
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the WebSocket with this code; always the last thing a session sends."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AudioOut:
+    """One binary frame of model audio, and the server-added latency it completes (the first frame of an
+    answered block: last input frame received -> this frame handed to the socket), if any."""
+
+    data: bytes
+    latency_s: float | None
+
+
+Action = PublishAudio | Release
+Outgoing = str | AudioOut | Close
+
+
+# --- bookkeeping -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SessionCounters:
+    """What a session counted; each "dropped" has one meaning."""
+
+    frames_in: int = 0  # client audio frames received and published
+    frames_out: int = 0  # model audio frames handed to the socket
+    malformed: int = 0  # client messages that failed to decode
+    input_dropped: int = 0  # client frames the model never heard: the session fell behind (inference)
+    output_dropped: int = 0  # model frames never sent: the client did not take them in time
+
+    def add(self, other: SessionCounters) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class LatencyWindow:
+    """Server-added latency samples of one session since its last `latency` message."""
+
+    total_ms: list[float] = field(default_factory=list)
+    queue_ms: float = 0.0
+    step_ms: float = 0.0
+    resample_ms: float = 0.0
+    last: Latency | None = None
+
+    def add(self, total_ms: float, queue_ms: float, step_ms: float, resample_ms: float) -> None:
+        self.total_ms.append(total_ms)
+        self.queue_ms += queue_ms
+        self.step_ms += step_ms
+        self.resample_ms += resample_ms
+
+    def flush(self, dropped: int, window_s: float) -> Latency | None:
+        """The report for this window (the previous one again if no block was answered meanwhile)."""
+        n = len(self.total_ms)
+        if n == 0:
+            return self.last
+        queue, step, resample = self.queue_ms / n, self.step_ms / n, self.resample_ms / n
+        msg = Latency(
+            ms=float(np.median(self.total_ms)),
+            breakdown=LatencyBreakdown(
+                queue_ms=queue,
+                step_ms=step,
+                resample_ms=resample,
+                transport_ms=max(0.0, float(np.mean(self.total_ms)) - queue - step - resample),
+            ),
+            p99_ms=float(np.percentile(self.total_ms, 99)),
+            dropped_frames=dropped,
+            window_s=window_s,
+        )
+        self.total_ms.clear()
+        self.queue_ms = self.step_ms = self.resample_ms = 0.0
+        self.last = msg
+        return msg
+
+
+@dataclass(slots=True)
+class _QueuedAudio:
+    data: bytes
+    t_in_ns: int | None  # set on the first frame of a block: its latency is measured when it leaves
+    queue_ms: float
+    step_ms: float
+    resample_ms: float
+
+
+def _trim(times: deque[float], before: float) -> None:
+    while times and times[0] < before:
+        times.popleft()
+
+
+# --- the machine -----------------------------------------------------------------------------------------
+
+
+class Session:
+    """One client's session in one batch slot. See the module docstring for its events and actions."""
+
+    def __init__(self, start: SessionStart, slot: int, gen: int, now: float,
+                 rules: SessionRules | None = None) -> None:
+        self.session_id = start.session_id
+        self.slot, self.gen = slot, gen
+        self.rules = rules or SessionRules()
+        self.phase = Phase.OPEN
+        self.end_reason: EndReason | None = None
+        self.close: Close | None = None  # the close the server asked for, if it ended the session
+        self.started = now
+        self.counters = SessionCounters()
+        self.latency = LatencyWindow()
+        self._control: deque[str] = deque([encode_server_control(start)])
+        self._audio: deque[_QueuedAudio] = deque()
+        self._close_sent = False
+        self._garbage: deque[float] = deque()
+        self._errors_sent: deque[float] = deque()
+        self._next_report = now + self.rules.latency_period_s
+
+    # ---- events -----------------------------------------------------------------------------------------
+    def receive(self, message: str | bytes, now_ns: int) -> list[Action]:
+        if self.phase is not Phase.OPEN:
+            return []
+        try:
+            decoded = decode_client(message)
+        except ProtocolError as error:
+            return self._malformed(error, now_ns / 1e9)
+        if isinstance(decoded, memoryview):
+            seq = self.counters.frames_in
+            self.counters.frames_in += 1
+            return [PublishAudio(decoded, seq, now_ns)]
+        match decoded:
+            case Ping(id=ping_id, t_ms=t_ms):
+                self._say(Pong(id=ping_id, t_ms=t_ms))
+            case Pong():
+                pass
+            case ClientSessionEnd():
+                return self._end_saying_goodbye(EndReason.CLIENT_REQUEST, 1000, "session ended")
+        return []
+
+    def model_audio(self, frame: ModelFrame, now_ns: int) -> list[Action]:
+        if self.phase is not Phase.OPEN or frame.gen != self.gen:
+            return []  # a session that is over hears nothing; a previous session's frame is stale
+        self.counters.input_dropped = max(self.counters.input_dropped, frame.dropped)
+        if len(self._audio) >= self.rules.max_queued_audio_frames:
+            self._audio.popleft()
+            self.counters.output_dropped += 1
+        self._audio.append(
+            _QueuedAudio(
+                data=encode_server_audio(frame.pcm),
+                t_in_ns=frame.t_in_ns if frame.block_pos == 0 else None,
+                queue_ms=frame.queue_us / 1e3,
+                step_ms=frame.step_us / 1e3,
+                resample_ms=frame.resample_us / 1e3,
+            )
+        )
+        return []
+
+    def voice_activity(self, event: Literal["start", "end"], t_ms: float) -> list[Action]:
+        if self.phase is Phase.OPEN:
+            self._say(Vad(event=event, t_ms=t_ms))
+        return []
+
+    def model_text(self, text: str, t_ms: float) -> list[Action]:
+        if self.phase is Phase.OPEN:
+            self._say(Transcript(text=text, t_ms=t_ms))
+        return []
+
+    def slot_error(self, code: ErrorCode, msg: str) -> list[Action]:
+        if self.phase is not Phase.OPEN:
+            return []
+        if code is ErrorCode.CAPACITY:
+            self._say(Error(code=code, msg=msg, fatal=True))
+            return self._end(EndReason.CAPACITY, Close(1013, CAPACITY_MESSAGE))
+        self._say(Error(code=code, msg=msg, fatal=False))
+        return []
+
+    def tick(self, now: float) -> list[Action]:
+        """At least one `latency` report per period once the session has produced audio."""
+        if self.phase is Phase.OPEN and now >= self._next_report:
+            self._next_report = now + self.rules.latency_period_s
+            report = self.latency.flush(self.counters.input_dropped, self.rules.latency_period_s)
+            if report is not None:
+                self._say(report)
+        return []
+
+    def shutdown(self) -> list[Action]:
+        if self.phase is not Phase.OPEN:
+            return []
+        return self._end_saying_goodbye(EndReason.SERVER_SHUTDOWN, 1001, "server shutting down")
+
+    def connection_closed(self) -> list[Action]:
+        actions: list[Action] = []
+        if self.phase is Phase.OPEN:
+            actions = self._end(EndReason.CLIENT_CLOSED, close=None)
+        self.phase = Phase.CLOSED
+        self._control.clear()
+        self._audio.clear()
+        return actions
+
+    # ---- what to send -----------------------------------------------------------------------------------
+    def wants_to_send(self) -> bool:
+        if self.phase is Phase.CLOSED:
+            return False
+        return bool(self._control or self._audio) or (self.close is not None and not self._close_sent)
+
+    def next_outgoing(self, now_ns: int) -> Outgoing | None:
+        """The next thing to write to the socket: control messages first, then model audio, then the close."""
+        if self.phase is Phase.CLOSED:
+            return None
+        if self._control:
+            return self._control.popleft()
+        if self._audio:
+            item = self._audio.popleft()
+            self.counters.frames_out += 1
+            latency_s = None
+            if item.t_in_ns is not None:
+                latency_s = (now_ns - item.t_in_ns) / 1e9
+                self.latency.add(latency_s * 1e3, item.queue_ms, item.step_ms, item.resample_ms)
+            return AudioOut(item.data, latency_s)
+        if self.close is not None and not self._close_sent:
+            self._close_sent = True
+            return self.close
+        return None
+
+    # ---- rules ------------------------------------------------------------------------------------------
+    def _say(self, msg: ServerControl) -> None:
+        self._control.append(encode_server_control(msg))
+
+    def _malformed(self, error: ProtocolError, now: float) -> list[Action]:
+        rules = self.rules
+        self.counters.malformed += 1
+        _trim(self._garbage, now - rules.garbage_window_s)
+        self._garbage.append(now)
+        if len(self._garbage) >= rules.garbage_limit:
+            self._say(Error(code=error.code, msg=f"too many malformed messages: {error.msg}", fatal=True))
+            return self._end(EndReason.PROTOCOL_ERROR, Close(1008, "too many malformed messages"))
+        _trim(self._errors_sent, now - 1.0)
+        if len(self._errors_sent) < rules.errors_per_second:
+            self._errors_sent.append(now)
+            self._say(error.to_message())
+        return []
+
+    def _end_saying_goodbye(self, reason: EndReason, code: int, text: str) -> list[Action]:
+        self._say(SessionEnd(reason=reason.value, frames_in=self.counters.frames_in,
+                             frames_out=self.counters.frames_out + len(self._audio)))
+        return self._end(reason, Close(code, text))
+
+    def _end(self, reason: EndReason, close: Close | None) -> list[Action]:
+        """The one way out of OPEN: the slot is released here and nowhere else."""
+        assert self.phase is Phase.OPEN
+        self.phase = Phase.CLOSING
+        self.end_reason, self.close = reason, close
+        return [Release(reason)]
+
+
+def capacity_refusal() -> tuple[str, Close]:
+    """What a client hears when every slot is taken: an `error` it can show, then close 1013 (try again)."""
+    error = Error(code=ErrorCode.CAPACITY, msg=CAPACITY_MESSAGE, fatal=True)
+    return encode_server_control(error), Close(1013, CAPACITY_MESSAGE)

@@ -1,0 +1,73 @@
+"""What the inference and VAD processes share: following the sessions in their slots, and reading their audio.
+
+Both workers learn the same things the same way. A session's start shows in its first frame (its `gen` is
+new to the slot: audio and control travel in different rings, which are not ordered with respect to each
+other); its id arrives in a `SessionOpen`, for the logs; its end arrives in a `SessionClose`, which may
+overtake its last frames, so frames of a closed or older generation are dropped as stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from procs.frames import FrameFate, SlotGenerations, read_in_frame
+from protocol.internal import InternalMessage, SessionClose, SessionOpen
+from ringbuf import Ring
+
+
+@dataclass(frozen=True, slots=True)
+class InputFrame:
+    pcm: np.ndarray  # 320 int16 samples (a copy: the ring slot is released already)
+    t_ns: int  # when the network process received it (time.monotonic_ns)
+    first: bool  # the first frame of a new session in this slot: reset the slot's state before using it
+
+
+class WorkerSessions:
+    """Which session each slot holds, as a worker process sees it."""
+
+    def __init__(self, n_slots: int) -> None:
+        self.gens = SlotGenerations(n_slots)
+        self._ids: dict[tuple[int, int], str] = {}
+        self._lost = [0] * n_slots  # frames a slot's ring overwrote while they were read (DROP_OLDEST)
+
+    def apply(self, msg: InternalMessage) -> SessionClose | None:
+        """Take a control message from the network; returns it if it closed a slot's open session."""
+        match msg:
+            case SessionOpen(slot=slot, gen=gen, session_id=sid):
+                self._ids[(slot, gen)] = sid
+            case SessionClose(slot=slot, gen=gen):
+                self._ids.pop((slot, gen), None)
+                if self.gens.close(slot, gen):
+                    return msg
+        return None
+
+    def is_open(self, slot: int) -> bool:
+        return self.gens.is_open(slot)
+
+    def gen(self, slot: int) -> int:
+        return self.gens.current[slot]
+
+    def session_id(self, slot: int) -> str:
+        """The id of the session the slot holds now (or last held), for logs."""
+        return self._ids.get((slot, self.gens.current[slot]), f"gen{self.gens.current[slot]}")
+
+    def take_lost(self, slot: int) -> int:
+        """Frames of `slot` the ring overwrote while they were being read, since the last call."""
+        lost, self._lost[slot] = self._lost[slot], 0
+        return lost
+
+    def read(self, slot: int, ring: Ring) -> Iterator[InputFrame]:
+        """The slot's unread frames of its current session, oldest first; stale ones are skipped."""
+        while (view := ring.peek()) is not None:
+            header, pcm = read_in_frame(view)
+            pcm = pcm.copy()
+            gen, t_ns = int(header["gen"]), int(header["t_ns"])
+            if not ring.release():
+                self._lost[slot] += 1
+                continue
+            fate = self.gens.classify(slot, gen)
+            if fate is not FrameFate.STALE:
+                yield InputFrame(pcm, t_ns, first=fate is FrameFate.NEW_SESSION)

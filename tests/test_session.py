@@ -1,0 +1,404 @@
+"""The session's rules, driven directly: no socket, no ring, no event loop (procs/network/session.py)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from procs.frames import ModelFrame
+from procs.network.session import (
+    AudioOut,
+    Close,
+    Phase,
+    PublishAudio,
+    Release,
+    Session,
+    SessionRules,
+    capacity_refusal,
+)
+from procs.network.slots import SessionSlots
+from protocol import (
+    IN_FRAME_BYTES,
+    OUT_FRAME_BYTES,
+    ClientSessionEnd,
+    EndReason,
+    Error,
+    ErrorCode,
+    Latency,
+    Ping,
+    Pong,
+    SessionEnd,
+    SessionStart,
+    Transcript,
+    Vad,
+    decode_server,
+    decode_server_control,
+    encode_client_audio,
+    encode_client_control,
+    session_start,
+)
+
+MS = 1_000_000
+AUDIO = encode_client_audio(bytes(IN_FRAME_BYTES))
+
+
+def new_session(gen: int = 1, rules: SessionRules | None = None) -> Session:
+    return Session(session_start("s1", model="m", demo_weights=True, max_sessions=4), slot=2, gen=gen,
+                   now=0.0, rules=rules)
+
+
+def model_frame(gen: int = 1, block_pos: int = 0, t_in_ns: int = 0, dropped: int = 0, fill: int = 0
+                ) -> ModelFrame:
+    return ModelFrame(seq=0, t_in_ns=t_in_ns, gen=gen, block_pos=block_pos, queue_us=1000, step_us=2000,
+                      resample_us=100, dropped=dropped, pcm=bytes([fill]) * OUT_FRAME_BYTES)
+
+
+def drain(session: Session, now_ns: int = 0) -> list[object]:
+    """Everything the session has to send now, decoded: control messages, AudioOut and Close as they are."""
+    out: list[object] = []
+    while (item := session.next_outgoing(now_ns)) is not None:
+        out.append(decode_server_control(item) if isinstance(item, str) else item)
+    return out
+
+
+def opened() -> Session:
+    session = new_session()
+    assert isinstance(drain(session)[0], SessionStart)
+    return session
+
+
+# ---- opening, audio, ping ---------------------------------------------------------------------------------
+
+
+def test_session_start_is_the_first_message() -> None:
+    session = new_session()
+    out = drain(session)
+    assert len(out) == 1 and isinstance(out[0], SessionStart)
+    assert out[0].session_id == "s1" and out[0].demo_weights and out[0].max_sessions == 4
+
+
+def test_client_audio_is_published_in_order_with_its_arrival_time() -> None:
+    session = opened()
+    first = session.receive(encode_client_audio(bytes(range(256)) * 2 + bytes(128)), 5 * MS)
+    second = session.receive(AUDIO, 25 * MS)
+    assert [type(a) for a in first + second] == [PublishAudio, PublishAudio]
+    assert (first[0].seq, first[0].t_ns, second[0].seq, second[0].t_ns) == (0, 5 * MS, 1, 25 * MS)
+    assert bytes(first[0].pcm)[:3] == b"\x00\x01\x02" and len(first[0].pcm) == IN_FRAME_BYTES
+    assert session.counters.frames_in == 2
+    assert drain(session) == []  # audio in is not answered by itself
+
+
+def test_ping_is_answered_with_its_id_and_time_and_pong_with_nothing() -> None:
+    session = opened()
+    assert session.receive(encode_client_control(Ping(id=7, t_ms=12.5)), 0) == []
+    assert drain(session) == [Pong(id=7, t_ms=12.5)]
+    assert session.receive(encode_client_control(Pong(id=1, t_ms=0.0)), 0) == []
+    assert drain(session) == []
+
+
+# ---- malformed input ---------------------------------------------------------------------------------------
+
+
+def test_malformed_input_gets_an_error_and_the_session_goes_on() -> None:
+    session = opened()
+    assert session.receive(b"\x07" + bytes(640), 0) == []
+    assert session.receive("not json", 0) == []
+    errors = drain(session)
+    assert [e.code for e in errors] == [ErrorCode.BAD_HEADER, ErrorCode.BAD_JSON]
+    assert not any(e.fatal for e in errors)
+    assert session.phase is Phase.OPEN and session.counters.malformed == 2
+    assert isinstance(session.receive(AUDIO, 0)[0], PublishAudio)
+
+
+def test_at_most_ten_errors_a_second_are_sent() -> None:
+    session = opened()
+    for i in range(30):
+        session.receive(b"", i * MS)  # 30 within 30 ms
+    assert len(drain(session)) == 10
+    session.receive(b"", 1_100 * MS)  # a second later the budget is back
+    assert len(drain(session)) == 1
+    assert session.counters.malformed == 31
+
+
+def test_fifty_malformed_messages_within_ten_seconds_close_with_1008_once() -> None:
+    session = opened()
+    actions = []
+    for i in range(49):
+        actions += session.receive(b"", i * 100 * MS)  # one every 100 ms: 4.9 s
+    assert actions == [] and session.phase is Phase.OPEN
+    actions = session.receive(b"", 4_950 * MS)
+    assert actions == [Release(EndReason.PROTOCOL_ERROR)]
+    out = drain(session)
+    fatal = [m for m in out if isinstance(m, Error) and m.fatal]
+    assert len(fatal) == 1 and fatal[0].code == ErrorCode.EMPTY_FRAME
+    assert out[-1] == Close(1008, "too many malformed messages")
+    assert sum(isinstance(m, Close) for m in out) == 1
+    assert session.receive(b"", 5_000 * MS) == [] and drain(session) == []  # over: nothing more
+
+
+def test_malformed_messages_older_than_the_window_are_forgiven() -> None:
+    session = opened()
+    for i in range(49):
+        session.receive(b"", i * MS)
+    for i in range(49):
+        session.receive(b"", 10_100 * MS + i * MS)  # the first 49 are more than 10 s old
+    assert session.phase is Phase.OPEN
+
+
+# ---- ending ------------------------------------------------------------------------------------------------
+
+
+def test_the_client_asks_to_end() -> None:
+    session = opened()
+    session.receive(AUDIO, 0)
+    actions = session.receive(encode_client_control(ClientSessionEnd()), 0)
+    assert actions == [Release(EndReason.CLIENT_REQUEST)]
+    out = drain(session)
+    assert out[0] == SessionEnd(reason="client_request", frames_in=1, frames_out=0)
+    assert out[-1] == Close(1000, "session ended")
+    assert session.phase is Phase.CLOSING
+    assert session.connection_closed() == []  # the release was given already
+    assert session.phase is Phase.CLOSED
+
+
+def test_a_client_that_goes_away_releases_the_slot_and_is_sent_nothing() -> None:
+    session = new_session()  # session_start still queued: never sent
+    assert session.connection_closed() == [Release(EndReason.CLIENT_CLOSED)]
+    assert session.phase is Phase.CLOSED and session.close is None
+    assert not session.wants_to_send() and drain(session) == []
+    assert session.connection_closed() == []
+    assert session.shutdown() == [] and session.receive(AUDIO, 0) == []
+
+
+def test_shutdown_says_goodbye_with_1001() -> None:
+    session = opened()
+    assert session.shutdown() == [Release(EndReason.SERVER_SHUTDOWN)]
+    out = drain(session)
+    assert out == [SessionEnd(reason="server_shutdown", frames_in=0, frames_out=0),
+                   Close(1001, "server shutting down")]
+    assert session.shutdown() == []
+
+
+def test_queued_audio_goes_out_before_the_close() -> None:
+    session = opened()
+    session.model_audio(model_frame(fill=1), 0)
+    session.shutdown()
+    out = drain(session)
+    assert isinstance(out[0], SessionEnd) and out[0].frames_out == 1
+    assert isinstance(out[1], AudioOut) and isinstance(out[2], Close)
+
+
+def test_capacity_error_from_inference_ends_the_session_with_1013_and_others_do_not() -> None:
+    session = opened()
+    assert session.slot_error(ErrorCode.INTERNAL, "hiccup") == []
+    assert drain(session) == [Error(code=ErrorCode.INTERNAL, msg="hiccup", fatal=False)]
+    assert session.slot_error(ErrorCode.CAPACITY, "GPU full") == [Release(EndReason.CAPACITY)]
+    assert drain(session) == [Error(code=ErrorCode.CAPACITY, msg="GPU full", fatal=True),
+                              Close(1013, "Server at capacity")]
+
+
+def test_capacity_refusal_is_an_error_then_1013() -> None:
+    text, close = capacity_refusal()
+    assert decode_server(text) == Error(code=ErrorCode.CAPACITY, msg="Server at capacity", fatal=True)
+    assert close == Close(1013, "Server at capacity")
+
+
+# ---- model output ------------------------------------------------------------------------------------------
+
+
+def test_model_audio_goes_out_after_control_with_its_latency() -> None:
+    session = opened()
+    session.model_audio(model_frame(block_pos=0, t_in_ns=100 * MS, fill=9), 0)
+    session.model_audio(model_frame(block_pos=1, t_in_ns=100 * MS), 0)
+    session.voice_activity("start", 40.0)
+    session.model_text(" నమస్తే", 80.0)
+    out = drain(session, now_ns=103 * MS)
+    assert out[:2] == [Vad(event="start", t_ms=40.0), Transcript(text=" నమస్తే", t_ms=80.0)]
+    first, second = out[2:]
+    assert first.data == b"\x02" + bytes([9]) * OUT_FRAME_BYTES
+    assert first.latency_s == pytest.approx(0.003) and second.latency_s is None
+    assert session.counters.frames_out == 2
+
+
+def test_a_previous_sessions_model_audio_is_ignored() -> None:
+    session = new_session(gen=3)
+    drain(session)
+    session.model_audio(model_frame(gen=2), 0)
+    assert drain(session) == [] and session.counters.frames_out == 0
+
+
+def test_model_audio_beyond_the_bound_drops_the_oldest_and_counts_it() -> None:
+    session = opened()
+    rules = session.rules
+    for i in range(rules.max_queued_audio_frames + 5):
+        session.model_audio(model_frame(fill=i), 0)
+    out = drain(session)
+    assert len(out) == rules.max_queued_audio_frames
+    assert out[0].data[1] == 5  # frames 0-4 went first
+    assert session.counters.output_dropped == 5
+
+
+def test_input_drops_reported_by_inference_reach_the_latency_report() -> None:
+    session = opened()
+    session.model_audio(model_frame(t_in_ns=0, dropped=4), 0)
+    drain(session, now_ns=2 * MS)
+    session.tick(1.0)
+    (report,) = drain(session)
+    assert isinstance(report, Latency) and report.dropped_frames == 4
+    assert report.ms == pytest.approx(2.0) and report.breakdown.step_ms == pytest.approx(2.0)
+
+
+def test_latency_is_reported_once_a_period_after_the_first_audio_and_repeats_when_idle() -> None:
+    session = opened()
+    session.tick(1.5)
+    assert drain(session) == []  # nothing answered yet: nothing to report
+    session.model_audio(model_frame(t_in_ns=0), 0)
+    drain(session, now_ns=MS)
+    session.tick(1.6)  # next period starts 1 s after the last tick that was due (1.5)
+    assert drain(session) == []
+    session.tick(2.5)
+    (first,) = drain(session)
+    session.tick(3.5)
+    assert drain(session) == [first]  # no new block answered: the last figures again
+
+
+# ---- admission ---------------------------------------------------------------------------------------------
+
+
+def test_slots_admit_up_to_capacity_and_count_generations() -> None:
+    slots: SessionSlots[str] = SessionSlots(3)
+    a = slots.admit(2, lambda slot, gen: f"{slot}/{gen}")
+    b = slots.admit(2, lambda slot, gen: f"{slot}/{gen}")
+    assert (a, b) == ("0/1", "1/1")
+    assert slots.admit(2, lambda slot, gen: "x") is None  # capacity 2 of 3 rings
+    assert not slots.release(0, 2)  # not the session that holds slot 0
+    assert slots.release(0, 1) and not slots.release(0, 1)
+    assert slots.get(0, 1) is None and slots.get(1, 1) == "1/1"
+    assert slots.admit(2, lambda slot, gen: f"{slot}/{gen}") == "0/2"
+    assert len(slots) == 2
+
+
+def test_a_failed_admission_keeps_the_slot_free() -> None:
+    slots: SessionSlots[str] = SessionSlots(1)
+
+    def broken(slot: int, gen: int) -> str:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        slots.admit(1, broken)
+    assert slots.admit(1, lambda slot, gen: "ok") == "ok"
+
+
+# ---- invariants over arbitrary event sequences -------------------------------------------------------------
+
+client_messages = st.one_of(
+    st.just(AUDIO),
+    st.just(encode_client_control(Ping(id=1, t_ms=0.0))),
+    st.just(encode_client_control(Pong(id=1, t_ms=0.0))),
+    st.just(encode_client_control(ClientSessionEnd())),
+    st.binary(max_size=700),
+    st.text(max_size=50),
+    st.just(msgspec.json.encode({"type": "ping", "id": -1}).decode()),
+)
+events = st.lists(
+    st.one_of(
+        st.tuples(st.just("receive"), client_messages),
+        st.tuples(st.just("receive_many"), client_messages, st.integers(1, 60)),
+        st.tuples(st.just("audio"), st.integers(0, 3), st.integers(0, 3)),
+        st.tuples(st.just("vad"), st.sampled_from(["start", "end"])),
+        st.tuples(st.just("text"), st.text(max_size=10)),
+        st.tuples(st.just("slot_error"), st.sampled_from(ErrorCode)),
+        st.tuples(st.just("tick"), st.floats(0, 3)),
+        st.tuples(st.just("send"), st.integers(0, 100)),
+        st.just(("shutdown",)),
+        st.just(("connection_closed",)),
+    ),
+    max_size=60,
+)
+
+
+@settings(deadline=None, max_examples=300)
+@given(events)
+def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> None:
+    session = new_session(gen=2)
+    now = 0.0
+    releases: list[Release] = []
+    sent: list[object] = []
+    published = 0
+    malformed_while_open = 0
+    model_frames_taken = 0
+
+    def take(actions: list) -> None:
+        nonlocal published
+        for action in actions:
+            if isinstance(action, Release):
+                releases.append(action)
+            else:
+                assert isinstance(action, PublishAudio)
+                assert session.phase is Phase.OPEN, "published while not open"
+                published += 1
+
+    def send(n: int) -> None:
+        for _ in range(n):
+            item = session.next_outgoing(int(now * 1e9))
+            if item is None:
+                return
+            assert not any(isinstance(s, Close) for s in sent), "sent something after the close"
+            sent.append(item)
+
+    for event in sequence:
+        was_open = session.phase is Phase.OPEN
+        kind = event[0]
+        now += 0.01
+        if kind in ("receive", "receive_many"):
+            for _ in range(event[2] if kind == "receive_many" else 1):
+                before = session.counters.malformed
+                take(session.receive(event[1], int(now * 1e9)))
+                malformed_while_open += session.counters.malformed - before
+                now += 0.001
+        elif kind == "audio":
+            gen, pos = event[1], event[2]
+            queued_before = session.wants_to_send()
+            session.model_audio(model_frame(gen=gen, block_pos=pos, t_in_ns=int(now * 1e9)), int(now * 1e9))
+            if was_open and gen == 2:
+                model_frames_taken += 1
+            elif not was_open:
+                assert session.wants_to_send() == queued_before
+        elif kind == "vad":
+            take(session.voice_activity(event[1], 0.0))
+        elif kind == "text":
+            take(session.model_text(event[1], 0.0))
+        elif kind == "slot_error":
+            take(session.slot_error(event[1], "x"))
+        elif kind == "tick":
+            now += event[1]
+            take(session.tick(now))
+        elif kind == "send":
+            send(event[1])
+        elif kind == "shutdown":
+            take(session.shutdown())
+        else:
+            take(session.connection_closed())
+        # Every way out of OPEN released the slot exactly once; nothing else did.
+        assert len(releases) == (0 if session.phase is Phase.OPEN else 1), (session.phase, releases)
+        if session.phase is Phase.CLOSED:
+            assert session.next_outgoing(0) is None and not session.wants_to_send()
+
+    send(10_000)
+    closes = [s for s in sent if isinstance(s, Close)]
+    assert len(closes) <= 1
+    if session.close is not None and session.phase is Phase.CLOSING:
+        assert closes == [session.close] and sent[-1] == session.close  # exactly one close, last
+    fatal = [s for s in sent if isinstance(s, str) and '"fatal":true' in s]
+    if fatal:
+        assert closes, "a fatal error is followed by a close"
+    # Counters add up.
+    c = session.counters
+    assert c.frames_in == published
+    assert c.malformed == malformed_while_open
+    audio_sent = sum(isinstance(s, AudioOut) for s in sent)
+    assert c.frames_out == audio_sent
+    if session.phase is not Phase.CLOSED:
+        assert c.frames_out + c.output_dropped == model_frames_taken
