@@ -42,11 +42,11 @@ from pathlib import Path
 
 # Run as a script (or imported by a bench test) the repository root is not on sys.path; `tests` lives there.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi would compile its first step for tens of seconds
 
 import numpy as np
 
 from procs.audio.speech import conversation_16k
+from procs.model.torch_setup import prepare_torch
 from protocol import Latency
 from tests.harness import ClientRun, ServerProcess, stream_client
 
@@ -396,7 +396,8 @@ def capacity_table(rows: list[CapacityRow], seconds: float, server_args: tuple[s
 
 def ensure_demo_checkpoint() -> None:
     """Build (or find cached) the demo checkpoint, so that no server start includes the build."""
-    subprocess.run([sys.executable, "-m", "procs.model.demo"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "procs.model.build_demo"], cwd=ROOT, check=True,
+                   capture_output=True)
 
 
 def parse_counts(text: str) -> list[int]:
@@ -423,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                         "inference process (--threads); default: torch's default, as the server has it")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    prepare_torch("cpu")  # the step timing runs the demo model here; before moshi is imported
     if args.seconds < 2 * args.window + args.warmup:
         print(f"note: {args.seconds:.0f} s is short for two {args.window:.0f} s windows after warm-up; "
               "the windows shrink and overlap", file=sys.stderr)

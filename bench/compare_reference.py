@@ -68,6 +68,8 @@ from pathlib import Path
 
 import numpy as np
 
+from procs.model.torch_setup import prepare_torch
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on sys.path, the project root is not
     sys.path.insert(0, str(ROOT))
@@ -590,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         "and/or a torch.set_num_threads value for each extra column (default: shipped,1)",
     )
     args = parser.parse_args(argv)
-    os.environ["NO_TORCH_COMPILE"] = "1"
+    prepare_torch("cpu")  # our side of the comparison runs on the CPU; before moshi is imported
 
     from procs.model.demo import demo_checkpoint_dir
 

@@ -41,6 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from procs.model.capacity import lm_kv_cache_bytes
+from procs.model.torch_setup import prepare_torch
+
 REAL_TIME_BUDGET_MS = 80.0  # one Mimi frame = 80 ms of audio; a step must finish before the next frame.
 DEFAULT_MARGIN = 0.8
 MIMI_FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
@@ -89,43 +92,17 @@ def full_size_configs() -> tuple[dict[str, tp.Any], dict[str, tp.Any]]:
     """moshi's own 7B LM config and full-size Mimi config (copies, so nothing of moshi's is mutated)."""
     from moshi.models import loaders
 
-    return dict(loaders._lm_kwargs), _deep_copy_config(loaders._mimi_config)
+    mimi_config = {key: dict(v) if isinstance(v, dict) else v for key, v in loaders._mimi_config.items()}
+    return dict(loaders._lm_kwargs), mimi_config
 
 
 def tiny_configs() -> tuple[dict[str, tp.Any], dict[str, tp.Any]]:
-    """A model with the same structure as the 7B (delays, depformer, codebooks, Mimi frame of 1920
-    samples) but tiny widths, so the whole measuring path runs on a CPU in seconds."""
-    lm_kwargs, mimi_config = full_size_configs()
-    bins = 64
-    seanet_dimension = 32
-    mimi_config["seanet"].update(dimension=seanet_dimension, n_filters=4)
-    mimi_config["quantizer"].update(
-        dimension=16, n_q=8, bins=bins, input_dimension=seanet_dimension, output_dimension=seanet_dimension
-    )
-    mimi_config["transformer"].update(
-        d_model=seanet_dimension,
-        num_heads=2,
-        num_layers=1,
-        dim_feedforward=64,
-        input_dimension=seanet_dimension,
-        output_dimensions=[seanet_dimension],
-    )
-    lm_kwargs.update(
-        dim=64,
-        text_card=100,
-        card=bins,
-        num_heads=4,
-        num_layers=2,
-        depformer_dim=32,
-        depformer_dim_feedforward=64,
-        depformer_num_heads=2,
-        depformer_num_layers=2,
-    )
-    return lm_kwargs, mimi_config
+    """The demo checkpoint's shrunk configs (procs/model/demo.py): the same structure as the 7B (delays,
+    depformer, codebooks, Mimi frame of 1920 samples), small widths, so the whole measuring path runs on a
+    CPU in seconds."""
+    from procs.model.demo import demo_lm_config, demo_mimi_config
 
-
-def _deep_copy_config(config: dict[str, tp.Any]) -> dict[str, tp.Any]:
-    return {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    return demo_lm_config(text_card=100), demo_mimi_config()
 
 
 # ---------------------------------------------------------------------------------------------- footprint
@@ -152,11 +129,6 @@ class Footprint:
 
 def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def kv_cache_bytes_per_session(lm_kwargs: dict[str, tp.Any], dtype: torch.dtype) -> int:
-    bytes_per_element = torch.empty((), dtype=dtype).element_size()
-    return lm_kwargs["num_layers"] * 2 * lm_kwargs["context"] * lm_kwargs["dim"] * bytes_per_element
 
 
 def _streaming_tensors(
@@ -622,11 +594,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def configure_moshi_environment(args: argparse.Namespace) -> None:
-    """Must run before moshi is imported: moshi reads these variables when its modules load."""
-    if args.torch_compile:
-        os.environ.pop("NO_TORCH_COMPILE", None)
-    else:
-        os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    """Must run before moshi is imported: moshi reads these choices when its modules load."""
+    prepare_torch(args.device, compile=args.torch_compile)
     if args.no_cuda_graph:
         os.environ["NO_CUDA_GRAPH"] = "1"
 
@@ -750,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     footprint = Footprint(
         lm_weight_bytes=parameter_bytes(lm),
         mimi_weight_bytes=parameter_bytes(mimi),
-        kv_bytes_per_session_formula=kv_cache_bytes_per_session(lm_kwargs, torch.bfloat16),
+        kv_bytes_per_session_formula=lm_kv_cache_bytes(lm_kwargs, torch.bfloat16),
         kv_bytes_per_session_measured=(
             None
             if largest_ok is None or largest_ok.kv_bytes_measured is None

@@ -3,7 +3,7 @@
 Batch sizes 1, 2, 4, 8 with torch.set_num_threads(1) and (2). A step must take under 80 ms (one Mimi frame)
 for the sessions to be served in real time; "RT x" is 80 ms / median step, above 1 is faster than real time.
 
-Run: NO_TORCH_COMPILE=1 .venv/bin/pytest bench/test_bench_step.py   (the table is printed at the end)
+Run: .venv/bin/pytest bench/test_bench_step.py   (the table is printed at the end)
 Builds the demo checkpoint in the cache directory on first use.
 """
 
@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
-
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import numpy as np
 import pytest
 import torch
 
 from procs.model.demo import demo_checkpoint_dir
-from procs.model.engine import MoshiEngine, StepResult, load_engine
+from procs.model.engine import StepResult, load_engine
+from procs.model.moshi_engine import MoshiEngine
 
 FRAME_MS = 80.0
 ROUNDS = 40

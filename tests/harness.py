@@ -77,7 +77,7 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 120.0) -> None:
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log", delete=False)  # noqa: SIM115
-        full_env = {**os.environ, "NO_TORCH_COMPILE": "1", **(env or {})}
+        full_env = {**os.environ, **(env or {})}
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "supervisor.py", "--host", "127.0.0.1", "--port", "0", *args],

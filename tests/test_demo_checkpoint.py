@@ -9,14 +9,12 @@ import sys
 import unicodedata
 from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
-
 import pytest
 import torch
 from moshi.models import loaders
 
 from procs.model import demo
-from procs.model.engine import checkpoint_info_from_dir, is_demo_checkpoint
+from procs.model.checkpoints import checkpoint_info_from_dir, is_demo_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_FILES = {demo.CONFIG_FILE, demo.LM_FILE, demo.MIMI_FILE, demo.MIMI_CONFIG_FILE, demo.TOKENIZER_FILE}
@@ -109,8 +107,9 @@ def test_racing_builds_are_atomic_and_deterministic(built_dir: Path, tmp_path: P
     """Two processes ask for the cached checkpoint at once: both get one complete dir, bytes equal a fresh
     build with the same seed, and no temporary directories are left behind."""
     cache = tmp_path / "cache" / "demo"
-    env = os.environ | {"VOICE_DEMO_DIR": str(cache), "NO_TORCH_COMPILE": "1"}
-    code = "from procs.model.demo import demo_checkpoint_dir; print(demo_checkpoint_dir())"
+    env = os.environ | {"VOICE_DEMO_DIR": str(cache)}
+    code = ("from procs.model.torch_setup import prepare_torch; prepare_torch('cpu'); "
+            "from procs.model.demo import demo_checkpoint_dir; print(demo_checkpoint_dir())")
     racers = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                text=True) for _ in range(2)]
     outputs = [racer.communicate(timeout=300)[0].strip() for racer in racers]
@@ -124,7 +123,7 @@ def test_racing_builds_are_atomic_and_deterministic(built_dir: Path, tmp_path: P
 def test_cli_keeps_an_existing_checkpoint_and_refuses_to_replace_other_dirs(built_dir: Path,
                                                                             tmp_path: Path) -> None:
     before = (built_dir / demo.LM_FILE).stat().st_mtime_ns
-    command = [sys.executable, "-m", "procs.model.demo", "--out", str(built_dir)]
+    command = [sys.executable, "-m", "procs.model.build_demo", "--out", str(built_dir)]
     run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert "already built" in run.stdout
     assert run.stdout.splitlines()[-1] == str(built_dir)

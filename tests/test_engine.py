@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import numpy as np
 import pytest
 import torch
 from moshi.models import loaders
 
+from procs.model.capacity import kv_cache_bytes_per_session, lm_kv_cache_bytes, max_sessions_for_memory
+from procs.model.checkpoints import checkpoint_info_from_dir, parse_dtype
 from procs.model.demo import demo_checkpoint_dir
-from procs.model.engine import (
-    EngineOOM,
-    LoopbackEngine,
-    MoshiEngine,
-    StepResult,
-    checkpoint_info_from_dir,
-    kv_cache_bytes_per_session,
-    load_engine,
-    max_sessions_for_memory,
-    parse_dtype,
-    text_piece_table,
-)
+from procs.model.engine import EngineOOM, LoopbackEngine, StepResult, load_engine
+from procs.model.moshi_engine import MoshiEngine, text_piece_table
 
 FRAME = 1920
 LOG = logging.getLogger("test_engine")
@@ -244,6 +234,7 @@ def test_capacity_is_computed_from_memory() -> None:
     big = loaders.get_moshi_lm(None, lm_kwargs=loaders._lm_kwargs, device="meta", dtype=torch.bfloat16)
     per_session = kv_cache_bytes_per_session(big)
     assert per_session == 32 * 2 * 3000 * 4096 * 2
+    assert lm_kv_cache_bytes(loaders._lm_kwargs, torch.bfloat16) == per_session  # the config's formula agrees
     gib = 2**30
     # An L4 (24 GB) after ~15.2 GB of weights, 1 GiB reserve: 4 sessions (DESIGN.md: B=4 needs 21.5 GB).
     assert max_sessions_for_memory(int(22.0 * gib) - int(15.2e9), per_session, gib) == 4
@@ -257,6 +248,7 @@ def test_demo_engine_memory_figures(demo_dir) -> None:
     engine = new_engine(1, demo_dir)
     lm_kv = kv_cache_bytes_per_session(engine.lm)
     assert lm_kv == 2 * 2 * 3000 * 128 * 4  # 2 layers, context 3000, dim 128, float32
+    assert lm_kv == lm_kv_cache_bytes(json.loads((demo_dir / "config.json").read_text()), torch.float32)
     assert engine.per_session_bytes > lm_kv
 
 

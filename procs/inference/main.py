@@ -21,6 +21,7 @@ from procs.config import ServerConfig
 from procs.frames import write_out_frame
 from procs.inference.policy import FRAMES_PER_BLOCK, StepPolicy
 from procs.model.engine import Engine, EngineOOM, load_engine
+from procs.model.torch_setup import prepare_torch
 from procs.runtime import setup_child
 from procs.topology import Topology, WorkerLinks, inference_links
 from procs.worker import WorkerSessions
@@ -218,6 +219,7 @@ def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     setup_child(cfg.log_level, lambda: (stop.set(), topo.bell_inference.ring()))
     # One torch thread on a CPU by default: measured on 2 cores, two threads stall steps for 1-2 s whenever
     # the network and VAD processes want the other core.
+    prepare_torch(cfg.device)  # before load_engine imports moshi
     threads = cfg.threads or (1 if cfg.device == "cpu" else None)
     if threads:
         import torch

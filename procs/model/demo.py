@@ -9,34 +9,28 @@ and 12.5 Hz with 8 codebooks, an LM with an inner-monologue text stream, a depfo
 moshi's default acoustic delays); only widths and depths are shrunk so that a 2-core CPU steps several
 sessions in real time. Its output is noise.
 
-CLI: `python -m procs.model.demo [--out DIR] [--force]` prints progress, then the directory on its
-last line.
+Imports moshi: call `procs.model.torch_setup.prepare_torch` first. From a shell:
+`python -m procs.model.build_demo [--out DIR] [--force]` prints progress, then the directory on its last line.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import sentencepiece
 import torch
-
-# isort: off
-import procs.model.torch_setup  # noqa: F401  (before moshi: see there)
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.quantization.core_vq import EuclideanCodebook
 from moshi.quantization.vq import ResidualVectorQuantizer
-# isort: on
 from safetensors.torch import save_file
 
 # Bump when the build recipe changes in a way the config/corpus digest below cannot see.
@@ -293,34 +287,19 @@ def _build_atomically(final_dir: Path, *, seed: int, progress: Progress | None, 
     return final_dir
 
 
+def build_demo(out_dir: Path, *, seed: int = 0, force: bool = False,
+               progress: Progress | None = None) -> Path:
+    """Builds the demo checkpoint into `out_dir` unless one is there already (or `force`)."""
+    if (out_dir / CONFIG_FILE).exists() and not force:
+        if progress is not None:
+            progress(f"already built at {out_dir} (use --force to rebuild)")
+        return out_dir
+    return _build_atomically(out_dir, seed=seed, progress=progress, replace=True)
+
+
 def demo_checkpoint_dir(*, progress: Progress | None = None) -> Path:
     """The cached demo checkpoint directory, built on first use."""
     final_dir = default_demo_dir()
     if (final_dir / CONFIG_FILE).exists():
         return final_dir
     return _build_atomically(final_dir, seed=0, progress=progress, replace=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m procs.model.demo",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output directory (default: {default_demo_dir()})")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the directory already exists")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    def say(msg: str) -> None:
-        print(f"demo_checkpoint: {msg}", flush=True)
-
-    out_dir = (args.out or default_demo_dir()).expanduser()
-    if (out_dir / CONFIG_FILE).exists() and not args.force:
-        say(f"already built at {out_dir} (use --force to rebuild)")
-    else:
-        _build_atomically(out_dir, seed=args.seed, progress=say, replace=True)
-    print(out_dir, flush=True)  # last line: the directory, for scripts
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

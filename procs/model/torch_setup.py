@@ -1,11 +1,43 @@
-"""Import this before moshi. moshi decides whether to `torch.compile` its hot functions when its modules
-are imported (`torch_compile_lazy` reads NO_TORCH_COMPILE at decoration time), so the choice must be made
-first: without CUDA the first compiled step takes tens of seconds for little gain, so compile is off;
-with CUDA moshi's own default (compile on, unless the user set NO_TORCH_COMPILE) stands."""
+"""Torch set-up for a process that will import moshi: one explicit call, before moshi is imported.
+
+moshi decides whether to `torch.compile` its hot functions when its modules are imported
+(`moshi.utils.compile.torch_compile_lazy` reads the NO_TORCH_COMPILE environment variable at decoration
+time: any non-empty value turns compile off), so the choice must be made first. Without CUDA the first
+compiled step takes tens of seconds for little gain: compile is off. With CUDA, moshi's own default stands
+(compile on) unless the user set NO_TORCH_COMPILE. Every process and script that imports moshi calls
+`prepare_torch` first: the inference process, the demo-checkpoint builder, the tests, the benchmarks.
+"""
+
+from __future__ import annotations
 
 import os
+import sys
 
-import torch
+_MOSHI_COMPILE_MODULE = "moshi.utils.compile"
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+def wants_cuda(device: str) -> bool:
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device == "cuda" or device.startswith("cuda:")
+
+
+def prepare_torch(device: str, *, compile: bool | None = None) -> bool:
+    """Decide torch.compile for moshi; returns whether it is on. `compile=None`: on for CUDA devices unless
+    NO_TORCH_COMPILE is set, off otherwise. RuntimeError if moshi was imported already with the other
+    choice (it can no longer change)."""
+    compile_now = not os.environ.get("NO_TORCH_COMPILE")  # what an import of moshi would decide now
+    if compile is None:
+        compile = wants_cuda(device) and compile_now
+    if _MOSHI_COMPILE_MODULE in sys.modules and compile != compile_now:
+        raise RuntimeError(
+            f"moshi was imported already (with torch.compile {'on' if compile_now else 'off'}); "
+            "call prepare_torch() before anything imports moshi"
+        )
+    if compile:
+        os.environ.pop("NO_TORCH_COMPILE", None)
+    else:
+        os.environ["NO_TORCH_COMPILE"] = "1"
+    return compile
