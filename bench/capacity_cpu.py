@@ -7,13 +7,14 @@ Two measurements, both printed as tables:
    inference process also uses unless started with --threads). A batch of B sessions is served in real
    time only if one step takes under 80 ms (one Mimi frame).
 2. Sessions held in real time by the running server: for each N, `python supervisor.py --max-sessions N`
-   (plus `--threads T` when given) is started fresh and N WebSocket clients (`tests.harness.stream_client`,
+   (plus `--threads T` when given) is started fresh and N WebSocket clients (`procs.client.stream_client`,
    at different phases of the block clock) stream Telugu speech at real-time pace for `--seconds`.
    N is *held* when
      - every client got >= 95% of the real-time output frames (from its first output frame to its last send),
      - no client's server-side latency (its per-second `latency` messages, median of `ms`) grew by more
        than 20 ms between the first 10 s after a 5 s warm-up and the last 10 s,
-     - no frame was dropped (`voice_frames_dropped_total` and the sessions' own `dropped_frames`).
+     - no frame was dropped (`voice_input_frames_dropped_total`, `voice_output_frames_dropped_total` and
+       the sessions' own `dropped_frames`).
    Next to the verdict it reports where the time goes: the server's step time (`voice_step_seconds`),
    steps per second, the mean number of sessions per step, and the CPU each process used (/proc/PID/stat),
    with the whole machine's busy CPU so that load from other work on the machine shows.
@@ -40,22 +41,19 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Run as a script (or imported by a bench test) the repository root is not on sys.path; `tests` lives there.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 
 from procs.audio.speech import conversation_16k
+from procs.client import ClientRun, stream_client
+from procs.launcher import ServerProcess
 from procs.model.torch_setup import prepare_torch
 from protocol import Latency
-from tests.harness import ClientRun, ServerProcess, stream_client
+from ringbuf.procinfo import cpu_seconds, machine_busy_s
 
-ROOT = Path(__file__).resolve().parent.parent
 FRAME_S = 0.02
 BLOCK_MS = 80.0
 REAL_TIME_SHARE = 0.95
 LATENCY_GROWTH_MS = 20.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # ---------------------------------------------------------------------------------------------------------
 # Shared helpers: /metrics, histograms, CPU per process
@@ -133,19 +131,6 @@ def _started_line(server_log: str) -> str:
     return next((ln for ln in server_log.splitlines() if "supervisor: started " in ln), "")
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (/proc/PID/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all cores of the machine spent busy (not idle, not iowait), from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]
-    return (sum(values[:8]) - idle) / CLK_TCK
-
-
 @dataclass
 class CpuWindow:
     """CPU used per process over a wall-clock window, as % of one core; 'machine' is all work on it."""
@@ -158,7 +143,7 @@ class CpuWindow:
         self.start_cpu = self._sample()
 
     def _sample(self) -> dict[str, float]:
-        cpu = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
+        cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         cpu["machine"] = machine_busy_s()
         return cpu
 
@@ -259,7 +244,7 @@ class CapacityRow:
     latency_last_ms: float  # the same client's median in the last window
     max_growth_ms: float  # worst client: last window median - first window median
     worst_p99_ms: float  # largest per-second p99 any client was told after warm-up
-    dropped_frames: float  # voice_frames_dropped_total over the run
+    dropped_frames: float  # input and output frames dropped over the run
     steps_per_s: float
     step_p50_ms: float  # from the voice_step_seconds histogram (interpolated within its buckets)
     step_mean_ms: float
@@ -329,8 +314,8 @@ def run_capacity(n: int, seconds: float, warmup_s: float = 5.0, window_s: float 
     # The client whose latency grew most decides; one without latency messages counts as growing.
     first_ms, last_ms, _ = max(growth, key=lambda g: np.nan_to_num(g[1] - g[0], nan=np.inf))
     session_dropped = max((m.dropped_frames for r in runs for _, m in latency_messages(r)), default=0)
-    name = "voice_frames_dropped_total"
-    dropped = max(after.get(name, 0.0) - before.get(name, 0.0), float(session_dropped))
+    names = ("voice_input_frames_dropped_total", "voice_output_frames_dropped_total")
+    dropped = max(sum(after.get(n, 0.0) - before.get(n, 0.0) for n in names), float(session_dropped))
     steps = HistogramDelta.between(before, after, "voice_step_seconds")
     waits = HistogramDelta.between(before, after, "voice_step_wait_seconds")
     growth_ms = last_ms - first_ms
@@ -396,7 +381,7 @@ def capacity_table(rows: list[CapacityRow], seconds: float, server_args: tuple[s
 
 def ensure_demo_checkpoint() -> None:
     """Build (or find cached) the demo checkpoint, so that no server start includes the build."""
-    subprocess.run([sys.executable, "-m", "procs.model.build_demo"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "procs.model.build_demo"], check=True,
                    capture_output=True)
 
 

@@ -67,14 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from procs.model.torch_setup import prepare_torch
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: bench/ is on sys.path, the project root is not
-    sys.path.insert(0, str(ROOT))
-
-from bench.reference_client import (  # noqa: E402
+from reference_client import (  # bench/ is on sys.path: the script's own folder
     FRAME_S,
     OursClient,
     ReferenceClient,
@@ -82,6 +75,9 @@ from bench.reference_client import (  # noqa: E402
     StreamPlan,
     run_sessions,
 )
+
+from procs.model.torch_setup import prepare_torch
+from ringbuf.procinfo import machine_busy_s, process_tree, read_proc_stat
 
 SERVE_REFERENCE = "serve-reference"
 REFERENCE_THREADS_ENV = "COMPARE_REFERENCE_TORCH_THREADS"
@@ -189,49 +185,15 @@ class ReferenceServer:
 # --- CPU accounting --------------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all of its live descendants, from /proc."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _stat_fields(int(stat.parent.name))
-        if fields is not None:
-            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(parents.get(pid, []))
-    return tree
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all processes of the machine spent busy (everything but idle and iowait in /proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each of `pids` that still runs."""
+    return {pid: stat.cpu_s for pid in pids if (stat := read_proc_stat(pid)) is not None}
 
 
 def own_cpu_seconds() -> float:
     """This process's CPU time: the benchmark clients run here."""
     usage = os.times()
     return usage.user + usage.system
-
-
-def cpu_seconds(pids: list[int]) -> dict[int, float]:
-    """utime + stime of each given process (fields 14 and 15 of /proc/PID/stat), in seconds."""
-    out = {}
-    for pid in pids:
-        fields = _stat_fields(pid)
-        if fields is not None:  # fields[0] is field 3 (state)
-            out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
 
 
 CHILDREN_LOG = re.compile(r"(\w+)\[(\d+)\]")
@@ -424,7 +386,7 @@ def run_scenario(
     pcm16: np.ndarray,
     pcm24: np.ndarray,
 ) -> Scenario:
-    from tests.harness import ServerProcess
+    from procs.launcher import ServerProcess
 
     delays = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))["delays"]
     n_frames = len(pcm16) // 320
@@ -444,9 +406,9 @@ def run_scenario(
         url, root_pid = handle.url, handle.proc.pid
     with handle:
         pids = process_tree(root_pid)
-        cpu0, before = cpu_seconds(pids), (own_cpu_seconds(), machine_busy_seconds(), time.monotonic())
+        cpu0, before = cpu_by_pid(pids), (own_cpu_seconds(), machine_busy_s(), time.monotonic())
         traces = run_clients(server, url, sessions, pcm16, pcm24, args.tail, args.patience)
-        cpu1, after = cpu_seconds(pids), (own_cpu_seconds(), machine_busy_seconds(), time.monotonic())
+        cpu1, after = cpu_by_pid(pids), (own_cpu_seconds(), machine_busy_s(), time.monotonic())
         server_log = handle.log() if isinstance(handle, ServerProcess) else None
     if isinstance(handle, ServerProcess):
         Path(handle.log_file.name).unlink(missing_ok=True)  # the harness keeps it; we read what we need

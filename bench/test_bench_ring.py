@@ -225,10 +225,10 @@ def test_round_trip(
         os.sched_setaffinity(0, all_cpus)
         next(session, None)  # stops the child, which then reports its CPU time
     cpu_child = report.recv() - child_cpu_at_ready
-    stats = benchmark.stats
-    data = sorted(stats.stats.data) if stats is not None else []
-    if len(data) < ROUNDS:
-        pytest.skip("benchmarks disabled")
+    assert cpu_child >= 0
+    if benchmark.disabled:  # a smoke run (--benchmark-disable): one round trip ran, nothing was timed
+        return
+    data = sorted(benchmark.stats.stats.data)
     results[(placement, transport)] = {
         "p50": statistics.median(data),
         "p99": percentile(data, 0.99),

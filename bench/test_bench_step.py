@@ -41,6 +41,8 @@ class Row:
 def table(request: pytest.FixtureRequest):
     rows: list[Row] = []
     yield rows
+    if not rows:  # nothing was timed (a --benchmark-disable smoke run)
+        return
     lines = [
         "",
         f"Moshi step on the demo checkpoint (medians over {ROUNDS} steps, all slots ready; max = worst step)",
@@ -84,6 +86,8 @@ def test_bench_step(benchmark, table: list[Row], torch_threads: int, batch: int)
 
     benchmark.pedantic(one_step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
     assert all(r.has_audio.all() for r in results[1:])
+    if benchmark.disabled:  # a smoke run (--benchmark-disable): the body ran once, nothing was timed
+        return
     measured = results[WARMUP_ROUNDS:]
     step_ms = benchmark.stats.stats.median * 1e3
     table.append(Row(

@@ -123,7 +123,7 @@ class Doorbell:
             return False
         # The pidfd refers to whatever process had `pid` at open time: check it is the one we mean.
         stat = read_proc_stat(pid)
-        if stat is None or stat[1] != start_time:
+        if stat is None or stat.start_time != start_time:
             os.close(pidfd)
             self._exited.add(key)
             return False

@@ -1,8 +1,17 @@
-"""Process identity for peer-liveness checks: a pid plus its start time defeats pid reuse."""
+"""What /proc says about a process: the one place that parses /proc/PID/stat.
+
+The ring uses it for peer liveness (a pid plus its start time defeats pid reuse); the server's launcher,
+tests and benchmarks use it for children and CPU time.
+"""
 
 from __future__ import annotations
 
 import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 class PeerState(enum.IntEnum):
@@ -12,17 +21,45 @@ class PeerState(enum.IntEnum):
     DEAD = 3  # the bound process exited (or was killed) without closing
 
 
-def read_proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) from /proc/PID/stat, or None if no such pid."""
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """The fields of /proc/PID/stat we use (see proc(5))."""
+
+    state: str  # R running, S sleeping, D disk, T stopped, Z zombie, X dead...
+    ppid: int
+    utime_ticks: int
+    stime_ticks: int
+    start_time: int  # clock ticks since boot
+
+    @property
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the process has used."""
+        return (self.utime_ticks + self.stime_ticks) / CLOCK_TICKS_PER_S
+
+    @property
+    def running(self) -> bool:
+        """Not exited: a zombie (killed, not reaped yet) has a stat line but is dead for our purposes."""
+        return self.state not in ("Z", "X", "x")
+
+
+def read_proc_stat(pid: int) -> ProcStat | None:
+    """The process's stat line, parsed; None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat_file:
             raw = stat_file.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) may contain spaces and parentheses; everything after the LAST ')' is
-    # space-separated: field 3 (state) is index 0 there and field 22 (starttime) is index 19.
+    # space-separated: field 3 (state) is index 0 there, field 4 (ppid) index 1, fields 14 and 15 (utime,
+    # stime) indices 11 and 12, field 22 (starttime) index 19.
     fields = raw[raw.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])
+    return ProcStat(
+        state=fields[0].decode(),
+        ppid=int(fields[1]),
+        utime_ticks=int(fields[11]),
+        stime_ticks=int(fields[12]),
+        start_time=int(fields[19]),
+    )
 
 
 def process_start_time(pid: int) -> int:
@@ -30,17 +67,13 @@ def process_start_time(pid: int) -> int:
     stat = read_proc_stat(pid)
     if stat is None:
         raise ProcessLookupError(pid)
-    return stat[1]
+    return stat.start_time
 
 
 def same_process_running(pid: int, start_time: int) -> bool:
-    """True if `pid` is still the process that started at `start_time` and has not exited.
-
-    A killed child that its parent has not reaped yet is a zombie ('Z'): its pid and start time are
-    still there, but it is dead for our purposes.
-    """
+    """True if `pid` is still the process that started at `start_time` and has not exited."""
     stat = read_proc_stat(pid)
-    return stat is not None and stat[1] == start_time and stat[0] not in ("Z", "X", "x")
+    return stat is not None and stat.start_time == start_time and stat.running
 
 
 def peer_state(pid: int, start_time: int, closed: int) -> PeerState:
@@ -49,3 +82,37 @@ def peer_state(pid: int, start_time: int, closed: int) -> PeerState:
     if closed:
         return PeerState.CLOSED
     return PeerState.ALIVE if same_process_running(pid, start_time) else PeerState.DEAD
+
+
+def pid_running(pid: int) -> bool:
+    stat = read_proc_stat(pid)
+    return stat is not None and stat.running
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`."""
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [child for child in pids if (stat := read_proc_stat(child)) is not None and stat.ppid == pid]
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every descendant of it."""
+    tree, frontier = [root], [root]
+    while frontier:
+        children = [c for p in frontier for c in child_pids(p)]
+        tree += children
+        frontier = children
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process; 0.0 if it is gone."""
+    stat = read_proc_stat(pid)
+    return 0.0 if stat is None else stat.cpu_s
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores of the machine spent busy (not idle, not iowait), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / CLOCK_TICKS_PER_S

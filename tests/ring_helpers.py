@@ -30,7 +30,7 @@ def wait_until_sleeping(pid: int, timeout_s: float = CHILD_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         stat = read_proc_stat(pid)
-        if stat is not None and stat[0] == "S":
+        if stat is not None and stat.state == "S":
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"process {pid} never went to sleep (state {stat})")

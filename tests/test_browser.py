@@ -23,13 +23,14 @@ import pytest
 from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 
 from procs.audio.speech import conversation_16k, write_wav
-from tests.harness import ROOT, ServerProcess
+from procs.launcher import ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
 SERVER_ARGS = ("--max-sessions", "2")
 FRAMES_PER_SECOND = 50
 RATE_WINDOW_FRAMES = 200  # 4 s of microphone frames: a one-frame burst moves the rate by 0.25/s
 RECONNECT_BUDGET_S = 5.0
+ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 DOCS_SCREENSHOT = ROOT / "docs" / "screenshot.png"
 DESKTOP = {"width": 1280, "height": 800}

@@ -30,9 +30,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from procs.audio.speech import telugu_speech_16k
+from procs.client import ClientRun, stream_client
+from procs.launcher import SHM, ServerProcess, wait_gone
 from protocol import Error, ErrorCode, SessionEnd, decode_server
-from tests.harness import ROOT, SHM, ClientRun, ServerProcess, stream_client, wait_gone
 
+ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 SERVER_NAMES = ("gpu1", "gpu2")  # the `server` lines of deploy/haproxy.cfg, in order
 PRIMARY, OVERFLOW = "voice", "voice_overflow"  # its backends
@@ -95,6 +97,10 @@ class HAProxy:
             return self.states()[(backend, server)]["status"]
         except OSError:  # not listening yet
             return "unknown"
+
+    def current_sessions(self, backend: str) -> int:
+        """Connections the backend's servers hold now, as HAProxy counts them for leastconn."""
+        return sum(int(row["scur"]) for (proxy, _), row in self.states().items() if proxy == backend)
 
     def sessions_total(self, backend: str) -> int:
         """Connections the backend's servers have been given so far (health checks excluded)."""
@@ -213,15 +219,22 @@ def test_haproxy_spreads_sessions_refuses_when_full_and_drains(
     async def timed(name: str, waiting: Awaitable[float]) -> None:
         timings[name] = await waiting
 
-    async def scenario() -> None:
-        await timed("haproxy_sees_both_up", wait_for("both servers UP", all_are(PRIMARY, "UP"), 15))
+    def up_with_sessions(count: int) -> Callable[[], bool]:
+        """Both servers UP in the primary backend, and HAProxy counting `count` sessions on them in all."""
+        return lambda: all_are(PRIMARY, "UP")() and haproxy.current_sessions(PRIMARY) == count
 
-        # Two clients, one per server: leastconn gives the second the server with no session.
+    async def scenario() -> None:
+        await timed("haproxy_sees_both_up", wait_for("both servers UP and empty", up_with_sessions(0), 15))
+
+        # Two clients, one per server. leastconn sends a newcomer to the server with fewer sessions, as
+        # HAProxy counts them: the second client starts once HAProxy counts the first one's session (two
+        # connections arriving together may both see two empty servers).
         started = [asyncio.Event(), asyncio.Event()]
-        clients = [
-            asyncio.create_task(stream_client(haproxy.ws_url, pcm, first_audio=event)) for event in started
-        ]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
+        clients = [asyncio.create_task(stream_client(haproxy.ws_url, pcm, first_audio=started[0]))]
+        await asyncio.wait_for(started[0].wait(), 10)
+        await wait_for("HAProxy counts the first session", lambda: haproxy.current_sessions(PRIMARY) == 1)
+        clients.append(asyncio.create_task(stream_client(haproxy.ws_url, pcm, first_audio=started[1])))
+        await asyncio.wait_for(started[1].wait(), 10)
         assert [await asyncio.to_thread(sessions_active, s) for s in servers] == [1, 1]
 
         # Both full: /health 503 "full" takes both out of the primary backend, not out of the overflow one.

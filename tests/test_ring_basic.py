@@ -14,15 +14,10 @@ from hypothesis import strategies as st
 from ringbuf import PeerState, Policy, Ring, RingSpec
 from ringbuf.procinfo import peer_state, process_start_time
 from ringbuf.ring import SHM_DIR
-from tests.ring_helpers import TEST_PREFIX, segments_with_prefix
+from tests.ring_helpers import TEST_PREFIX
 
-
-@pytest.fixture(autouse=True)
-def no_leaked_segments():
-    mine = f"{TEST_PREFIX}-{os.getpid()}"
-    before = segments_with_prefix(mine)
-    yield
-    assert segments_with_prefix(mine) == before
+# Every test leaves /dev/shm as it found it (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("no_leaked_segments")
 
 
 def make_pair(slot_size: int = 32, capacity: int = 4, policy: Policy = Policy.REFUSE) -> tuple[Ring, Ring]:

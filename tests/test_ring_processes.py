@@ -13,18 +13,14 @@ from hypothesis import strategies as st
 
 from ringbuf import Doorbell, PeerState, Policy, Ring, wait_any
 from tests import ring_helpers
-from tests.ring_helpers import TEST_PREFIX, FramePattern, segments_with_prefix, write_blocking
+from tests.ring_helpers import TEST_PREFIX, FramePattern, write_blocking
 
 SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT_S = 60.0
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_segments():
-    mine = f"{TEST_PREFIX}-{os.getpid()}"
-    before = segments_with_prefix(mine)
-    yield
-    assert segments_with_prefix(mine) == before
+# Every test leaves /dev/shm as it found it (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("no_leaked_segments")
 
 
 def join_all(*processes: multiprocessing.process.BaseProcess) -> None:

@@ -16,17 +16,13 @@ import uvloop
 
 from ringbuf import Doorbell, Policy, Ring, wait_any, wait_any_async
 from tests import ring_helpers
-from tests.ring_helpers import TEST_PREFIX, segments_with_prefix, wait_until_sleeping
+from tests.ring_helpers import TEST_PREFIX, wait_until_sleeping
 
 SPAWN = multiprocessing.get_context("spawn")
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_segments():
-    mine = f"{TEST_PREFIX}-{os.getpid()}"
-    before = segments_with_prefix(mine)
-    yield
-    assert segments_with_prefix(mine) == before
+# Every test leaves /dev/shm as it found it (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("no_leaked_segments")
 
 
 @pytest.mark.parametrize("n_rings", [1, 64])

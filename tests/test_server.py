@@ -17,6 +17,8 @@ from websockets.asyncio.client import connect
 
 from procs.audio.silero import offline_speech_segments
 from procs.audio.speech import conversation_16k, telugu_speech_16k
+from procs.client import ClientRun, stream_client
+from procs.launcher import SHM, ServerProcess, wait_gone
 from protocol import (
     ClientSessionEnd,
     Error,
@@ -28,7 +30,6 @@ from protocol import (
     decode_server,
     encode_client_control,
 )
-from tests.harness import SHM, ClientRun, ServerProcess, stream_client, wait_gone
 
 FRAME_S = 0.02
 

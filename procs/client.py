@@ -1,0 +1,135 @@
+"""A client of our protocol that streams audio at real-time pace and records everything it gets back.
+
+Used by the tests, the benchmarks and the operators' command-line client: it speaks the wire exactly as the
+browser page does (`0x01` + 20 ms of 16 kHz PCM up, `0x02` + 20 ms of 24 kHz PCM and JSON control down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from protocol import (
+    IN_FRAME_SAMPLES,
+    OUT_FRAME_BYTES,
+    ClientSessionEnd,
+    SessionStart,
+    decode_server,
+    encode_client_audio,
+    encode_client_control,
+)
+
+T = TypeVar("T")
+FRAME_S = 0.02
+
+
+@dataclass
+class ClientRun:
+    """What one client sent and saw; times are the event loop's clock (`loop.time()`)."""
+
+    session_start: SessionStart | None = None
+    frames: list[tuple[float, bytes]] = field(default_factory=list)  # (receive time, 960 PCM bytes)
+    bad_frames: list[tuple[float, bytes]] = field(default_factory=list)
+    controls: list[tuple[float, object]] = field(default_factory=list)
+    send_times: list[float] = field(default_factory=list)  # right after each audio frame went to the socket
+    close_code: int | None = None
+    close_reason: str = ""
+
+    @property
+    def sent(self) -> int:
+        return len(self.send_times)
+
+    @property
+    def t_first_send(self) -> float:
+        return self.send_times[0] if self.send_times else 0.0
+
+    @property
+    def t_last_send(self) -> float:
+        return self.send_times[-1] if self.send_times else 0.0
+
+    def of_type(self, cls: type[T]) -> list[T]:
+        """The control messages of one type, in the order they arrived."""
+        return [m for _, m in self.controls if isinstance(m, cls)]
+
+    def pcm(self) -> np.ndarray:
+        return np.frombuffer(b"".join(f for _, f in self.frames), dtype=np.int16)
+
+
+async def stream_client(
+    url: str,
+    pcm16: np.ndarray,
+    *,
+    tail_s: float = 1.0,
+    until_frames: int | None = None,
+    inject: dict[int, list[str | bytes]] | None = None,
+    end_session: bool = True,
+    first_audio: asyncio.Event | None = None,
+    start_at: float | None = None,
+    repeat_until: asyncio.Event | None = None,
+    **connect_kwargs: Any,
+) -> ClientRun:
+    """Stream `pcm16` (16 kHz int16) as 20 ms frames at real-time pace and collect what the server sends.
+
+    Frame i leaves at `start_at` (default: once connected) + i x 20 ms, as a microphone delivers it. After
+    the last frame the client listens `tail_s` more (or until `until_frames` output frames came), then ends
+    the session (`end_session`) and waits for the close. `inject` maps a frame index to raw messages sent
+    right before that frame. With `repeat_until`, the audio loops until that event is set.
+    """
+    run = ClientRun()
+    n_frames = len(pcm16) // IN_FRAME_SAMPLES
+    frames = [encode_client_audio(pcm16[i * IN_FRAME_SAMPLES : (i + 1) * IN_FRAME_SAMPLES].tobytes())
+              for i in range(n_frames)]
+    loop = asyncio.get_running_loop()
+    enough_back = asyncio.Event()
+    connect_kwargs.setdefault("compression", None)
+    connect_kwargs.setdefault("max_size", 2**20)
+    async with connect(url, **connect_kwargs) as ws:
+
+        async def receive() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                async for message in ws:
+                    t = loop.time()
+                    decoded = decode_server(message)
+                    if isinstance(decoded, memoryview):
+                        if first_audio is not None:
+                            first_audio.set()
+                        (run.frames if len(decoded) == OUT_FRAME_BYTES else run.bad_frames).append(
+                            (t, bytes(decoded))
+                        )
+                        if until_frames is not None and len(run.frames) >= until_frames:
+                            enough_back.set()
+                    else:
+                        run.controls.append((t, decoded))
+                        if isinstance(decoded, SessionStart):
+                            run.session_start = decoded
+
+        receiver = asyncio.create_task(receive())
+        try:
+            t0 = loop.time() if start_at is None else start_at
+            i = 0
+            while i < n_frames or (repeat_until is not None and not repeat_until.is_set() and n_frames):
+                delay = t0 + i * FRAME_S - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing, as a microphone delivers frames
+                for raw in (inject or {}).get(i, []):
+                    await ws.send(raw)
+                await ws.send(frames[i % n_frames])
+                run.send_times.append(loop.time())
+                i += 1
+            with contextlib.suppress(TimeoutError):  # frames that never come back fail the caller's checks
+                await asyncio.wait_for(enough_back.wait(), timeout=tail_s)
+            if end_session:
+                await ws.send(encode_client_control(ClientSessionEnd()))
+            await asyncio.wait_for(receiver, timeout=10)
+        except ConnectionClosed:
+            pass
+        finally:
+            receiver.cancel()
+        run.close_code, run.close_reason = ws.close_code, ws.close_reason or ""
+    return run
