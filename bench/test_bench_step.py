@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from procs.model.demo import demo_checkpoint_dir
-from procs.model.engine import StepResult, load_engine
+from procs.model.engine import StepResult
+from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 
 FRAME_MS = 80.0

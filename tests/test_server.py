@@ -213,6 +213,26 @@ def test_third_client_is_refused_while_two_go_on(loopback_server: ServerProcess)
     assert_real_time(b)
 
 
+def http_request(url: str, method: str) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_http_serves_get_and_head_and_refuses_other_methods(loopback_server: ServerProcess) -> None:
+    for path in ("/", "/health", "/metrics"):
+        status, headers, body = http_request(loopback_server.url + path, "GET")
+        assert status == 200 and body
+        head_status, head_headers, head_body = http_request(loopback_server.url + path, "HEAD")
+        assert head_status == 200 and head_body == b""
+        assert head_headers["Content-Type"] == headers["Content-Type"]
+        status, headers, _ = http_request(loopback_server.url + path, "POST")
+        assert status == 405 and headers["Allow"] == "GET, HEAD"
+
+
 def wait_for_sessions(url: str, active: int, timeout_s: float = 5.0) -> None:
     """Wait (bounded) until the server's /health reports `active` sessions."""
     deadline = time.monotonic() + timeout_s

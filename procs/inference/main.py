@@ -20,7 +20,8 @@ from procs.audio.resample import Resampler16to24, float_to_int16
 from procs.config import ServerConfig
 from procs.frames import write_out_frame
 from procs.inference.policy import FRAMES_PER_BLOCK, StepPolicy
-from procs.model.engine import Engine, EngineOOM, load_engine
+from procs.model.engine import Engine, EngineOOM
+from procs.model.loader import load_engine
 from procs.model.torch_setup import prepare_torch
 from procs.runtime import setup_child
 from procs.topology import Topology, WorkerLinks, inference_links

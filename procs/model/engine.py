@@ -1,15 +1,14 @@
 """The speech model behind the inference process: one batched streaming state, one step per 80 ms frame.
 
-`Engine` is what the inference loop steps; `load_engine` builds one: `MoshiEngine` (procs/model/
-moshi_engine.py) from a Moshi-format checkpoint, or `LoopbackEngine`, which has no model and echoes each
-session's audio, so that everything around the engine runs without one.
+`Engine` is what the inference loop steps: `MoshiEngine` (moshi_engine.py) runs a Moshi-format checkpoint;
+`LoopbackEngine`, here, has no model and echoes each session's audio, so that everything around the engine
+runs without one. `load_engine` (loader.py) builds either.
 
-This module imports no moshi: `load_engine` imports it after the caller ran `prepare_torch` (torch_setup.py).
+This module imports no moshi.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -90,34 +89,3 @@ class LoopbackEngine:
 
     def warmup(self) -> None:
         pass
-
-
-def load_engine(
-    kind: str,
-    *,
-    checkpoint: str | None,
-    hf_repo: str | None,
-    device: str,
-    dtype: str | None,
-    batch_size: int,
-    log: logging.Logger,
-    greedy: bool = False,
-    seed: int | None = None,
-) -> Engine:
-    """Builds the engine the inference process runs.
-
-    kind "loopback": no model. kind "moshi": `checkpoint` (a local Moshi-format directory) or `hf_repo`
-    (through CheckpointInfo.from_hf_repo), or neither for the random demo checkpoint. On CUDA, `batch_size`
-    is clamped to what fits in free GPU memory: read the result's `batch_size`.
-    `greedy` replaces sampling by argmax (tests); `seed` seeds torch's RNG for sampling.
-    """
-    if kind == "loopback":
-        log.info("engine: loopback (no model), %d slots", batch_size)
-        return LoopbackEngine(batch_size)
-    if kind != "moshi":
-        raise ValueError(f"unknown engine kind {kind!r}; use 'moshi' or 'loopback'")
-
-    from procs.model.moshi_engine import load_moshi_engine  # imports moshi: prepare_torch ran first
-
-    return load_moshi_engine(checkpoint=checkpoint, hf_repo=hf_repo, device=device, dtype=dtype,
-                             batch_size=batch_size, log=log, greedy=greedy, seed=seed)

@@ -1,0 +1,75 @@
+"""Plain HTTP next to the WebSocket: routes, methods and bodies (procs/network/http.py), without a socket."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from websockets.datastructures import Headers
+from websockets.http11 import Request
+
+from procs.network.http import Health, HttpRoutes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def health(status: str = "ok") -> Health:
+    return Health(status=status, sessions_active=1, max_sessions=4, model="m", engine="moshi",
+                  demo_weights=True)
+
+
+def routes(status: str = "ok", refusal: str | None = None) -> HttpRoutes:
+    return HttpRoutes(ROOT / "web", lambda: health(status), lambda: "voice_sessions_active 1\n",
+                      lambda: refusal)
+
+
+def request(path: str, method: str = "GET") -> Request:
+    return Request(path, Headers({"Host": "localhost"}), method=method)
+
+
+def test_get_serves_the_page_health_and_metrics() -> None:
+    page = routes().respond(request("/"))
+    assert page.status_code == 200 and b"<html" in page.body.lower()
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    script = routes().respond(request("/app.js"))
+    assert script.status_code == 200 and script.headers["Content-Type"].startswith("text/javascript")
+    ok = routes().respond(request("/health"))
+    assert ok.status_code == 200 and json.loads(ok.body)["status"] == "ok"
+    metrics = routes().respond(request("/metrics?x=1"))
+    assert metrics.status_code == 200 and metrics.body == b"voice_sessions_active 1\n"
+
+
+@pytest.mark.parametrize("status", ["full", "starting", "draining"])
+def test_health_is_503_unless_a_session_can_start(status: str) -> None:
+    response = routes(status).respond(request("/health"))
+    assert response.status_code == 503 and json.loads(response.body)["status"] == status
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/metrics", "/app.js"])
+def test_head_has_the_headers_of_get_and_no_body(path: str) -> None:
+    get, head = routes().respond(request(path)), routes().respond(request(path, "HEAD"))
+    assert head.status_code == get.status_code and head.body == b""
+    assert head.headers["Content-Length"] == get.headers["Content-Length"] == str(len(get.body))
+    assert head.headers["Content-Type"] == get.headers["Content-Type"]
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"])
+@pytest.mark.parametrize("path", ["/", "/health", "/metrics", "/app.js", "/nothing"])
+def test_other_methods_get_405_with_allow(method: str, path: str) -> None:
+    response = routes().respond(request(path, method))
+    assert response.status_code == 405 and response.headers["Allow"] == "GET, HEAD"
+
+
+def test_the_websocket_path_takes_get_only_and_only_while_open() -> None:
+    assert routes().respond(request("/ws")) is None  # the handshake goes on
+    for method in ("HEAD", "POST"):
+        response = routes().respond(request("/ws", method))
+        assert response.status_code == 405 and response.headers["Allow"] == "GET"
+    refused = routes(refusal="draining").respond(request("/ws"))
+    assert refused.status_code == 503 and refused.body == b"draining\n"
+
+
+@pytest.mark.parametrize("path", ["/nothing", "/../pyproject.toml", "/lib/../../README.md"])
+def test_missing_files_and_escapes_are_404(path: str) -> None:
+    assert routes().respond(request(path)).status_code == 404
