@@ -45,10 +45,9 @@ import numpy as np
 
 from procs.audio.speech import conversation_16k
 from procs.client import ClientRun, stream_client
-from procs.launcher import ServerProcess
+from procs.launcher import ServerProcess, cpu_seconds, machine_busy_s
 from procs.model.torch_setup import prepare_torch
 from protocol import Latency
-from ringbuf.procinfo import cpu_seconds, machine_busy_s
 
 FRAME_S = 0.02
 BLOCK_MS = 80.0

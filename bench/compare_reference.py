@@ -1,6 +1,6 @@
 """Side by side: our server and kyutai's reference `moshi.server`, same checkpoint, same speech, on the CPU.
 
-    NO_TORCH_COMPILE=1 .venv/bin/python bench/compare_reference.py [--sessions 4] [--seconds 20]
+    .venv/bin/python bench/compare_reference.py [--sessions 4] [--seconds 20]
 
 Needs the optional extra `reference` (`pip install "aiohttp>=3.10.5,<3.12" "sphn>=0.2,<0.3"`), espeak-ng
 and sox. It runs one scenario per column, each on a freshly started server on 127.0.0.1 — ours, the
@@ -76,8 +76,9 @@ from reference_client import (  # bench/ is on sys.path: the script's own folder
     run_sessions,
 )
 
+from procs.launcher import machine_busy_s, process_tree
 from procs.model.torch_setup import prepare_torch
-from ringbuf.procinfo import machine_busy_s, process_tree, read_proc_stat
+from ringbuf.procinfo import read_proc_stat
 
 SERVE_REFERENCE = "serve-reference"
 REFERENCE_THREADS_ENV = "COMPARE_REFERENCE_TORCH_THREADS"
@@ -411,7 +412,7 @@ def run_scenario(
         cpu1, after = cpu_by_pid(pids), (own_cpu_seconds(), machine_busy_s(), time.monotonic())
         server_log = handle.log() if isinstance(handle, ServerProcess) else None
     if isinstance(handle, ServerProcess):
-        Path(handle.log_file.name).unlink(missing_ok=True)  # the harness keeps it; we read what we need
+        Path(handle.log_file.name).unlink(missing_ok=True)  # the launcher keeps it; we read what we need
     skips = alignment_skips(server_log or "")
     names = process_names(root_pid, server_log)
     cpu_by_process: dict[str, float] = {}

@@ -7,18 +7,20 @@ session) and times full steps: Mimi encode of 80 ms of audio + one `LMGen.step` 
 and the memory-bandwidth floor of a step, (weights + KV cache x B) / bandwidth, next to the measured p50.
 It ends with the most sessions whose p99 stays under budget x margin (default 80 ms x 0.8 = 64 ms).
 
-Running it on a GPU pod (needs only torch with CUDA, numpy, einops, safetensors, sentencepiece and moshi;
-huggingface_hub is replaced by a stub when missing, because nothing here downloads):
+Running it on a GPU pod (needs torch with CUDA, numpy, einops, safetensors, sentencepiece, moshi and this
+project importable for its capacity formula and demo configs; huggingface_hub is replaced by a stub when
+missing, because nothing here downloads):
 
     pip install --no-deps ./moshi-0.2.13-py3-none-any.whl    # the wheel the lead carries over
     pip install einops safetensors sentencepiece              # only if the image lacks them
+    pip install --no-deps -e .                                # this project (or run with PYTHONPATH=.)
     python bench/gpu_capacity.py --markdown bench/gpu_capacity_results.md
     python bench/gpu_capacity.py --batch-sizes 1,4,16 --steps 100 --torch-compile   # other variants
 
 Building the 7B model takes ~15.4 GB of GPU memory for the weights; each session adds ~1.6 GB of KV cache.
 On a machine without CUDA, `--tiny --device cpu` runs the same code path on a tiny model in seconds.
 
-By default torch.compile is off (NO_TORCH_COMPILE=1 unless already set; `--torch-compile` turns it on) and
+By default torch.compile is off (`--torch-compile` turns it on; see procs/model/torch_setup.py) and
 moshi's own CUDA graphs stay on, as moshi does on CUDA (`--no-cuda-graph` turns them off).
 """
 

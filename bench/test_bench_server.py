@@ -26,7 +26,7 @@ asyncio `run_until_complete` (tens of µs).
 test_capacity_demo_checkpoint (marked slow, ~40 s): the default server (demo checkpoint on the CPU) with 4
 clients for 20 s, judged as bench/capacity_cpu.py judges it; the numbers go to extra_info.
 
-    NO_TORCH_COMPILE=1 .venv/bin/pytest bench/test_bench_server.py -p no:cacheprovider   # ~100 s
+    .venv/bin/pytest bench/test_bench_server.py -p no:cacheprovider   # ~100 s
     .venv/bin/pytest bench/test_bench_server.py -m "not slow"              # ~65 s, loopback only
     .venv/bin/pytest bench/test_bench_server.py --benchmark-autosave       # save a baseline
     .venv/bin/pytest bench/test_bench_server.py --benchmark-compare --benchmark-compare-fail=median:50%

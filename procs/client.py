@@ -1,7 +1,7 @@
 """A client of our protocol that streams audio at real-time pace and records everything it gets back.
 
-Used by the tests, the benchmarks and the operators' command-line client: it speaks the wire exactly as the
-browser page does (`0x01` + 20 ms of 16 kHz PCM up, `0x02` + 20 ms of 24 kHz PCM and JSON control down).
+Used by the tests and the benchmarks: it speaks the wire exactly as the browser page does (`0x01` + 20 ms
+of 16 kHz PCM up, `0x02` + 20 ms of 24 kHz PCM and JSON control down).
 """
 
 from __future__ import annotations

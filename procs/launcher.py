@@ -1,7 +1,8 @@
-"""Run the server (`python -m supervisor`) as a child process and wait until it is ready.
+"""Run the server (`python -m supervisor`) as a child process, wait until it is ready, watch its processes.
 
 For the tests, the benchmarks and the GPU check: it starts the real supervisor with its three processes on
-a free port and reads the `READY <url>` line the supervisor prints once sessions can start.
+a free port and reads the `READY <url>` line the supervisor prints once sessions can start; the helpers
+below find a server's processes and the CPU they use (from /proc, through ringbuf.procinfo).
 """
 
 from __future__ import annotations
@@ -16,9 +17,43 @@ import tempfile
 import time
 from pathlib import Path
 
-from ringbuf.procinfo import child_pids, pid_running
+from ringbuf.procinfo import CLOCK_TICKS_PER_S, read_proc_stat
 
 SHM = Path("/dev/shm")
+
+
+def pid_running(pid: int) -> bool:
+    stat = read_proc_stat(pid)
+    return stat is not None and stat.running
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`."""
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [child for child in pids if (stat := read_proc_stat(child)) is not None and stat.ppid == pid]
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every descendant of it."""
+    tree, frontier = [root], [root]
+    while frontier:
+        children = [c for p in frontier for c in child_pids(p)]
+        tree += children
+        frontier = children
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process; 0.0 if it is gone."""
+    stat = read_proc_stat(pid)
+    return 0.0 if stat is None else stat.cpu_s
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores of the machine spent busy (not idle, not iowait), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / CLOCK_TICKS_PER_S
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:

@@ -44,8 +44,8 @@ def run_process(role: str, *args: object) -> None:
 class LogThrottle:
     """At most one log line per key per `period_s`; says how many were held back meanwhile.
 
-    A flood (a client sending garbage, a full ring) must not flood the log: `allow` returns None while the
-    key is quiet, else the number of lines suppressed since the last one that was written."""
+    A flood (a full ring, a misbehaving peer) must not flood the log: `allow` returns None while the key
+    is quiet, else the number of lines suppressed since the last one that was written."""
 
     def __init__(self, period_s: float) -> None:
         self.period_s = period_s
@@ -59,7 +59,3 @@ class LogThrottle:
             return None
         self._last[key] = now
         return self._suppressed.pop(key, 0)
-
-    def forget(self, key: object) -> None:
-        self._last.pop(key, None)
-        self._suppressed.pop(key, None)

@@ -14,8 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from procs.frames import FrameFate, SlotGenerations, read_in_frame
+from protocol import EndReason
 from protocol.internal import InternalMessage, SessionClose, SessionOpen
 from ringbuf import Ring
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedSession:
+    slot: int
+    session_id: str
+    reason: EndReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +41,20 @@ class WorkerSessions:
         self._ids: dict[tuple[int, int], str] = {}
         self._lost = [0] * n_slots  # frames a slot's ring overwrote while they were read (DROP_OLDEST)
 
-    def apply(self, msg: InternalMessage) -> SessionClose | None:
-        """Take a control message from the network; returns it if it closed a slot's open session."""
+    def apply(self, msg: InternalMessage) -> ClosedSession | None:
+        """Take a control message from the network; says so if it closed a slot's open session."""
         match msg:
             case SessionOpen(slot=slot, gen=gen, session_id=sid):
                 self._ids[(slot, gen)] = sid
-            case SessionClose(slot=slot, gen=gen):
-                self._ids.pop((slot, gen), None)
+            case SessionClose(slot=slot, gen=gen, reason=reason):
+                session_id = self._ids.pop((slot, gen), f"gen{gen}")
                 if self.gens.close(slot, gen):
-                    return msg
+                    return ClosedSession(slot, session_id, reason)
         return None
+
+    def close(self, slot: int) -> None:
+        """The worker ends the slot's session itself (evicted when memory ran out): its frames are stale."""
+        self.gens.close(slot, self.gens.current[slot])
 
     def is_open(self, slot: int) -> bool:
         return self.gens.is_open(slot)
@@ -69,5 +81,7 @@ class WorkerSessions:
                 self._lost[slot] += 1
                 continue
             fate = self.gens.classify(slot, gen)
+            if fate is FrameFate.NEW_SESSION:
+                self._lost[slot] = 0  # frames lost before it belonged to the session that left
             if fate is not FrameFate.STALE:
                 yield InputFrame(pcm, t_ns, first=fate is FrameFate.NEW_SESSION)

@@ -28,8 +28,9 @@ class ErrorCode(enum.StrEnum):
 
 
 class EndReason(enum.StrEnum):
-    """Why a session ended: the `reason` of the wire's `session_end` and of the processes' `session_close`,
-    and what the server's logs say. Values are part of the wire protocol: never rename."""
+    """Why a session ended: the `reason` of the processes' `session_close` and of the server's logs, and,
+    for the endings that say goodbye (client_request, server_shutdown), of the wire's `session_end`.
+    Never rename a value."""
 
     CLIENT_REQUEST = "client_request"  # the client sent `session_end`
     CLIENT_CLOSED = "client_closed"  # the client closed the WebSocket (or the connection was lost)

@@ -1,4 +1,4 @@
-"""Messages between our own processes (network, VAD, inference).
+"""Messages between our own processes (network, VAD, inference, and the network's word to the supervisor).
 
 msgspec Structs in one tagged union, encoded as msgpack arrays (`array_like`: the tag first, then
 the fields in declaration order), which is compact and fast. To stay compatible between a newer and
@@ -76,8 +76,8 @@ class SlotError(_Internal, tag="slot_error"):
 class InferenceReady(_Internal, tag="inference_ready"):
     """The inference process loaded its engine: what it serves, and how many sessions at once.
 
-    `max_sessions` is the engine's batch size, the one truth about capacity: the network admits exactly
-    that many, whatever `--max-sessions` asked for."""
+    `max_sessions` is how many sessions the engine holds (at most `--max-sessions`, fewer if its memory
+    says so): the network admits exactly that many."""
 
     model: str
     demo_weights: bool

@@ -78,7 +78,7 @@ class SessionStart(_Control, tag="session_start"):
 class SessionEnd(_Control, tag="session_end"):
     """Last message of a session, from the server."""
 
-    reason: str  # e.g. "server_shutdown", "client_request", "error"
+    reason: str  # an EndReason value: "client_request" or "server_shutdown" (kept a str for newer values)
     frames_in: int = 0
     frames_out: int = 0
 

@@ -1,7 +1,7 @@
 """What /proc says about a process: the one place that parses /proc/PID/stat.
 
-The ring uses it for peer liveness (a pid plus its start time defeats pid reuse); the server's launcher,
-tests and benchmarks use it for children and CPU time.
+The ring uses it for peer liveness (a pid plus its start time defeats pid reuse); procs/launcher.py builds
+on it for a server's children and CPU time.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -82,37 +81,3 @@ def peer_state(pid: int, start_time: int, closed: int) -> PeerState:
     if closed:
         return PeerState.CLOSED
     return PeerState.ALIVE if same_process_running(pid, start_time) else PeerState.DEAD
-
-
-def pid_running(pid: int) -> bool:
-    stat = read_proc_stat(pid)
-    return stat is not None and stat.running
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid`."""
-    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
-    return [child for child in pids if (stat := read_proc_stat(child)) is not None and stat.ppid == pid]
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and every descendant of it."""
-    tree, frontier = [root], [root]
-    while frontier:
-        children = [c for p in frontier for c in child_pids(p)]
-        tree += children
-        frontier = children
-    return tree
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process; 0.0 if it is gone."""
-    stat = read_proc_stat(pid)
-    return 0.0 if stat is None else stat.cpu_s
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all cores of the machine spent busy (not idle, not iowait), from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]
-    return (sum(values[:8]) - idle) / CLOCK_TICKS_PER_S

@@ -8,17 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from procs.frames import ModelFrame
-from procs.network.session import (
-    AudioOut,
-    Close,
-    Phase,
-    PublishAudio,
-    Release,
-    Session,
-    SessionRules,
-    capacity_refusal,
-)
-from procs.network.slots import SessionSlots
+from procs.network.session import AudioOut, Close, Phase, PublishAudio, Release, Session, SessionRules
+from procs.network.slots import SessionSlots, capacity_refusal
 from protocol import (
     IN_FRAME_BYTES,
     OUT_FRAME_BYTES,
@@ -29,10 +20,12 @@ from protocol import (
     Latency,
     Ping,
     Pong,
+    ProtocolError,
     SessionEnd,
     SessionStart,
     Transcript,
     Vad,
+    decode_client,
     decode_server,
     decode_server_control,
     encode_client_audio,
@@ -181,13 +174,15 @@ def test_shutdown_says_goodbye_with_1001() -> None:
     assert session.shutdown() == []
 
 
-def test_queued_audio_goes_out_before_the_close() -> None:
+def test_queued_messages_go_out_then_session_end_with_exact_counts_then_the_close() -> None:
     session = opened()
-    session.model_audio(model_frame(fill=1), 0)
+    session.receive(AUDIO, 0)
+    session.model_audio(model_frame(fill=1))
+    session.voice_activity("end", 10.0)
     session.shutdown()
     out = drain(session)
-    assert isinstance(out[0], SessionEnd) and out[0].frames_out == 1
-    assert isinstance(out[1], AudioOut) and isinstance(out[2], Close)
+    assert [type(m) for m in out] == [Vad, AudioOut, SessionEnd, Close]
+    assert out[2] == SessionEnd(reason="server_shutdown", frames_in=1, frames_out=1)
 
 
 def test_capacity_error_from_inference_ends_the_session_with_1013_and_others_do_not() -> None:
@@ -199,10 +194,9 @@ def test_capacity_error_from_inference_ends_the_session_with_1013_and_others_do_
                               Close(1013, "Server at capacity")]
 
 
-def test_capacity_refusal_is_an_error_then_1013() -> None:
-    text, close = capacity_refusal()
-    assert decode_server(text) == Error(code=ErrorCode.CAPACITY, msg="Server at capacity", fatal=True)
-    assert close == Close(1013, "Server at capacity")
+def test_capacity_refusal_is_a_fatal_error_a_page_can_show() -> None:
+    assert decode_server(capacity_refusal()) == Error(code=ErrorCode.CAPACITY, msg="Server at capacity",
+                                                      fatal=True)
 
 
 # ---- model output ------------------------------------------------------------------------------------------
@@ -210,8 +204,8 @@ def test_capacity_refusal_is_an_error_then_1013() -> None:
 
 def test_model_audio_goes_out_after_control_with_its_latency() -> None:
     session = opened()
-    session.model_audio(model_frame(block_pos=0, t_in_ns=100 * MS, fill=9), 0)
-    session.model_audio(model_frame(block_pos=1, t_in_ns=100 * MS), 0)
+    session.model_audio(model_frame(block_pos=0, t_in_ns=100 * MS, fill=9))
+    session.model_audio(model_frame(block_pos=1, t_in_ns=100 * MS))
     session.voice_activity("start", 40.0)
     session.model_text(" నమస్తే", 80.0)
     out = drain(session, now_ns=103 * MS)
@@ -225,7 +219,7 @@ def test_model_audio_goes_out_after_control_with_its_latency() -> None:
 def test_a_previous_sessions_model_audio_is_ignored() -> None:
     session = new_session(gen=3)
     drain(session)
-    session.model_audio(model_frame(gen=2), 0)
+    session.model_audio(model_frame(gen=2))
     assert drain(session) == [] and session.counters.frames_out == 0
 
 
@@ -233,7 +227,7 @@ def test_model_audio_beyond_the_bound_drops_the_oldest_and_counts_it() -> None:
     session = opened()
     rules = session.rules
     for i in range(rules.max_queued_audio_frames + 5):
-        session.model_audio(model_frame(fill=i), 0)
+        session.model_audio(model_frame(fill=i))
     out = drain(session)
     assert len(out) == rules.max_queued_audio_frames
     assert out[0].data[1] == 5  # frames 0-4 went first
@@ -242,7 +236,7 @@ def test_model_audio_beyond_the_bound_drops_the_oldest_and_counts_it() -> None:
 
 def test_input_drops_reported_by_inference_reach_the_latency_report() -> None:
     session = opened()
-    session.model_audio(model_frame(t_in_ns=0, dropped=4), 0)
+    session.model_audio(model_frame(t_in_ns=0, dropped=4))
     drain(session, now_ns=2 * MS)
     session.tick(1.0)
     (report,) = drain(session)
@@ -250,13 +244,24 @@ def test_input_drops_reported_by_inference_reach_the_latency_report() -> None:
     assert report.ms == pytest.approx(2.0) and report.breakdown.step_ms == pytest.approx(2.0)
 
 
+def test_latency_reports_keep_their_period_under_a_coarse_tick() -> None:
+    session = opened()
+    session.model_audio(model_frame(t_in_ns=0))
+    drain(session, now_ns=MS)
+    reports = 0
+    for tick in range(1, 101):  # 10 s of 0.1 s ticks, each a little late
+        session.tick(tick * 0.1 + 0.003)
+        reports += sum(isinstance(m, Latency) for m in drain(session))
+    assert reports == 10
+
+
 def test_latency_is_reported_once_a_period_after_the_first_audio_and_repeats_when_idle() -> None:
     session = opened()
     session.tick(1.5)
     assert drain(session) == []  # nothing answered yet: nothing to report
-    session.model_audio(model_frame(t_in_ns=0), 0)
+    session.model_audio(model_frame(t_in_ns=0))
     drain(session, now_ns=MS)
-    session.tick(1.6)  # next period starts 1 s after the last tick that was due (1.5)
+    session.tick(1.6)  # reports are due on the period's grid: 1 s, 2 s, 3 s... after the start
     assert drain(session) == []
     session.tick(2.5)
     (first,) = drain(session)
@@ -330,6 +335,14 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
     malformed_while_open = 0
     model_frames_taken = 0
 
+    def expect_malformed(message: str | bytes) -> int:
+        """An independent oracle: does the protocol's decoder refuse this message?"""
+        try:
+            decode_client(message)
+        except ProtocolError:
+            return 1
+        return 0
+
     def take(actions: list) -> None:
         nonlocal published
         for action in actions:
@@ -352,20 +365,18 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
         was_open = session.phase is Phase.OPEN
         kind = event[0]
         now += 0.01
+        queued_before = session.queued
         if kind in ("receive", "receive_many"):
             for _ in range(event[2] if kind == "receive_many" else 1):
-                before = session.counters.malformed
+                if session.phase is Phase.OPEN:
+                    malformed_while_open += expect_malformed(event[1])
                 take(session.receive(event[1], int(now * 1e9)))
-                malformed_while_open += session.counters.malformed - before
                 now += 0.001
         elif kind == "audio":
             gen, pos = event[1], event[2]
-            queued_before = session.wants_to_send()
-            session.model_audio(model_frame(gen=gen, block_pos=pos, t_in_ns=int(now * 1e9)), int(now * 1e9))
+            session.model_audio(model_frame(gen=gen, block_pos=pos, t_in_ns=int(now * 1e9)))
             if was_open and gen == 2:
                 model_frames_taken += 1
-            elif not was_open:
-                assert session.wants_to_send() == queued_before
         elif kind == "vad":
             take(session.voice_activity(event[1], 0.0))
         elif kind == "text":
@@ -381,6 +392,8 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
             take(session.shutdown())
         else:
             take(session.connection_closed())
+        if not was_open and kind != "send":
+            assert session.queued <= queued_before, f"{kind} queued something after the end"
         # Every way out of OPEN released the slot exactly once; nothing else did.
         assert len(releases) == (0 if session.phase is Phase.OPEN else 1), (session.phase, releases)
         if session.phase is Phase.CLOSED:
@@ -393,7 +406,9 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
         assert closes == [session.close] and sent[-1] == session.close  # exactly one close, last
     fatal = [s for s in sent if isinstance(s, str) and '"fatal":true' in s]
     if fatal:
-        assert closes, "a fatal error is followed by a close"
+        assert session.close is not None, "a fatal error ends the session with a close"
+        if session.phase is Phase.CLOSING:
+            assert closes == [session.close]
     # Counters add up.
     c = session.counters
     assert c.frames_in == published

@@ -4,7 +4,7 @@ Silero v5/v6 consumes windows of exactly 512 samples at 16 kHz, each preceded by
 the previous window (its "context"), and carries an LSTM state of shape [2, batch, 128]. The ONNX graph
 takes that state as an explicit input, so one call serves many sessions: row i of the batch is slot i's
 window, context and state. This reproduces the package's own `OnnxWrapper.__call__` row by row, so the
-probabilities are the package's (see tests/test_vad_model.py).
+probabilities are the package's (see tests/test_silero.py).
 
 Start/end decisions follow `silero_vad.VADIterator` and `get_speech_timestamps` (threshold, neg_threshold,
 min_silence_duration_ms, speech_pad_ms). Times are in each session's own audio clock: samples pushed since

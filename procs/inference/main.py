@@ -89,8 +89,7 @@ class InferenceLoop:
             for msg in self.links.control_in.receive():
                 if (closed := self.sessions.apply(msg)) is not None:
                     self.slots[closed.slot].ready_at_ns = None
-                    log.info("session=%s slot=%d: closed (%s)", self.sessions.session_id(closed.slot),
-                             closed.slot, closed.reason)
+                    log.info("session=%s slot=%d: closed (%s)", closed.session_id, closed.slot, closed.reason)
             for slot, ring in enumerate(self.links.audio_in):
                 self.drain_audio(slot, ring)
             now = time.monotonic_ns()
@@ -210,7 +209,7 @@ class InferenceLoop:
         self.links.control_out.send(
             SlotError(slot=newest, gen=gen, code=ErrorCode.CAPACITY, msg="Server at capacity (GPU memory)")
         )
-        self.sessions.gens.close(newest, gen)
+        self.sessions.close(newest)
         self.slots[newest].ready_at_ns = None
 
 
@@ -218,9 +217,9 @@ def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     stop = threading.Event()
     # The stop flag is set from a signal handler; ring our own doorbell so a blocked wait returns at once.
     setup_child(cfg.log_level, lambda: (stop.set(), topo.bell_inference.ring()))
+    prepare_torch(cfg.device)  # before load_engine imports moshi
     # One torch thread on a CPU by default: measured on 2 cores, two threads stall steps for 1-2 s whenever
     # the network and VAD processes want the other core.
-    prepare_torch(cfg.device)  # before load_engine imports moshi
     threads = cfg.threads or (1 if cfg.device == "cpu" else None)
     if threads:
         import torch

@@ -94,7 +94,7 @@ class ServerMetrics:
     """The series `GET /metrics` exposes."""
 
     def __init__(self) -> None:
-        self.sessions_active = Gauge("voice_sessions_active", "Sessions connected now")
+        self.sessions_active = Gauge("voice_sessions_active", "Sessions holding a slot now")
         self.sessions_max = Gauge("voice_sessions_max", "Session slots this server holds")
         self.sessions_total = Counter("voice_sessions_total", "Sessions accepted")
         self.sessions_rejected = Counter("voice_sessions_rejected_total", "Sessions refused (capacity)")

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -33,19 +34,10 @@ from procs.config import ServerConfig
 from procs.frames import read_out_frame, write_in_frame
 from procs.network.http import Health, HttpRoutes
 from procs.network.metrics import ServerMetrics
-from procs.network.session import (
-    Action,
-    AudioOut,
-    Close,
-    PublishAudio,
-    Release,
-    Session,
-    SessionCounters,
-    capacity_refusal,
-)
-from procs.network.slots import SessionSlots
+from procs.network.session import Action, AudioOut, Close, PublishAudio, Release, Session, SessionCounters
+from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE, SessionSlots, capacity_refusal
 from procs.topology import NetworkLinks, Topology, network_links
-from protocol import session_start
+from protocol import EndReason, session_start
 from protocol.internal import (
     InferenceReady,
     InternalMessage,
@@ -86,7 +78,8 @@ class NetworkServer:
         self.metrics = ServerMetrics()
         self.capacity = 0  # the engine's batch size, once inference says it is ready
         self.metrics.sessions_max.set(self.capacity)
-        self.ended = SessionCounters()  # what every session that has ended counted
+        self.ended = SessionCounters()  # what every session whose connection has closed counted
+        self.closing: set[LiveSession] = set()  # released, still flushing their last messages
         self.inference: InferenceReady | None = None
         self.vad: VadReady | None = None
         self.draining = False
@@ -103,24 +96,26 @@ class NetworkServer:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.links.bell.fileno(), self._on_bell)
         ticker = asyncio.create_task(self._ticker(), name="ticker")
-        async with serve(
-            self._handle,
-            self.cfg.host,
-            self.cfg.port,
-            process_request=self._process_request,
-            compression=None,  # per-message deflate costs CPU and latency on incompressible PCM
-            max_size=64 * 1024,
-            max_queue=64,
-        ) as server:
-            self.port = server.sockets[0].getsockname()[1]
-            log.info("listening on http://%s:%d (WebSocket /ws)", self.cfg.host, self.port)
-            self._report_if_ready()
-            await self.stopped.wait()
-            await self._drain()
-            server.close(close_connections=True)
-            await server.wait_closed()
-        ticker.cancel()
-        loop.remove_reader(self.links.bell.fileno())
+        try:
+            async with serve(
+                self._handle,
+                self.cfg.host,
+                self.cfg.port,
+                process_request=self._process_request,
+                compression=None,  # per-message deflate costs CPU and latency on incompressible PCM
+                max_size=64 * 1024,
+                max_queue=64,
+            ) as server:
+                self.port = server.sockets[0].getsockname()[1]
+                log.info("listening on http://%s:%d (WebSocket /ws)", self.cfg.host, self.port)
+                self._report_if_ready()
+                await self.stopped.wait()
+                await self._drain()
+                server.close(close_connections=True)
+                await server.wait_closed()
+        finally:
+            ticker.cancel()
+            loop.remove_reader(self.links.bell.fileno())
         log.info("network stopped")
 
     def stop(self) -> None:
@@ -131,7 +126,7 @@ class NetworkServer:
         self.draining = True
         log.info("draining %d sessions", len(self.slots))
         for live in self.slots.live():
-            self._apply(live, live.session.shutdown())
+            self._apply_guarded(live, live.session.shutdown)
         if self.handlers:
             await asyncio.wait(self.handlers, timeout=DRAIN_TIMEOUT_S)
 
@@ -149,14 +144,16 @@ class NetworkServer:
         self.links.bell.drain()
         for channel in self.links.from_workers:
             for msg in channel.receive():
-                self._on_internal(msg)
-        now_ns = time.monotonic_ns()
+                try:
+                    self._on_internal(msg)
+                except Exception:  # one bad message must not stop the others (or the loop's reader)
+                    log.exception("handling %r", msg)
         for live in self.slots.live():
             ring = self.links.audio_from_inference[live.session.slot]
             while (view := ring.peek()) is not None:
                 frame = read_out_frame(view)
                 if ring.release():  # False: overwritten while read (counted by the ring)
-                    self._apply(live, live.session.model_audio(frame, now_ns))
+                    self._apply_guarded(live, live.session.model_audio, frame)
 
     def _on_internal(self, msg: InternalMessage) -> None:
         match msg:
@@ -186,6 +183,14 @@ class NetworkServer:
                 log.warning("unexpected internal message %r", msg)
 
     # ---- carrying out a session's actions ------------------------------------------------------------
+    def _apply_guarded(self, live: LiveSession, event: Callable[..., list[Action]], *args: object) -> None:
+        """An event from a loop callback (the doorbell, the ticker, the drain): a failure is logged with the
+        session's context and stays with that session."""
+        try:
+            self._apply(live, event(*args))
+        except Exception:
+            log.exception("%s: %s failed", live.ctx(), event.__name__)
+
     def _apply(self, live: LiveSession, actions: list[Action]) -> None:
         for action in actions:
             match action:
@@ -195,16 +200,16 @@ class NetworkServer:
                         buf = ring.reserve()  # never None: full rings drop their oldest frame (DROP_OLDEST)
                         ring.publish(write_in_frame(buf, seq, t_ns, gen, pcm))
                 case Release(reason=reason):
-                    self._release(live, reason.value)
+                    self._release(live, reason)
         if live.session.wants_to_send():
             live.wake.set()
 
-    def _release(self, live: LiveSession, reason: str) -> None:
+    def _release(self, live: LiveSession, reason: EndReason) -> None:
         session = live.session
         if not self.slots.release(session.slot, session.gen):
             raise RuntimeError(f"{live.ctx()}: released twice")
-        self.ended.add(session.counters)
-        close = SessionClose(slot=session.slot, gen=session.gen, reason=session.end_reason)
+        self.closing.add(live)
+        close = SessionClose(slot=session.slot, gen=session.gen, reason=reason)
         self.links.to_inference.send(close)
         self.links.to_vad.send(close)
         c = session.counters
@@ -243,7 +248,7 @@ class NetworkServer:
     def _render_metrics(self) -> str:
         totals = SessionCounters()
         totals.add(self.ended)
-        for live in self.slots.live():
+        for live in [*self.slots.live(), *self.closing]:
             totals.add(live.session.counters)
         m = self.metrics
         m.sessions_active.set(len(self.slots))
@@ -275,30 +280,37 @@ class NetworkServer:
         if live is None:
             self.metrics.sessions_rejected.inc()
             log.info("refused %s: at capacity (%d sessions)", ws.remote_address, len(self.slots))
-            error, close = capacity_refusal()
             with contextlib.suppress(ConnectionClosed):
-                await ws.send(error)
-                await ws.close(close.code, close.reason)
+                await ws.send(capacity_refusal())
+                await ws.close(CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE)
             return
         session = live.session
-        ring = self.links.audio_from_inference[session.slot]
-        while ring.peek() is not None:  # output left over from the slot's previous session
-            ring.release()
-        self.metrics.sessions_total.inc()
-        open_msg = SessionOpen(slot=session.slot, gen=session.gen, session_id=session.session_id)
-        self.links.to_inference.send(open_msg)
-        self.links.to_vad.send(open_msg)
-        log.info("%s: open from %s", live.ctx(), ws.remote_address)
-        live.wake.set()  # session_start
-        sender = asyncio.create_task(self._sender(live), name=f"sender-{session.session_id}")
+        sender: asyncio.Task | None = None
         try:
+            ring = self.links.audio_from_inference[session.slot]
+            while ring.peek() is not None:  # output left over from the slot's previous session
+                ring.release()
+            self.metrics.sessions_total.inc()
+            open_msg = SessionOpen(slot=session.slot, gen=session.gen, session_id=session.session_id)
+            self.links.to_inference.send(open_msg)
+            self.links.to_vad.send(open_msg)
+            log.info("%s: open from %s", live.ctx(), ws.remote_address)
+            if self.draining:  # admitted in the moment before the drain began: it missed the goodbye
+                self._apply(live, session.shutdown())
+            live.wake.set()  # session_start
+            sender = asyncio.create_task(self._sender(live), name=f"sender-{session.session_id}")
             async for message in ws:
                 self._apply(live, session.receive(message, time.monotonic_ns()))
         except ConnectionClosed:
             pass
         finally:
-            self._apply(live, session.connection_closed())
-            sender.cancel()
+            if sender is not None:
+                sender.cancel()
+            try:
+                self._apply(live, session.connection_closed())
+            finally:
+                self.closing.discard(live)
+                self.ended.add(session.counters)
 
     async def _sender(self, live: LiveSession) -> None:
         """The one task that writes to this client, in the order its session says."""
@@ -326,4 +338,4 @@ class NetworkServer:
             await asyncio.sleep(TICK_S)  # a period, not synchronisation
             now = time.monotonic()
             for live in self.slots.live():
-                self._apply(live, live.session.tick(now))
+                self._apply_guarded(live, live.session.tick, now)

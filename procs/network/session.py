@@ -7,7 +7,7 @@ without a socket, a ring or an event loop. Time comes in with the events (`time.
 
 Events (methods):
     receive(message, now_ns)      a WebSocket message from the client (str: text frame, bytes: binary)
-    model_audio(frame, now_ns)    a 20 ms frame of model audio the I/O layer read from the inference ring
+    model_audio(frame)            a 20 ms frame of model audio the I/O layer read from the inference ring
     voice_activity(event, t_ms)   the VAD process saw speech start or end
     model_text(text, t_ms)        the model's inner monologue
     slot_error(code, msg)         the inference process failed this session
@@ -20,7 +20,8 @@ Actions:
     returned by an event          `PublishAudio`: write this client frame to the workers' rings;
                                   `Release`: the session is over, free its slot and tell the workers.
     pulled by the sender          `next_outgoing(now_ns)`: a control message (`str`), model audio
-                                  (`AudioOut`), then, once the session ends, one `Close`, last.
+                                  (`AudioOut`); once the session ends, what is queued, then `session_end`
+                                  (if the session says goodbye), then one `Close`, last.
 
 States:
 
@@ -43,6 +44,7 @@ from typing import Literal
 import numpy as np
 
 from procs.frames import ModelFrame
+from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE
 from protocol import (
     ClientSessionEnd,
     EndReason,
@@ -62,8 +64,6 @@ from protocol import (
     encode_server_audio,
     encode_server_control,
 )
-
-CAPACITY_MESSAGE = "Server at capacity"
 
 
 class Phase(enum.Enum):
@@ -210,8 +210,8 @@ class Session:
         self.slot, self.gen = slot, gen
         self.rules = rules or SessionRules()
         self.phase = Phase.OPEN
-        self.end_reason: EndReason | None = None
         self.close: Close | None = None  # the close the server asked for, if it ended the session
+        self._goodbye: EndReason | None = None  # `session_end` owed, sent once what is queued has gone
         self.started = now
         self.counters = SessionCounters()
         self.latency = LatencyWindow()
@@ -243,7 +243,7 @@ class Session:
                 return self._end_saying_goodbye(EndReason.CLIENT_REQUEST, 1000, "session ended")
         return []
 
-    def model_audio(self, frame: ModelFrame, now_ns: int) -> list[Action]:
+    def model_audio(self, frame: ModelFrame) -> list[Action]:
         if self.phase is not Phase.OPEN or frame.gen != self.gen:
             return []  # a session that is over hears nothing; a previous session's frame is stale
         self.counters.input_dropped = max(self.counters.input_dropped, frame.dropped)
@@ -276,14 +276,16 @@ class Session:
             return []
         if code is ErrorCode.CAPACITY:
             self._say(Error(code=code, msg=msg, fatal=True))
-            return self._end(EndReason.CAPACITY, Close(1013, CAPACITY_MESSAGE))
+            return self._end(EndReason.CAPACITY, Close(CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE))
         self._say(Error(code=code, msg=msg, fatal=False))
         return []
 
     def tick(self, now: float) -> list[Action]:
         """At least one `latency` report per period once the session has produced audio."""
         if self.phase is Phase.OPEN and now >= self._next_report:
-            self._next_report = now + self.rules.latency_period_s
+            self._next_report += self.rules.latency_period_s
+            if self._next_report <= now:  # the clock stalled for more than a period: do not catch up
+                self._next_report = now + self.rules.latency_period_s
             report = self.latency.flush(self.counters.input_dropped, self.rules.latency_period_s)
             if report is not None:
                 self._say(report)
@@ -301,6 +303,7 @@ class Session:
         self.phase = Phase.CLOSED
         self._control.clear()
         self._audio.clear()
+        self._goodbye = None
         return actions
 
     # ---- what to send -----------------------------------------------------------------------------------
@@ -308,6 +311,11 @@ class Session:
         if self.phase is Phase.CLOSED:
             return False
         return bool(self._control or self._audio) or (self.close is not None and not self._close_sent)
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the socket (the goodbye and the close not counted)."""
+        return len(self._control) + len(self._audio)
 
     def next_outgoing(self, now_ns: int) -> Outgoing | None:
         """The next thing to write to the socket: control messages first, then model audio, then the close."""
@@ -323,6 +331,11 @@ class Session:
                 latency_s = (now_ns - item.t_in_ns) / 1e9
                 self.latency.add(latency_s * 1e3, item.queue_ms, item.step_ms, item.resample_ms)
             return AudioOut(item.data, latency_s)
+        if self._goodbye is not None:  # last before the close, with exact counts
+            reason, self._goodbye = self._goodbye, None
+            c = self.counters
+            return encode_server_control(SessionEnd(reason=reason.value, frames_in=c.frames_in,
+                                                    frames_out=c.frames_out))
         if self.close is not None and not self._close_sent:
             self._close_sent = True
             return self.close
@@ -347,19 +360,12 @@ class Session:
         return []
 
     def _end_saying_goodbye(self, reason: EndReason, code: int, text: str) -> list[Action]:
-        self._say(SessionEnd(reason=reason.value, frames_in=self.counters.frames_in,
-                             frames_out=self.counters.frames_out + len(self._audio)))
+        self._goodbye = reason
         return self._end(reason, Close(code, text))
 
     def _end(self, reason: EndReason, close: Close | None) -> list[Action]:
         """The one way out of OPEN: the slot is released here and nowhere else."""
         assert self.phase is Phase.OPEN
         self.phase = Phase.CLOSING
-        self.end_reason, self.close = reason, close
+        self.close = close
         return [Release(reason)]
-
-
-def capacity_refusal() -> tuple[str, Close]:
-    """What a client hears when every slot is taken: an `error` it can show, then close 1013 (try again)."""
-    error = Error(code=ErrorCode.CAPACITY, msg=CAPACITY_MESSAGE, fatal=True)
-    return encode_server_control(error), Close(1013, CAPACITY_MESSAGE)

@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from protocol import Error, ErrorCode, encode_server_control
+
 T = TypeVar("T")
+CAPACITY_MESSAGE = "Server at capacity"
+CAPACITY_CLOSE_CODE = 1013  # "try again later"
+
+
+def capacity_refusal() -> str:
+    """The `error` a client hears when every slot is taken, before close 1013, so a page can say why."""
+    return encode_server_control(Error(code=ErrorCode.CAPACITY, msg=CAPACITY_MESSAGE, fatal=True))
 
 
 class SessionSlots(Generic[T]):
