@@ -2,7 +2,7 @@
 
 Two measurements, both printed as tables:
 
-1. Step time against batch size: `procs.model.loader.load_engine("moshi", checkpoint=None, ...)` in this
+1. Step time against batch size: `procs.model.loader.load_engine("moshi", ...)` in this
    process, all slots ready, with `--threads` torch threads (default: torch's default, which the server's
    inference process also uses unless started with --threads). A batch of B sessions is served in real
    time only if one step takes under 80 ms (one Mimi frame).
@@ -191,7 +191,7 @@ def measure_step_times(batches: list[int], rounds: int, threads: int | None = No
     log = logging.getLogger("capacity")
     rows = []
     for batch in batches:
-        engine = load_engine("moshi", checkpoint=None, hf_repo=None, device="cpu", dtype=None,
+        engine = load_engine("moshi", device="cpu",
                              batch_size=batch, log=log)
         engine.warmup()
         rng = np.random.default_rng(batch)

@@ -21,6 +21,7 @@ from procs.model.demo import demo_checkpoint_dir
 from procs.model.engine import StepResult
 from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
+from procs.model.source import ModelSource
 
 FRAME_MS = 80.0
 ROUNDS = 40
@@ -73,7 +74,7 @@ def torch_threads(request: pytest.FixtureRequest):
 @pytest.mark.parametrize("batch", [1, 2, 4, 8])
 @pytest.mark.parametrize("torch_threads", [1, 2], indirect=True, ids=lambda n: f"threads{n}")
 def test_bench_step(benchmark, table: list[Row], torch_threads: int, batch: int) -> None:
-    engine = load_engine("moshi", checkpoint=str(demo_checkpoint_dir()), hf_repo=None, device="cpu",
+    engine = load_engine("moshi", source=ModelSource(checkpoint=str(demo_checkpoint_dir())), device="cpu",
                          dtype=None, batch_size=batch, log=logging.getLogger("bench"))
     assert isinstance(engine, MoshiEngine)
     engine.warmup()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -72,6 +73,9 @@ async def stream_client(
     first_audio: asyncio.Event | None = None,
     start_at: float | None = None,
     repeat_until: asyncio.Event | None = None,
+    clock_ppm: float = 0.0,
+    jitter_s: float = 0.0,
+    seed: int | None = None,
     **connect_kwargs: Any,
 ) -> ClientRun:
     """Stream `pcm16` (16 kHz int16) as 20 ms frames at real-time pace and collect what the server sends.
@@ -80,6 +84,10 @@ async def stream_client(
     the last frame the client listens `tail_s` more (or until `until_frames` output frames came), then ends
     the session (`end_session`) and waits for the close. `inject` maps a frame index to raw messages sent
     right before that frame. With `repeat_until`, the audio loops until that event is set.
+
+    A real client's clock is not ours: `clock_ppm` makes its 20 ms last 20 ms x (1 + ppm x 1e-6) of ours, and
+    `jitter_s` moves each send by up to that much either way (uniformly, seeded by `seed`), as a sound card
+    and a network do.
     """
     run = ClientRun()
     n_frames = len(pcm16) // IN_FRAME_SAMPLES
@@ -112,9 +120,12 @@ async def stream_client(
         receiver = asyncio.create_task(receive())
         try:
             t0 = loop.time() if start_at is None else start_at
+            period = FRAME_S * (1.0 + clock_ppm * 1e-6)
+            jitter = random.Random(seed)
             i = 0
             while i < n_frames or (repeat_until is not None and not repeat_until.is_set() and n_frames):
-                delay = t0 + i * FRAME_S - loop.time()
+                due = t0 + i * period + (jitter.uniform(-jitter_s, jitter_s) if jitter_s else 0.0)
+                delay = due - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing, as a microphone delivers frames
                 for raw in (inject or {}).get(i, []):

@@ -1,74 +1,234 @@
-"""Server configuration: command-line flags, each with an environment-variable twin for pods."""
+"""Server configuration: command-line flags, each with an environment-variable twin for pods.
+
+The model flags are moshi.server's, with the same names and meanings (`--hf-repo`, `--moshi-weight`,
+`--mimi-weight`, `--tokenizer`, `--config-path`, `--lora-weight`, `--no_fuse_lora`, `--half`, `--cfg-coef`),
+so a command line written for moshi.server serves the same checkpoint here. An environment variable is
+checked exactly as its flag is (`VOICE_PORT=abc` is refused with the variable's name, before anything
+starts); a flag given on the command line wins over its variable.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DTYPES = ("bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
+ENGINES = ("moshi", "loopback")
+STEP_CLOCKS = ("auto", "on", "off")
+RANDOM_MODELS = ("demo", "moshi-7b")
+MAX_SESSIONS_LIMIT = 256
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8998
+    # Where the model comes from (procs/model/checkpoints.py: resolve_checkpoint). Nothing named: the demo.
     checkpoint: str | None = None
     hf_repo: str | None = None
+    moshi_weight: str | None = None
+    mimi_weight: str | None = None
+    tokenizer: str | None = None
+    config_path: str | None = None
+    lora_weight: str | None = None
+    fuse_lora: bool = True
+    random_model: str | None = None
     device: str = "cpu"
     dtype: str | None = None
+    cfg_coef: float = 1.0
     max_sessions: int = 4
+    gpu_memory_fraction: float = 0.95
+    session_memory_mb: float | None = None
     engine: str = "moshi"
-    log_level: str = "INFO"
-    # How long a ready 80 ms block may wait for the other sessions' blocks before a step runs without them.
-    # None: chosen by the engine (0 for loopback, where a step costs nothing; 25 ms for moshi).
-    batch_wait_ms: float | None = None
-    web_dir: Path = field(default=WEB_DIR)
-    # Torch threads in the inference process; None leaves torch's default.
+    step_clock: str = "auto"
     threads: int | None = None
+    log_level: str = "INFO"
+    web_dir: Path = field(default=WEB_DIR)
 
 
-# flag -> (environment variable, type, help)
-_OPTIONS: dict[str, tuple[str, type, str]] = {
-    "host": ("VOICE_HOST", str, "address to listen on"),
-    "port": ("VOICE_PORT", int, "TCP port (0 picks a free one)"),
-    "checkpoint": ("VOICE_CHECKPOINT", str, "local Moshi-format checkpoint directory"),
-    "hf_repo": ("VOICE_HF_REPO", str, "Hugging Face repo, e.g. kyutai/moshiko-pytorch-bf16"),
-    "device": ("VOICE_DEVICE", str, "cpu or cuda"),
-    "dtype": ("VOICE_DTYPE", str, "bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)"),
-    "max_sessions": ("VOICE_MAX_SESSIONS", int, "batch slots (on CUDA clamped to what memory holds)"),
-    "engine": ("VOICE_ENGINE", str, "moshi, or loopback (no model: each session hears itself)"),
-    "log_level": ("VOICE_LOG_LEVEL", str, "DEBUG, INFO, WARNING, ERROR"),
-    "batch_wait_ms": ("VOICE_BATCH_WAIT_MS", float, "max wait of a ready block for a batched step"),
-    "threads": ("VOICE_THREADS", int, "torch threads in the inference process"),
-}
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
 
 
-def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
-    env = os.environ if environ is None else environ
-    defaults = ServerConfig()
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be 0-65535, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise ValueError("must be cpu, cuda, cuda:N or auto")
+
+
+def _choice(options: tuple[str, ...], *, upper: bool = False, lower: bool = True) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.upper() if upper else text.lower() if lower else text
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 1/true/yes or 0/false/no")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flag: its destination in ServerConfig, its spellings, its variable and how its text is parsed."""
+
+    dest: str
+    flags: tuple[str, ...]
+    env: str
+    parse: Callable[[str], Any] | None  # None: a switch (sets `switch_value`)
+    help: str
+    switch_value: Any = None
+    metavar: str | None = None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", ("--host",), "VOICE_HOST", str, "address to listen on"),
+    Option("port", ("--port",), "VOICE_PORT", _port, "TCP port (0 picks a free one)"),
+    Option("checkpoint", ("--checkpoint",), "VOICE_CHECKPOINT", str,
+           "local Moshi-format checkpoint directory, or a moshi-finetune `consolidated/` directory",
+           metavar="DIR"),
+    Option("hf_repo", ("--hf-repo",), "VOICE_HF_REPO", str,
+           "Hugging Face repo (e.g. kyutai/moshiko-pytorch-bf16); with a fine-tune, its base",
+           metavar="REPO"),
+    Option("moshi_weight", ("--moshi-weight",), "VOICE_MOSHI_WEIGHT", str, "local Moshi LM weights file"),
+    Option("mimi_weight", ("--mimi-weight",), "VOICE_MIMI_WEIGHT", str, "local Mimi weights file"),
+    Option("tokenizer", ("--tokenizer",), "VOICE_TOKENIZER", str, "local SentencePiece tokenizer file"),
+    Option("config_path", ("--config-path",), "VOICE_CONFIG_PATH", str,
+           "local config.json overriding the repo's"),
+    Option("lora_weight", ("--lora-weight",), "VOICE_LORA_WEIGHT", str, "LoRA adapters (lora.safetensors)"),
+    Option("fuse_lora", ("--no_fuse_lora", "--no-fuse-lora"), "VOICE_NO_FUSE_LORA", None,
+           "keep LoRA layers apart instead of fusing them into the linear layers", switch_value=False),
+    Option("random_model", ("--random-model",), "VOICE_RANDOM_MODEL", _choice(RANDOM_MODELS),
+           "a model built in memory with random weights, no checkpoint: demo, or moshi-7b (the real 7B "
+           "shape, for GPU capacity checks)"),
+    Option("device", ("--device",), "VOICE_DEVICE", _device, "cpu, cuda, cuda:N or auto"),
+    Option("dtype", ("--dtype",), "VOICE_DTYPE", _choice(DTYPES),
+           "model dtype (default: bfloat16 on CUDA, float32 on CPU)"),
+    Option("dtype", ("--half",), "VOICE_HALF", None,
+           "float16 instead of bfloat16 (older GPUs), as moshi.server", switch_value="float16"),
+    Option("cfg_coef", ("--cfg-coef",), "VOICE_CFG_COEF", float,
+           "classifier-free guidance coefficient (only 1.0: see the README)"),
+    Option("max_sessions", ("--max-sessions",), "VOICE_MAX_SESSIONS", _positive_int,
+           f"sessions served at once, 1-{MAX_SESSIONS_LIMIT} (fewer if memory holds fewer)"),
+    Option("gpu_memory_fraction", ("--gpu-memory-fraction",), "VOICE_GPU_MEMORY_FRACTION", _fraction,
+           "share of the GPU's memory the server may use (weights, sessions' state, working memory)"),
+    Option("session_memory_mb", ("--session-memory-mb",), "VOICE_SESSION_MEMORY_MB", _positive_float,
+           "memory the sessions' streaming state may take on any device; fewer sessions if it holds fewer"),
+    Option("engine", ("--engine",), "VOICE_ENGINE", _choice(ENGINES),
+           "moshi, or loopback (no model: each session hears itself)"),
+    Option("step_clock", ("--step-clock",), "VOICE_STEP_CLOCK", _choice(STEP_CLOCKS),
+           "on: one batched step per 80 ms for every session; off: a step per ready block; auto: on for a "
+           "model, off for loopback"),
+    Option("threads", ("--threads",), "VOICE_THREADS", _positive_int,
+           "torch threads in the inference process (default: 1 on a CPU, torch's own on CUDA)"),
+    Option("log_level", ("--log-level",), "VOICE_LOG_LEVEL", _choice(LOG_LEVELS, upper=True),
+           "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+)
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+    return convert
+
+
+def build_parser(prog: str = "supervisor.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="supervisor.py",
+        prog=prog,
         description="Real-time full-duplex Telugu speech-to-speech server (Moshi). With no model named it "
         "runs the built-in demo checkpoint (random weights: it answers with noise).",
     )
-    for name, (var, typ, help_text) in _OPTIONS.items():
-        default = env.get(var)
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            type=typ,
-            default=typ(default) if default is not None else getattr(defaults, name),
-            help=f"{help_text} [env {var}]",
-        )
-    args = parser.parse_args(argv)
-    if args.engine not in ("moshi", "loopback"):
-        parser.error(f"--engine must be moshi or loopback, not {args.engine!r}")
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        parser.error(f"--device must be cpu or cuda, not {args.device!r}")
-    if args.max_sessions < 1 or args.max_sessions > 256:
-        parser.error("--max-sessions must be between 1 and 256")
-    if args.checkpoint and args.hf_repo:
-        parser.error("give --checkpoint or --hf-repo, not both")
-    return ServerConfig(**vars(args))
+    for option in OPTIONS:
+        help_text = f"{option.help} [env {option.env}]"
+        if option.parse is None:
+            parser.add_argument(*option.flags, dest=option.dest, action="store_const",
+                                const=option.switch_value, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(*option.flags, dest=option.dest, type=_argparse_type(option.parse),
+                                default=argparse.SUPPRESS, metavar=option.metavar, help=help_text)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Flags over environment variables over defaults; every value checked the same way wherever it came
+    from. Exits with status 2 and a usage message naming the flag or variable at fault."""
+    env = os.environ if environ is None else environ
+    parser = build_parser()
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        text = env.get(option.env)
+        if text is None:
+            continue
+        try:
+            if option.parse is None:
+                if _boolean(text):
+                    values[option.dest] = option.switch_value
+            else:
+                values[option.dest] = option.parse(text)
+        except ValueError as error:
+            parser.error(f"environment variable {option.env}={text!r} (for {option.flags[0]}): {error}")
+    values.update(vars(parser.parse_args(argv)))
+    cfg = ServerConfig(**{f.name: values[f.name] for f in fields(ServerConfig) if f.name in values})
+    problem = check_config(cfg)
+    if problem:
+        parser.error(problem)
+    return cfg
+
+
+def check_config(cfg: ServerConfig) -> str | None:
+    """What is wrong with a combination of options, or None."""
+    if cfg.max_sessions > MAX_SESSIONS_LIMIT:
+        return f"--max-sessions must be between 1 and {MAX_SESSIONS_LIMIT}"
+    if cfg.cfg_coef != 1.0:
+        return ("--cfg-coef other than 1.0 is not supported: classifier-free guidance doubles moshi's batch "
+                "and needs a conditioned model; this server batches unconditioned Moshi models per session")
+    named = cfg.checkpoint or cfg.hf_repo or cfg.moshi_weight or cfg.config_path or cfg.lora_weight
+    if cfg.random_model is not None and named:
+        return "--random-model builds a model in memory: it takes no --checkpoint, --hf-repo or weights"
+    if cfg.engine == "loopback" and (cfg.checkpoint or cfg.hf_repo or cfg.random_model):
+        return "--engine loopback runs no model: drop --checkpoint, --hf-repo and --random-model"
+    return None

@@ -29,7 +29,8 @@ OUT_HEADER = np.dtype(
         ("queue_us", "<u4"),  # block ready -> step start
         ("step_us", "<u4"),  # the batched step
         ("resample_us", "<u4"),  # resampling on this block's path
-        ("dropped", "<u4"),  # input frames this session has dropped so far
+        ("dropped", "<u4"),  # input frames this session has dropped so far (it fell behind)
+        ("realigned", "<u4"),  # input frames dropped or repeated so far to keep it on the step clock
     ]
 )
 OUT_SLOT_BYTES = OUT_HEADER.itemsize + OUT_FRAME_BYTES
@@ -68,6 +69,7 @@ def write_out_frame(
     step_us: int,
     resample_us: int,
     dropped: int,
+    realigned: int = 0,
 ) -> int:
     """Fill a reserved ring slot with one 20 ms output frame (`pcm`: 480 int16); returns the byte count to
     publish. Timings saturate at the u32 maximum rather than wrap."""
@@ -80,6 +82,7 @@ def write_out_frame(
     hdr["step_us"] = min(step_us, _U32_MAX)
     hdr["resample_us"] = min(resample_us, _U32_MAX)
     hdr["dropped"] = min(dropped, _U32_MAX)
+    hdr["realigned"] = min(realigned, _U32_MAX)
     slot[OUT_HEADER.itemsize : OUT_SLOT_BYTES] = pcm.view(np.uint8)
     return OUT_SLOT_BYTES
 
@@ -96,6 +99,7 @@ class ModelFrame:
     step_us: int
     resample_us: int
     dropped: int
+    realigned: int
     pcm: bytes  # 960 bytes, 24 kHz s16le
 
 
@@ -111,6 +115,7 @@ def read_out_frame(slot: np.ndarray) -> ModelFrame:
         step_us=int(h["step_us"]),
         resample_us=int(h["resample_us"]),
         dropped=int(h["dropped"]),
+        realigned=int(h["realigned"]),
         pcm=slot[OUT_HEADER.itemsize : OUT_SLOT_BYTES].tobytes(),
     )
 

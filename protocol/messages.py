@@ -89,8 +89,9 @@ class Latency(_Control, tag="latency"):
     ms: float
     breakdown: LatencyBreakdown
     p99_ms: float
-    dropped_frames: int
-    window_s: float  # the window `p99_ms` and `dropped_frames` cover
+    dropped_frames: int  # input the model never heard because the session fell behind, so far
+    window_s: float  # the window `p99_ms` covers
+    realigned_frames: int = 0  # input frames dropped or repeated so far to keep it on the step clock
 
 
 class Error(_Control, tag="error"):

@@ -1,11 +1,17 @@
+"""Flags and their VOICE_* environment variables (procs/config.py)."""
+
+from __future__ import annotations
+
 import pytest
 
-from procs.config import parse_config
+from procs.config import OPTIONS, ServerConfig, parse_config
 
 
 def test_defaults_run_the_demo_checkpoint_on_the_cpu() -> None:
     cfg = parse_config([], environ={})
+    assert cfg == ServerConfig()
     assert cfg.engine == "moshi" and cfg.checkpoint is None and cfg.hf_repo is None and cfg.device == "cpu"
+    assert cfg.fuse_lora and cfg.cfg_coef == 1.0 and cfg.step_clock == "auto"
 
 
 def test_every_option_has_an_environment_twin_and_flags_win() -> None:
@@ -15,20 +21,32 @@ def test_every_option_has_an_environment_twin_and_flags_win() -> None:
         "VOICE_HF_REPO": "kyutai/moshiko-pytorch-bf16",
         "VOICE_DEVICE": "cuda",
         "VOICE_DTYPE": "bfloat16",
-        "VOICE_ENGINE": "loopback",
-        "VOICE_LOG_LEVEL": "DEBUG",
+        "VOICE_LOG_LEVEL": "debug",
+        "VOICE_GPU_MEMORY_FRACTION": "0.8",
+        "VOICE_STEP_CLOCK": "off",
+        "VOICE_NO_FUSE_LORA": "1",
+        "VOICE_LORA_WEIGHT": "/ft/lora.safetensors",
     }
     cfg = parse_config([], environ=env)
-    assert (cfg.port, cfg.max_sessions, cfg.hf_repo, cfg.device, cfg.dtype, cfg.engine, cfg.log_level) == (
-        9100,
-        8,
-        "kyutai/moshiko-pytorch-bf16",
-        "cuda",
-        "bfloat16",
-        "loopback",
-        "DEBUG",
+    assert (cfg.port, cfg.max_sessions, cfg.hf_repo, cfg.device, cfg.dtype, cfg.log_level) == (
+        9100, 8, "kyutai/moshiko-pytorch-bf16", "cuda", "bfloat16", "DEBUG"
     )
+    assert (cfg.gpu_memory_fraction, cfg.step_clock, cfg.fuse_lora) == (0.8, "off", False)
+    assert cfg.lora_weight == "/ft/lora.safetensors"
     assert parse_config(["--port", "9200"], environ=env).port == 9200
+    assert {o.env for o in OPTIONS} >= {f"VOICE_{o.dest.upper()}" for o in OPTIONS if o.dest != "fuse_lora"}
+
+
+def test_moshi_servers_flags_mean_what_they_mean_there() -> None:
+    argv = ["--hf-repo", "BNarayanaReddy/siba", "--moshi-weight", "m.safetensors", "--mimi-weight",
+            "mimi.safetensors", "--tokenizer", "tok.model", "--config-path", "config.json", "--lora-weight",
+            "lora.safetensors", "--no_fuse_lora", "--half", "--cfg-coef", "1.0", "--device", "auto"]
+    cfg = parse_config(argv, environ={})
+    files = (cfg.moshi_weight, cfg.mimi_weight, cfg.tokenizer, cfg.config_path, cfg.lora_weight)
+    assert cfg.hf_repo == "BNarayanaReddy/siba"
+    assert files == ("m.safetensors", "mimi.safetensors", "tok.model", "config.json", "lora.safetensors")
+    assert (cfg.fuse_lora, cfg.dtype, cfg.device) == (False, "float16", "auto")
+    assert parse_config(["--no-fuse-lora"], environ={}).fuse_lora is False  # the dashed spelling too
 
 
 @pytest.mark.parametrize(
@@ -37,8 +55,16 @@ def test_every_option_has_an_environment_twin_and_flags_win() -> None:
         ["--engine", "gpt"],
         ["--device", "tpu"],
         ["--max-sessions", "0"],
-        ["--checkpoint", "/x", "--hf-repo", "a/b"],
+        ["--max-sessions", "257"],
         ["--port", "http"],
+        ["--port", "70000"],
+        ["--dtype", "int8"],
+        ["--log-level", "verbose"],
+        ["--gpu-memory-fraction", "1.5"],
+        ["--cfg-coef", "3.0"],
+        ["--step-clock", "sometimes"],
+        ["--random-model", "moshi-7b", "--hf-repo", "a/b"],
+        ["--engine", "loopback", "--checkpoint", "/x"],
     ],
 )
 def test_bad_options_are_refused_with_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -46,3 +72,31 @@ def test_bad_options_are_refused_with_usage(argv: list[str], capsys: pytest.Capt
         parse_config(argv, environ={})
     assert exc.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("VOICE_PORT", "abc"),
+        ("VOICE_LOG_LEVEL", "verbose"),
+        ("VOICE_DTYPE", "int8"),
+        ("VOICE_MAX_SESSIONS", "-3"),
+        ("VOICE_DEVICE", "gpu"),
+        ("VOICE_NO_FUSE_LORA", "maybe"),
+        ("VOICE_GPU_MEMORY_FRACTION", "0"),
+    ],
+)
+def test_bad_environment_variables_are_refused_like_flags_naming_the_variable(
+    variable: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_config([], environ={variable: value})
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and f"{variable}={value!r}" in err
+
+
+def test_cfg_coef_other_than_one_is_refused_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(["--cfg-coef", "2"], environ={})
+    assert "classifier-free guidance" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from procs.model.demo import demo_checkpoint_dir
 from procs.model.engine import EngineOOM, LoopbackEngine, StepResult
 from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine, text_piece_table
+from procs.model.source import ModelSource
 
 FRAME = 1920
 LOG = logging.getLogger("test_engine")
@@ -37,7 +38,7 @@ def one_torch_thread():
 
 def new_engine(batch_size: int, demo_dir) -> MoshiEngine:
     """A fresh engine (fresh streaming state) on the demo checkpoint, greedy so runs are reproducible."""
-    engine = load_engine("moshi", checkpoint=str(demo_dir), hf_repo=None, device="cpu", dtype=None,
+    engine = load_engine("moshi", source=ModelSource(checkpoint=str(demo_dir)), device="cpu",
                          batch_size=batch_size, log=LOG, greedy=True)
     assert isinstance(engine, MoshiEngine)
     return engine
@@ -78,7 +79,7 @@ def assert_same_slot_outputs(a: list[StepResult], slot_a: int, b: list[StepResul
 
 def test_demo_engine_loads_and_warns(demo_dir, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger=LOG.name):
-        engine = load_engine("moshi", checkpoint=None, hf_repo=None, device="cpu", dtype=None, batch_size=3,
+        engine = load_engine("moshi", device="cpu", batch_size=3,
                              log=LOG)
     assert (engine.name, engine.batch_size, engine.device) == ("moshi", 3, "cpu")
     assert (engine.frame_samples, engine.sample_rate) == (1920, 24000)
@@ -214,7 +215,7 @@ def test_survives_text_ids_beyond_the_tokenizer(demo_dir) -> None:
 
 
 def test_loopback_echoes_exactly() -> None:
-    engine = load_engine("loopback", checkpoint=None, hf_repo=None, device="cpu", dtype=None, batch_size=3,
+    engine = load_engine("loopback", batch_size=3,
                          log=LOG)
     assert isinstance(engine, LoopbackEngine) and not engine.demo_weights
     pcm = np.random.default_rng(15).uniform(-1, 1, (3, FRAME)).astype(np.float32)
@@ -227,7 +228,7 @@ def test_loopback_echoes_exactly() -> None:
     assert result.has_audio.tolist() == ready.tolist()
     assert result.text == [None, None, None]
     with pytest.raises(ValueError):
-        load_engine("whisper", checkpoint=None, hf_repo=None, device="cpu", dtype=None, batch_size=1, log=LOG)
+        load_engine("whisper", batch_size=1, log=LOG)
 
 
 def test_capacity_is_computed_from_memory() -> None:

@@ -97,6 +97,7 @@ server_messages = st.one_of(
         p99_ms=finite,
         dropped_frames=ints,
         window_s=finite,
+        realigned_frames=ints,
     ),
     st.builds(Error, code=st.sampled_from(ErrorCode), msg=texts, fatal=st.booleans()),
     st.builds(Vad, event=st.sampled_from(["start", "end"]), t_ms=finite),

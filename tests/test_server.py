@@ -299,3 +299,29 @@ def test_shutdown_says_goodbye_and_leaves_nothing(sig: signal.Signals) -> None:
     assert not list(SHM.glob(f"vring-{server.proc.pid}-*"))
     assert not list(Path("/dev/shm").glob(f"vring-{server.children[0]}-*"))
     assert "resource_tracker" not in server.log()
+
+
+def test_the_engine_owns_capacity_when_memory_holds_fewer_sessions_than_asked(demo_checkpoint: str) -> None:
+    """--max-sessions 4, but the sessions' streaming state may take 13 MiB and a demo session needs 6.1: the
+    engine holds 2, the inference loop serves 2, the network admits 2 and refuses the rest."""
+    pcm = telugu_speech_16k()[: 3 * 16000]
+    with ServerProcess("--max-sessions", "4", "--session-memory-mb", "13") as server:
+        status, body = http_get(server.url + "/health")
+        assert status == 200 and json.loads(body)["max_sessions"] == 2
+        assert "max sessions clamped from 4 to 2" in server.log()
+
+        async def scenario() -> tuple[list[ClientRun], object, int | None]:
+            started = [asyncio.Event(), asyncio.Event()]
+            admitted = [asyncio.create_task(stream_client(server.ws_url, pcm, first_audio=e))
+                        for e in started]
+            await asyncio.gather(*(e.wait() for e in started))
+            async with connect(server.ws_url) as ws:
+                refusal = decode_server(await ws.recv())
+                await ws.wait_closed()
+            return [await a for a in admitted], refusal, ws.close_code
+
+        runs, refusal, code = asyncio.run(scenario())
+        assert isinstance(refusal, Error) and refusal.code == ErrorCode.CAPACITY and code == 1013
+        for run in runs:
+            assert_real_time(run)
+            assert run.session_start is not None and run.session_start.max_sessions == 2

@@ -42,10 +42,11 @@ def new_session(gen: int = 1, rules: SessionRules | None = None) -> Session:
                    now=0.0, rules=rules)
 
 
-def model_frame(gen: int = 1, block_pos: int = 0, t_in_ns: int = 0, dropped: int = 0, fill: int = 0
-                ) -> ModelFrame:
+def model_frame(gen: int = 1, block_pos: int = 0, t_in_ns: int = 0, dropped: int = 0, fill: int = 0,
+                realigned: int = 0) -> ModelFrame:
     return ModelFrame(seq=0, t_in_ns=t_in_ns, gen=gen, block_pos=block_pos, queue_us=1000, step_us=2000,
-                      resample_us=100, dropped=dropped, pcm=bytes([fill]) * OUT_FRAME_BYTES)
+                      resample_us=100, dropped=dropped, realigned=realigned,
+                      pcm=bytes([fill]) * OUT_FRAME_BYTES)
 
 
 def drain(session: Session, now_ns: int = 0) -> list[object]:
@@ -234,13 +235,14 @@ def test_model_audio_beyond_the_bound_drops_the_oldest_and_counts_it() -> None:
     assert session.counters.output_dropped == 5
 
 
-def test_input_drops_reported_by_inference_reach_the_latency_report() -> None:
+def test_input_drops_and_realignments_reported_by_inference_reach_the_latency_report() -> None:
     session = opened()
-    session.model_audio(model_frame(t_in_ns=0, dropped=4))
+    session.model_audio(model_frame(t_in_ns=0, dropped=4, realigned=2))
     drain(session, now_ns=2 * MS)
     session.tick(1.0)
     (report,) = drain(session)
-    assert isinstance(report, Latency) and report.dropped_frames == 4
+    assert isinstance(report, Latency) and report.dropped_frames == 4 and report.realigned_frames == 2
+    assert (session.counters.input_dropped, session.counters.input_realigned) == (4, 2)
     assert report.ms == pytest.approx(2.0) and report.breakdown.step_ms == pytest.approx(2.0)
 
 

@@ -1,9 +1,12 @@
 """Inference process: client audio from the rings -> one batched model step -> model audio to the rings.
 
 Per session slot the process keeps a streaming 16 -> 24 kHz resampler and an 80 ms block being filled.
-When a step runs (see `StepPolicy`), every slot with a full block takes part in one batched
-encode -> LM step -> decode (`Engine.step_batch`); slots without one are masked and keep their state.
-Each decoded block leaves as four 20 ms frames.
+When a step runs (the step clock, procs/inference/clock.py), every slot with a full block takes part in one
+batched encode -> LM step -> decode (`Engine.step_batch`); slots without one are masked and keep their
+state. Each decoded block leaves as four 20 ms frames.
+
+The engine's batch size is the one truth about capacity: the loop serves that many slots, and says so in
+its `InferenceReady`, and the network process admits exactly that many sessions.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import numpy as np
 from procs.audio.resample import Resampler16to24, float_to_int16
 from procs.config import ServerConfig
 from procs.frames import write_out_frame
-from procs.inference.policy import FRAMES_PER_BLOCK, StepPolicy
+from procs.inference.clock import FRAMES_PER_BLOCK, ImmediateScheduler, Realign, Scheduler, StepScheduler
 from procs.model.engine import Engine, EngineOOM
 from procs.model.loader import load_engine
+from procs.model.source import ModelSource
 from procs.model.torch_setup import prepare_torch
 from procs.runtime import setup_child
 from procs.topology import Topology, WorkerLinks, inference_links
@@ -36,7 +40,6 @@ log = logging.getLogger("inference")
 # down to KEEP_FRAMES, so delay cannot grow without bound.
 MAX_BACKLOG_FRAMES = 12
 KEEP_FRAMES = 4
-MOSHI_BATCH_WAIT_MS = 25.0
 IDLE_WAIT_S = 0.5
 
 
@@ -49,12 +52,13 @@ class SlotState:
     fill: int = 0
     opened_ns: int = 0
     skip: int = 0
-    ready_at_ns: int | None = None
+    ready_at_ns: int | None = None  # when this process had the block (for its wait); None: no block ready
     block_t_in_ns: int = 0
     block_resample_ns: int = 0
     frame_resample_ns: int = 0
     out_seq: int = 0
     dropped: int = 0  # input frames this session lost: it fell behind, or a block was never stepped
+    realigned: int = 0  # input frames dropped or repeated to keep it on the step clock
     audio_t_ms: float = 0.0
 
     def start(self, opened_ns: int) -> None:
@@ -65,37 +69,49 @@ class SlotState:
         self.ready_at_ns = None
         self.out_seq = 0
         self.dropped = 0
+        self.realigned = 0
         self.audio_t_ms = 0.0
 
 
+def make_scheduler(step_clock: str, engine_name: str, n_slots: int) -> Scheduler:
+    """`--step-clock`: "on" steps on one 80 ms clock, "off" steps each block as soon as it is ready, "auto"
+    is on for a model and off for the loopback engine (whose step costs nothing)."""
+    if step_clock == "off" or (step_clock == "auto" and engine_name == "loopback"):
+        return ImmediateScheduler(n_slots)
+    return StepScheduler(n_slots)
+
+
 class InferenceLoop:
-    def __init__(self, links: WorkerLinks, engine: Engine, stop: threading.Event, batch_wait_ms: float | None
+    def __init__(self, links: WorkerLinks, engine: Engine, stop: threading.Event, step_clock: str = "auto"
                  ) -> None:
         self.links, self.engine, self.stop = links, engine, stop
-        self.n = len(links.audio_in)
+        self.n = engine.batch_size  # the rings may be more: the network admits only this many sessions
+        self.audio_in = links.audio_in[: self.n]
         self.slots = [SlotState() for _ in range(self.n)]
         self.sessions = WorkerSessions(self.n)
         self.batch = np.zeros((self.n, engine.frame_samples), dtype=np.float32)
-        if batch_wait_ms is None:
-            batch_wait_ms = 0.0 if engine.name == "loopback" else MOSHI_BATCH_WAIT_MS
-        self.policy = StepPolicy(max_wait_ns=int(batch_wait_ms * 1e6))
+        self.scheduler = make_scheduler(step_clock, engine.name, self.n)
 
     def run(self) -> None:
-        inputs = self.links.inputs
+        inputs = [*self.audio_in, self.links.control_in.ring]
         while not self.stop.is_set():
-            deadline = self.policy.next_deadline_ns([s.ready_at_ns for s in self.slots])
+            deadline = self.scheduler.deadline_ns()
             timeout = IDLE_WAIT_S if deadline is None else max(0.0, (deadline - time.monotonic_ns()) / 1e9)
             wait_any(inputs, self.links.bell, timeout)
             for msg in self.links.control_in.receive():
                 if (closed := self.sessions.apply(msg)) is not None:
                     self.slots[closed.slot].ready_at_ns = None
+                    self.scheduler.close(closed.slot)
                     log.info("session=%s slot=%d: closed (%s)", closed.session_id, closed.slot, closed.reason)
-            for slot, ring in enumerate(self.links.audio_in):
+            for slot, ring in enumerate(self.audio_in):
                 self.drain_audio(slot, ring)
             now = time.monotonic_ns()
-            open_slots = [self.sessions.is_open(i) for i in range(self.n)]
-            if self.policy.should_step(now, [s.ready_at_ns for s in self.slots], open_slots):
-                self.step(now)
+            if self.scheduler.should_step(now):
+                ready = np.zeros(self.n, dtype=bool)
+                for block in self.scheduler.take_step(now):
+                    ready[block.slot] = self.sessions.is_open(block.slot)
+                if ready.any():
+                    self.step(ready, now)
 
     # ---- input --------------------------------------------------------------------------------------------
     def drain_audio(self, slot: int, ring: Ring) -> None:
@@ -115,17 +131,24 @@ class InferenceLoop:
             if st.skip:
                 st.skip -= 1
                 continue
-            self.push_frame(slot, st, frame.pcm, frame.t_ns)
+            realign = self.scheduler.take_realignment(slot)
+            if realign is not Realign.NONE:
+                st.realigned += 1
+                log.debug("session=%s slot=%d: realigned to the step clock (%s a frame)",
+                          self.sessions.session_id(slot), slot, realign.name.lower())
+            if realign is Realign.DROP:
+                continue
+            for _ in range(2 if realign is Realign.REPEAT else 1):
+                self.push_frame(slot, st, frame.pcm, frame.t_ns)
         st.dropped += self.sessions.take_lost(slot)
 
     def open_slot(self, slot: int, t_ns: int) -> None:
         st = self.slots[slot]
         st.start(opened_ns=t_ns)
         self.engine.reset_slot(slot)
-        others = any(self.sessions.is_open(i) for i in range(self.n) if i != slot)
-        st.skip = self.policy.alignment_skip(t_ns, others)
-        log.info("session=%s slot=%d: started (aligning by %d frames)", self.sessions.session_id(slot), slot,
-                 st.skip)
+        st.skip = self.scheduler.open(slot, t_ns)
+        log.info("session=%s slot=%d: started (aligning to the step clock by %d frames)",
+                 self.sessions.session_id(slot), slot, st.skip)
 
     def push_frame(self, slot: int, st: SlotState, pcm: np.ndarray, t_ns: int) -> None:
         t0 = time.perf_counter_ns()
@@ -142,13 +165,11 @@ class InferenceLoop:
         st.ready_at_ns = time.monotonic_ns()
         st.block_t_in_ns = t_ns
         st.block_resample_ns = st.frame_resample_ns
+        self.scheduler.block_complete(slot, t_ns)  # its timing: when its last frame reached the network
 
     # ---- the step -----------------------------------------------------------------------------------------
-    def step(self, now_ns: int) -> None:
-        ready = np.array(
-            [self.sessions.is_open(i) and s.ready_at_ns is not None for i, s in enumerate(self.slots)]
-        )
-        waits_ns = [now_ns - self.slots[i].ready_at_ns for i in np.flatnonzero(ready)]
+    def step(self, ready: np.ndarray, now_ns: int) -> None:
+        waits_ns = [now_ns - (self.slots[i].ready_at_ns or now_ns) for i in np.flatnonzero(ready)]
         t0 = time.monotonic_ns()
         try:
             result = self.engine.step_batch(self.batch, ready)
@@ -156,7 +177,6 @@ class InferenceLoop:
             self.on_oom()
             return
         t1 = time.monotonic_ns()
-        self.policy.last_step_ns = t0
         step_ns = t1 - t0
         for slot in np.flatnonzero(ready):
             slot = int(slot)
@@ -193,6 +213,7 @@ class InferenceLoop:
                 step_us=step_ns // 1000,
                 resample_us=resample_us,
                 dropped=st.dropped,
+                realigned=st.realigned,
             )
             ring.publish(n)
             st.out_seq += 1
@@ -211,6 +232,15 @@ class InferenceLoop:
         )
         self.sessions.close(newest)
         self.slots[newest].ready_at_ns = None
+        self.scheduler.close(newest)
+
+
+def model_source(cfg: ServerConfig) -> ModelSource:
+    return ModelSource(
+        checkpoint=cfg.checkpoint, hf_repo=cfg.hf_repo, moshi_weight=cfg.moshi_weight,
+        mimi_weight=cfg.mimi_weight, tokenizer=cfg.tokenizer, config_path=cfg.config_path,
+        lora_weight=cfg.lora_weight, fuse_lora=cfg.fuse_lora, random_model=cfg.random_model,
+    )
 
 
 def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
@@ -227,23 +257,21 @@ def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
         torch.set_num_threads(threads)
     engine = load_engine(
         cfg.engine,
-        checkpoint=cfg.checkpoint,
-        hf_repo=cfg.hf_repo,
+        source=model_source(cfg),
         device=cfg.device,
         dtype=cfg.dtype,
-        batch_size=topo.max_sessions,
+        batch_size=cfg.max_sessions,
         log=log,
+        session_memory_bytes=None if cfg.session_memory_mb is None else int(cfg.session_memory_mb * 2**20),
+        gpu_memory_fraction=cfg.gpu_memory_fraction,
     )
     t0 = time.monotonic()
     engine.warmup()
     log.info("warm-up done in %.1f s", time.monotonic() - t0)
-    loop = InferenceLoop(inference_links(topo, log), engine, stop, cfg.batch_wait_ms)
+    loop = InferenceLoop(inference_links(topo, log), engine, stop, cfg.step_clock)
     loop.links.control_out.send(
         InferenceReady(
-            model=engine.name,
-            demo_weights=engine.demo_weights,
-            max_sessions=min(topo.max_sessions, engine.max_sessions),
-            device=engine.device,
+            model=engine.name, demo_weights=engine.demo_weights, max_sessions=loop.n, device=engine.device
         )
     )
     loop.run()

@@ -19,10 +19,6 @@ if TYPE_CHECKING:
     from moshi.models.lm import LMModel
     from moshi.modules.transformer import StreamingMultiheadAttention
 
-# GPU memory kept free for weights' neighbours: activations, the allocator's slack, CUDA graphs, cuBLAS.
-GPU_RESERVE_MIN_BYTES = 1 << 30
-GPU_RESERVE_FRACTION = 0.05
-
 
 class NoRoomForASession(RuntimeError):
     """Free accelerator memory cannot hold even one session's state."""
@@ -75,23 +71,29 @@ def max_sessions_for_memory(free_bytes: int, per_session_bytes: int, reserve_byt
     return max(0, (free_bytes - reserve_bytes) // per_session_bytes)
 
 
-def gpu_reserve_bytes(total_bytes: int) -> int:
-    return max(GPU_RESERVE_MIN_BYTES, int(total_bytes * GPU_RESERVE_FRACTION))
-
-
-def clamp_batch_to_gpu_memory(batch_size: int, per_session_bytes: int, device: torch.device,
-                              log: logging.Logger) -> int:
-    """`batch_size`, or fewer if free GPU memory (after the reserve) holds fewer sessions' state."""
-    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-    reserve = gpu_reserve_bytes(total_bytes)
-    capacity = max_sessions_for_memory(free_bytes, per_session_bytes, reserve)
-    log.info("GPU memory: %.2f GiB free of %.2f GiB, %.1f MiB per session, %.2f GiB reserved: room for %d "
-             "sessions", free_bytes / 2**30, total_bytes / 2**30, per_session_bytes / 2**20, reserve / 2**30,
-             capacity)
+def sessions_that_fit(requested: int, per_session_bytes: int, *, device: torch.device,
+                      session_memory_bytes: int | None, gpu_memory_fraction: float,
+                      log: logging.Logger) -> int:
+    """`requested`, or fewer if memory holds fewer sessions' streaming state: the `--session-memory-mb`
+    budget on any device, and on CUDA what free memory holds once `1 - gpu_memory_fraction` of the card is
+    kept for working memory (activations, CUDA graphs, the allocator's slack). NoRoomForASession if not
+    even one fits."""
+    limits = [(requested, "--max-sessions")]
+    if session_memory_bytes is not None:
+        limits.append((session_memory_bytes // per_session_bytes, "--session-memory-mb"))
+    if device.type == "cuda":
+        free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+        reserve = int(total_bytes * (1.0 - gpu_memory_fraction))
+        fits = max_sessions_for_memory(free_bytes, per_session_bytes, reserve)
+        log.info("GPU memory: %.2f GiB free of %.2f GiB, %.1f MiB per session, %.2f GiB kept for working "
+                 "memory (--gpu-memory-fraction %.2f): room for %d sessions", free_bytes / 2**30,
+                 total_bytes / 2**30, per_session_bytes / 2**20, reserve / 2**30, gpu_memory_fraction, fits)
+        limits.append((fits, "free GPU memory"))
+    capacity, reason = min(limits)
     if capacity < 1:
-        raise NoRoomForASession(f"no GPU memory for even one session ({free_bytes / 2**30:.2f} GiB free)")
-    if batch_size > capacity:
-        log.warning("max sessions clamped from %d to %d: that is what fits in free GPU memory",
-                    batch_size, capacity)
-        return capacity
-    return batch_size
+        raise NoRoomForASession(f"{reason} leaves room for no session ({per_session_bytes / 2**20:.1f} MiB "
+                                "of streaming state each)")
+    if capacity < requested:
+        log.warning("max sessions clamped from %d to %d: that is what %s holds (%.1f MiB per session)",
+                    requested, capacity, reason, per_session_bytes / 2**20)
+    return capacity

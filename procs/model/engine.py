@@ -34,6 +34,7 @@ class StepResult:
     encode_s: float
     lm_s: float
     decode_s: float
+    tokens: np.ndarray | None = None  # [B, 1 + dep_q] the LM's text and audio tokens (-1: none yet); no model
 
 
 class Engine(Protocol):

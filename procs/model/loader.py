@@ -8,25 +8,27 @@ from __future__ import annotations
 import logging
 
 from procs.model.engine import Engine, LoopbackEngine
+from procs.model.source import ModelSource
 
 
 def load_engine(
     kind: str,
     *,
-    checkpoint: str | None,
-    hf_repo: str | None,
-    device: str,
-    dtype: str | None,
+    source: ModelSource | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
     batch_size: int,
     log: logging.Logger,
+    session_memory_bytes: int | None = None,
+    gpu_memory_fraction: float = 0.95,
     greedy: bool = False,
     seed: int | None = None,
 ) -> Engine:
     """Builds the engine the inference process runs.
 
-    kind "loopback": no model. kind "moshi": `checkpoint` (a local Moshi-format directory) or `hf_repo`
-    (through CheckpointInfo.from_hf_repo), or neither for the random demo checkpoint. On CUDA, `batch_size`
-    is clamped to what fits in free GPU memory: read the result's `batch_size`.
+    kind "loopback": no model. kind "moshi": the model `source` names (procs/model/checkpoints.py; None: the
+    demo checkpoint). `batch_size` is clamped to what memory holds (`session_memory_bytes` on any device,
+    free GPU memory under `gpu_memory_fraction` on CUDA): read the result's `batch_size`.
     `greedy` replaces sampling by argmax (tests); `seed` seeds torch's RNG for sampling.
     """
     if kind == "loopback":
@@ -34,8 +36,8 @@ def load_engine(
         return LoopbackEngine(batch_size)
     if kind != "moshi":
         raise ValueError(f"unknown engine kind {kind!r}; use 'moshi' or 'loopback'")
-
     from procs.model.moshi_engine import load_moshi_engine  # imports moshi: prepare_torch ran first
 
-    return load_moshi_engine(checkpoint=checkpoint, hf_repo=hf_repo, device=device, dtype=dtype,
-                             batch_size=batch_size, log=log, greedy=greedy, seed=seed)
+    return load_moshi_engine(source=source or ModelSource(), device=device, dtype=dtype,
+                             batch_size=batch_size, log=log, session_memory_bytes=session_memory_bytes,
+                             gpu_memory_fraction=gpu_memory_fraction, greedy=greedy, seed=seed)

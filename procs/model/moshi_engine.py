@@ -19,12 +19,15 @@ import time
 import numpy as np
 import sentencepiece
 import torch
+from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen, LMModel
 
-from procs.model.capacity import clamp_batch_to_gpu_memory, streaming_bytes_per_session
+from procs.model.capacity import sessions_that_fit, streaming_bytes_per_session
 from procs.model.checkpoints import is_demo_checkpoint, parse_device, parse_dtype, resolve_checkpoint
+from procs.model.demo import demo_checkpoint_dir
 from procs.model.engine import TEXT_PADDING_IDS, EngineOOM, StepResult
+from procs.model.source import ModelSource
 
 
 def text_piece_table(tokenizer: sentencepiece.SentencePieceProcessor) -> list[str | None]:
@@ -181,6 +184,7 @@ class MoshiEngine:
         return StepResult(
             pcm=pcm_out, has_audio=has_audio, text=text,
             encode_s=t_encoded - t_start, lm_s=t_stepped - t_encoded, decode_s=t_decoded - t_stepped,
+            tokens=np.where(ready[:, None], tokens_cpu, -1),
         )
 
     def _piece(self, token_id: int) -> str | None:
@@ -204,8 +208,31 @@ def _describe_lm(lm: LMModel) -> str:
             f"{_param_count(lm) / 1e6:.1f} M params")
 
 
-def load_moshi_engine(*, checkpoint: str | None, hf_repo: str | None, device: str, dtype: str | None,
-                      batch_size: int, log: logging.Logger, greedy: bool = False, seed: int | None = None
+def random_model(name: str, device: torch.device, dtype: torch.dtype, log: logging.Logger
+                 ) -> tuple[MimiModel, LMModel, sentencepiece.SentencePieceProcessor]:
+    """`--random-model`: Mimi and the LM built in memory with random weights, no checkpoint file. "moshi-7b"
+    has the real shapes (moshi's default 7B LM and full-size Mimi), for capacity checks on a GPU; "demo"
+    the demo checkpoint's. The tokenizer is the demo's (ids it cannot map are dropped)."""
+    from procs.model.demo import TOKENIZER_FILE, demo_lm_config, demo_mimi_config
+
+    tokenizer_path = demo_checkpoint_dir() / TOKENIZER_FILE
+    tokenizer = sentencepiece.SentencePieceProcessor(str(tokenizer_path))
+    if name == "moshi-7b":
+        lm_kwargs, mimi_config = dict(loaders._lm_kwargs), loaders._mimi_config
+    elif name == "demo":
+        lm_kwargs, mimi_config = demo_lm_config(text_card=tokenizer.vocab_size()), demo_mimi_config()
+    else:
+        raise ValueError(f"unknown random model {name!r}")
+    log.info("building a random-weight %s model in memory on %s", name, device)
+    num_codebooks = max(lm_kwargs["dep_q"], lm_kwargs["n_q"] - lm_kwargs["dep_q"])
+    mimi = loaders.get_mimi(None, mimi_config, num_codebooks=num_codebooks, device=device)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
+    return mimi, lm, tokenizer
+
+
+def load_moshi_engine(*, source: ModelSource, device: str, dtype: str | None, batch_size: int,
+                      log: logging.Logger, session_memory_bytes: int | None = None,
+                      gpu_memory_fraction: float = 0.95, greedy: bool = False, seed: int | None = None
                       ) -> MoshiEngine:
     """`load_engine("moshi", ...)`: see there."""
     torch_device = parse_device(device)
@@ -215,29 +242,34 @@ def load_moshi_engine(*, checkpoint: str | None, hf_repo: str | None, device: st
     if seed is not None:
         torch.manual_seed(seed)
 
-    info, source = resolve_checkpoint(checkpoint, hf_repo)
-    demo = is_demo_checkpoint(info)
-    log.info("loading checkpoint %s", source)
-    mimi = info.get_mimi(device=torch_device)
-    lm = info.get_moshi(device=torch_device, dtype=torch_dtype)
-    tokenizer = info.get_text_tokenizer()
-    log.info("checkpoint %s: %s, dtype %s, device %s; Mimi %.1f M params, %d codebooks; tokenizer %d pieces",
-             source, _describe_lm(lm), torch_dtype, torch_device, _param_count(mimi) / 1e6,
+    if source.random_model is not None:
+        mimi, lm, tokenizer = random_model(source.random_model, torch_device, torch_dtype, log)
+        described, demo, lm_gen_config = f"random {source.random_model}", True, {}
+    else:
+        info, described = resolve_checkpoint(source)
+        demo = is_demo_checkpoint(info)
+        log.info("loading checkpoint %s", described)
+        mimi = info.get_mimi(device=torch_device)
+        lm = info.get_moshi(device=torch_device, dtype=torch_dtype, fuse_lora=source.fuse_lora)
+        tokenizer = info.get_text_tokenizer()
+        lm_gen_config = dict(info.lm_gen_config)
+    log.info("model %s: %s, dtype %s, device %s; Mimi %.1f M params, %d codebooks; tokenizer %d pieces",
+             described, _describe_lm(lm), torch_dtype, torch_device, _param_count(mimi) / 1e6,
              mimi.num_codebooks, tokenizer.vocab_size())
     if lm.text_card != tokenizer.vocab_size():
         log.warning("LM text_card %d != tokenizer size %d: text ids the tokenizer cannot map are dropped",
                     lm.text_card, tokenizer.vocab_size())
     if demo:
         log.warning("*** RANDOM DEMO WEIGHTS (%s): the model outputs noise, not speech. Pass "
-                    "--checkpoint DIR or --hf-repo REPO for a real Moshi. ***", source)
+                    "--checkpoint DIR or --hf-repo REPO for a real Moshi. ***", described)
 
     per_session = streaming_bytes_per_session(mimi, lm)
-    if torch_device.type == "cuda":
-        batch_size = clamp_batch_to_gpu_memory(batch_size, per_session, torch_device, log)
-    lm_gen_kwargs = dict(info.lm_gen_config)
+    batch_size = sessions_that_fit(batch_size, per_session, device=torch_device,
+                                   session_memory_bytes=session_memory_bytes,
+                                   gpu_memory_fraction=gpu_memory_fraction, log=log)
     if greedy:
-        lm_gen_kwargs["use_sampling"] = False
+        lm_gen_config["use_sampling"] = False
     engine = MoshiEngine(mimi, lm, tokenizer, batch_size=batch_size, demo_weights=demo,
-                         lm_gen_kwargs=lm_gen_kwargs)
+                         lm_gen_kwargs=lm_gen_config)
     log.info("engine: moshi, %d slots, %.1f MiB streaming state per session", batch_size, per_session / 2**20)
     return engine

@@ -105,6 +105,10 @@ class ServerMetrics:
             "voice_input_frames_dropped_total",
             "Client audio frames the model never heard because the session fell behind",
         )
+        self.input_frames_realigned = SummedCounter(
+            "voice_input_frames_realigned_total",
+            "Client audio frames dropped or repeated to keep a session on the step clock (clock drift)",
+        )
         self.output_frames_dropped = SummedCounter(
             "voice_output_frames_dropped_total",
             "Model audio frames never sent because the client did not take them in time",

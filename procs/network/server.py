@@ -213,9 +213,9 @@ class NetworkServer:
         self.links.to_inference.send(close)
         self.links.to_vad.send(close)
         c = session.counters
-        log.info("%s: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d, output dropped=%d",
-                 live.ctx(), reason, time.monotonic() - session.started, c.frames_in, c.frames_out,
-                 c.input_dropped, c.output_dropped)
+        log.info("%s: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d realigned=%d, output "
+                 "dropped=%d", live.ctx(), reason, time.monotonic() - session.started, c.frames_in,
+                 c.frames_out, c.input_dropped, c.input_realigned, c.output_dropped)
 
     # ---- HTTP -----------------------------------------------------------------------------------------
     def _process_request(self, _conn: ServerConnection, request: Request) -> Response | None:
@@ -255,6 +255,7 @@ class NetworkServer:
         m.frames_in.set_total(totals.frames_in)
         m.frames_out.set_total(totals.frames_out)
         m.input_frames_dropped.set_total(totals.input_dropped)
+        m.input_frames_realigned.set_total(totals.input_realigned)
         m.output_frames_dropped.set_total(totals.output_dropped)
         m.protocol_errors.set_total(totals.malformed)
         return m.render()

@@ -137,6 +137,7 @@ class SessionCounters:
     frames_out: int = 0  # model audio frames handed to the socket
     malformed: int = 0  # client messages that failed to decode
     input_dropped: int = 0  # client frames the model never heard: the session fell behind (inference)
+    input_realigned: int = 0  # client frames dropped or repeated to keep the session on the step clock
     output_dropped: int = 0  # model frames never sent: the client did not take them in time
 
     def add(self, other: SessionCounters) -> None:
@@ -160,7 +161,7 @@ class LatencyWindow:
         self.step_ms += step_ms
         self.resample_ms += resample_ms
 
-    def flush(self, dropped: int, window_s: float) -> Latency | None:
+    def flush(self, dropped: int, realigned: int, window_s: float) -> Latency | None:
         """The report for this window (the previous one again if no block was answered meanwhile)."""
         n = len(self.total_ms)
         if n == 0:
@@ -177,6 +178,7 @@ class LatencyWindow:
             p99_ms=float(np.percentile(self.total_ms, 99)),
             dropped_frames=dropped,
             window_s=window_s,
+            realigned_frames=realigned,
         )
         self.total_ms.clear()
         self.queue_ms = self.step_ms = self.resample_ms = 0.0
@@ -247,6 +249,7 @@ class Session:
         if self.phase is not Phase.OPEN or frame.gen != self.gen:
             return []  # a session that is over hears nothing; a previous session's frame is stale
         self.counters.input_dropped = max(self.counters.input_dropped, frame.dropped)
+        self.counters.input_realigned = max(self.counters.input_realigned, frame.realigned)
         if len(self._audio) >= self.rules.max_queued_audio_frames:
             self._audio.popleft()
             self.counters.output_dropped += 1
@@ -286,7 +289,8 @@ class Session:
             self._next_report += self.rules.latency_period_s
             if self._next_report <= now:  # the clock stalled for more than a period: do not catch up
                 self._next_report = now + self.rules.latency_period_s
-            report = self.latency.flush(self.counters.input_dropped, self.rules.latency_period_s)
+            c = self.counters
+            report = self.latency.flush(c.input_dropped, c.input_realigned, self.rules.latency_period_s)
             if report is not None:
                 self._say(report)
         return []
