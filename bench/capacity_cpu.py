@@ -249,6 +249,8 @@ class CapacityRow:
     step_mean_ms: float
     sessions_per_step: float  # voice_step_wait_seconds count / voice_step_seconds count
     wait_mean_ms: float  # mean time a ready block waited for its step
+    realigned_total: float  # input frames dropped or repeated to keep sessions on the step clock
+    realigned_max: int  # the most any one session needed
     cpu_percent: dict[str, float]  # % of one core per process; the machine has 2 cores = 200 %
 
 
@@ -285,18 +287,44 @@ def latency_growth(run: ClientRun, warmup_s: float, window_s: float) -> tuple[fl
     )
 
 
-async def stream_sessions(url: str, pcm: np.ndarray, n: int) -> list[ClientRun]:
-    """N clients at evenly spread phases of the 80 ms block clock (people do not start in step)."""
+@dataclass(frozen=True)
+class Clients:
+    """How the clients behave. Default: evenly spread phases, our clock, no jitter. The step-clock benchmark:
+    random start phases, clocks `drift_ppm` off ours (half fast, half slow) and sends jittered by up to
+    `jitter_ms` either way, as real sound cards and networks are."""
 
-    async def one(i: int) -> ClientRun:
-        await asyncio.sleep(i * BLOCK_MS / 1000 / n + 0.003 * i)  # a start offset, not synchronisation
-        return await stream_client(url, pcm)
+    random_phases: bool = False
+    drift_ppm: float = 0.0
+    jitter_ms: float = 0.0
+    seed: int = 0
 
-    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+async def stream_sessions(url: str, pcm: np.ndarray, n: int, clients: Clients = Clients(),
+                          steady: tuple[float, float] | None = None) -> tuple[list[ClientRun], list[dict]]:
+    """N clients at different phases of the 80 ms block clock (people do not start in step). With `steady`
+    (seconds after the first frame), /metrics is also read at those two moments, while every client
+    streams: the steady-state window the step figures are taken over."""
+    rng = np.random.default_rng(clients.seed)
+    offsets = rng.uniform(0, BLOCK_MS / 1000, n) if clients.random_phases else [
+        i * BLOCK_MS / 1000 / n + 0.003 * i for i in range(n)]
+    start = asyncio.get_running_loop().time() + 0.5  # every client connected before the first frame
+
+    def one(i: int) -> asyncio.Task[ClientRun]:
+        ppm = clients.drift_ppm if i % 2 == 0 else -clients.drift_ppm
+        return asyncio.create_task(stream_client(url, pcm, start_at=start + offsets[i], clock_ppm=ppm,
+                                                 jitter_s=clients.jitter_ms / 1000, seed=clients.seed + i))
+
+    async def scrape_at(t: float) -> dict:
+        await asyncio.sleep(max(0.0, start + t - asyncio.get_running_loop().time()))  # a moment, not a sync
+        return await asyncio.to_thread(scrape_metrics, url.removesuffix("/ws").replace("ws://", "http://"))
+
+    scrapes = [asyncio.create_task(scrape_at(t)) for t in steady or ()]
+    runs = list(await asyncio.gather(*(one(i) for i in range(n))))
+    return runs, [await s for s in scrapes]
 
 
 def run_capacity(n: int, seconds: float, warmup_s: float = 5.0, window_s: float = 10.0,
-                 server_args: tuple[str, ...] = ()) -> CapacityRow:
+                 server_args: tuple[str, ...] = (), clients: Clients = Clients()) -> CapacityRow:
     """A fresh default (demo checkpoint) server with N slots, N clients streaming `seconds` of speech."""
     pcm = speech_of_length(seconds)
     with ServerProcess("--max-sessions", str(n), *server_args) as server:
@@ -304,7 +332,8 @@ def run_capacity(n: int, seconds: float, warmup_s: float = 5.0, window_s: float 
         before = scrape_metrics(server.url)
         cpu = CpuWindow(pids)
         t0 = time.monotonic()
-        runs = asyncio.run(stream_sessions(server.ws_url, pcm, n))
+        steady_window = (warmup_s, seconds - 1.0)
+        runs, (steady0, steady1) = asyncio.run(stream_sessions(server.ws_url, pcm, n, clients, steady_window))
         wall = time.monotonic() - t0
         cpu_percent = cpu.percent()
         after = scrape_metrics(server.url)
@@ -315,8 +344,10 @@ def run_capacity(n: int, seconds: float, warmup_s: float = 5.0, window_s: float 
     session_dropped = max((m.dropped_frames for r in runs for _, m in latency_messages(r)), default=0)
     names = ("voice_input_frames_dropped_total", "voice_output_frames_dropped_total")
     dropped = max(sum(after.get(n, 0.0) - before.get(n, 0.0) for n in names), float(session_dropped))
-    steps = HistogramDelta.between(before, after, "voice_step_seconds")
-    waits = HistogramDelta.between(before, after, "voice_step_wait_seconds")
+    # Step figures over the steady window, while every client streams (no start-up or tail).
+    steps = HistogramDelta.between(steady0, steady1, "voice_step_seconds")
+    waits = HistogramDelta.between(steady0, steady1, "voice_step_wait_seconds")
+    steady_s = steady_window[1] - steady_window[0]
     growth_ms = last_ms - first_ms
     reasons = []
     if min(shares) < REAL_TIME_SHARE:
@@ -336,11 +367,16 @@ def run_capacity(n: int, seconds: float, warmup_s: float = 5.0, window_s: float 
         max_growth_ms=growth_ms,
         worst_p99_ms=float(np.nanmax([g[2] for g in growth])),
         dropped_frames=dropped,
-        steps_per_s=steps.total / wall,
+        steps_per_s=steps.total / steady_s,
         step_p50_ms=steps.quantile(0.5) * 1e3,
         step_mean_ms=steps.mean() * 1e3,
         sessions_per_step=waits.total / steps.total if steps.total else float("nan"),
         wait_mean_ms=waits.mean() * 1e3,
+        realigned_total=after.get("voice_input_frames_realigned_total", 0.0)
+        - before.get("voice_input_frames_realigned_total", 0.0),
+        realigned_max=max((getattr(r.of_type(Latency)[-1], "realigned_frames", 0)  # 0: a pre-clock server
+                           for r in runs if r.of_type(Latency)),
+                          default=0),
         cpu_percent=cpu_percent,
     )
 
@@ -350,7 +386,7 @@ def capacity_table(rows: list[CapacityRow], seconds: float, server_args: tuple[s
         f"Demo checkpoint served by the running server ({' '.join(server_args) or 'default flags'}), "
         f"{seconds:.0f} s of real-time Telugu speech per client",
         f"{'N':>2} {'held':>4} {'RT share':>8} {'lat first':>9} {'lat last':>8} {'p99 max':>7} {'drop':>5} "
-        f"{'steps/s':>7} {'step p50':>8} {'step avg':>8} {'sess/step':>9} {'wait avg':>8}  "
+        f"{'steps/s':>7} {'step p50':>8} {'step avg':>8} {'sess/step':>9} {'wait avg':>8} {'realign':>7}  "
         f"CPU % of one core (network inference vad client | others on the machine)",
     ]
     for r in rows:
@@ -359,7 +395,8 @@ def capacity_table(rows: list[CapacityRow], seconds: float, server_args: tuple[s
             f"{r.sessions:>2} {'yes' if r.held else 'NO':>4} {r.min_realtime_share:>8.1%} "
             f"{r.latency_first_ms:>9.1f} {r.latency_last_ms:>8.1f} {r.worst_p99_ms:>7.1f} "
             f"{r.dropped_frames:>5.0f} {r.steps_per_s:>7.2f} {r.step_p50_ms:>8.1f} {r.step_mean_ms:>8.1f} "
-            f"{r.sessions_per_step:>9.2f} {r.wait_mean_ms:>8.1f}  "
+            f"{r.sessions_per_step:>9.2f} {r.wait_mean_ms:>8.1f} "
+            f"{r.realigned_total:>4.0f}/{r.realigned_max:<2d}  "
             f"{c.get('network', 0):>4.0f} {c.get('inference', 0):>4.0f} {c.get('vad', 0):>4.0f} "
             f"{c.get('client', 0):>4.0f} | {c.get('others', 0):>4.0f}"
             + (f"   ({r.why_not})" if r.why_not else "")
@@ -373,7 +410,8 @@ def capacity_table(rows: list[CapacityRow], seconds: float, server_args: tuple[s
     lines.append(
         f"Most sessions held: {max(held) if held else 0}; held at every N tried up to {below}. "
         "Latency in ms; lat first/last: median of the worst client's per-second `latency.ms` in the first "
-        "window after warm-up and in the last window; step and wait from the server's histograms."
+        "window after warm-up and in the last window; step and wait from the server's histograms; realign: "
+        "input frames realigned to the step clock in all / the most in one session."
     )
     return "\n".join(lines)
 
@@ -406,8 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=10.0, help="seconds of each latency window")
     parser.add_argument("--threads", type=int, help="torch threads, for the step timing and the server's "
                         "inference process (--threads); default: torch's default, as the server has it")
+    parser.add_argument("--random-phases", action="store_true",
+                        help="clients start at random phases of the 80 ms clock (default: evenly spread)")
+    parser.add_argument("--drift-ppm", type=float, default=0.0,
+                        help="client clocks this far off ours, half fast and half slow (e.g. 300)")
+    parser.add_argument("--jitter-ms", type=float, default=0.0, help="each send moved by up to this much")
+    parser.add_argument("--seed", type=int, default=0, help="for the phases and the jitter")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    clients = Clients(args.random_phases, args.drift_ppm, args.jitter_ms, args.seed)
     prepare_torch("cpu")  # the step timing runs the demo model here; before moshi is imported
     if args.seconds < 2 * args.window + args.warmup:
         print(f"note: {args.seconds:.0f} s is short for two {args.window:.0f} s windows after warm-up; "
@@ -421,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         print(step_table(step_rows, args.step_rounds), flush=True)
     capacity_rows = []
     for n in args.sessions:
-        row = run_capacity(n, args.seconds, args.warmup, args.window, server_args)
+        row = run_capacity(n, args.seconds, args.warmup, args.window, server_args, clients)
         capacity_rows.append(row)
         print(f"N={n}: {'held' if row.held else 'NOT held: ' + row.why_not}", file=sys.stderr, flush=True)
     if capacity_rows:

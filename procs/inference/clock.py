@@ -47,6 +47,7 @@ class ClockRules:
     lead_ns: int = 10_000_000
     hysteresis_ns: int = 3_000_000  # how far past the window's edge the smoothed phase may go
     smoothing: float = 0.1  # weight of the newest block in the smoothed phase
+    settle_blocks: int = 12  # no realignment before the phase is averaged over this many blocks (~1 s)
 
 
 class Realign(enum.IntEnum):
@@ -114,6 +115,7 @@ class SessionTiming:
     def __init__(self, rules: ClockRules | None = None) -> None:
         self.rules = rules or ClockRules()
         self.phase_ns: float | None = None  # smoothed; None until the first block
+        self.blocks = 0
         self.expected_ns: int | None = None  # when its next block should complete
         self.realigned = 0
         self.pending = Realign.NONE
@@ -134,12 +136,17 @@ class SessionTiming:
         """A block of this session completed at `t_ns`; returns the realignment to apply to its next frame."""
         rules = self.rules
         phase = clock.phase_ns(t_ns)
+        self.blocks += 1
         if self.phase_ns is None:
             self.phase_ns = phase
-        else:  # smoothed on the circle: the newest block's difference from the estimate, weighted
-            self.phase_ns += rules.smoothing * circular(phase - self.phase_ns)
+        else:  # smoothed on the circle (a running mean over the first blocks, so one jittered block
+            # does not decide): the newest block's difference from the estimate, weighted
+            weight = max(rules.smoothing, 1.0 / self.blocks)
+            self.phase_ns += weight * circular(phase - self.phase_ns)
         self.expected_ns = t_ns + BLOCK_NS
         limit = FRAME_NS / 2 + rules.hysteresis_ns
+        if self.blocks < rules.settle_blocks:
+            return Realign.NONE
         if self.phase_ns > limit:
             self.pending = Realign.REPEAT
         elif self.phase_ns < -limit:
