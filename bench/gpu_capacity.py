@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import json
 import os
 import platform
 import re
@@ -565,6 +566,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="torch device (default cuda)")
     parser.add_argument("--tiny", action="store_true", help="tiny model, for a CPU smoke run in seconds")
     parser.add_argument("--markdown", type=Path, help="write or update a markdown report at this path")
+    parser.add_argument("--json", type=Path, help="also write each batch size's figures here (gpu_check)")
     parser.add_argument(
         "--budget-ms",
         type=float,
@@ -739,6 +741,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown is not None:
         update_markdown_file(args.markdown, format_markdown(rows, summary, info), markdown_key(info))
         print(f"markdown report written to {args.markdown}")
+    if args.json is not None:
+        floor_bytes = footprint.bytes_read_per_step
+        bandwidth = info.vendor.bytes_per_s if info.vendor is not None else measured_bandwidth
+        args.json.write_text(json.dumps({
+            "device": device_name,
+            "torch": torch.__version__,
+            "cuda": str(torch.version.cuda),
+            "moshi": moshi.__version__,
+            "batches": [{
+                "batch": r.batch_size,
+                "status": r.status,
+                "p50_ms": r.percentile(r.step_ms, 50) if r.ok else None,
+                "p99_ms": r.percentile(r.step_ms, 99) if r.ok else None,
+                "peak_gib": None if r.peak_allocated_bytes is None else r.peak_allocated_bytes / 2**30,
+                "floor_ms": floor_bytes(r.batch_size) / bandwidth * 1e3 if bandwidth else None,
+            } for r in results],
+        }, indent=2))
     return 0
 
 

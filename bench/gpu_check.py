@@ -1,0 +1,315 @@
+"""The GPU check: one command that proves the serving core on a CUDA machine, and prints one table.
+
+    bench/gpu_check                      # on a CUDA pod (the 7B shape): about 6 minutes
+    bench/gpu_check --tiny               # anywhere (the demo model on the CPU): the same code path, ~1 minute
+    bench/gpu_check --markdown bench/RESULTS.md      # also write the table into that file (a marked block)
+
+(a) Step time of the real 7B shape (moshi's default LM config and full-size Mimi, random bf16 weights) at
+    batch 1, 8, 16, 32, 64 as memory allows: bench/gpu_capacity.py, in its own process.
+(b) The real server on that shape (`supervisor --random-model moshi-7b`: random weights built in memory, no
+    15 GB file) on its one step clock, driven by N clients at real-time pace from this machine (several
+    client processes, so the clients are not the bottleneck) for --seconds each, for a few N around what (a)
+    says fits: the most sessions held, with bench/capacity_cpu.py's rule (every client got >= 95% of
+    real-time output, its latency grew <= 20 ms, nothing dropped).
+(c) A masked, batched step (CUDA graphs on CUDA, captured by the warm-up) gives each slot the same greedy
+    tokens as the same session run alone, with sessions that start at different steps.
+
+Needs the project importable (`pip install --no-deps -e .`, as the set-up does) and, for (a) and (b), CUDA
+unless --tiny.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import multiprocessing
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from capacity_cpu import (
+    LATENCY_GROWTH_MS,
+    REAL_TIME_SHARE,
+    Clients,
+    HistogramDelta,
+    latency_growth,
+    realtime_share,
+    scrape_metrics,
+    speech_of_length,
+    stream_sessions,
+)
+
+from procs.launcher import ServerProcess
+from procs.model.torch_setup import prepare_torch
+from protocol import Latency
+
+BENCH = Path(__file__).resolve().parent
+BLOCK_BEGIN = "<!-- gpu_check:begin -->"
+BLOCK_END = "<!-- gpu_check:end -->"
+BUDGET_MS = 80.0
+MARGIN = 0.8
+CLIENTS_PER_PROCESS = 16
+CLIENT_START_S = 3.0  # a spawned client process imports numpy, websockets and protocol before it streams
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run checks: the full 7B shape on CUDA, or --tiny, the demo shape on the CPU."""
+
+    device: str
+    capacity_args: tuple[str, ...]
+    server_args: tuple[str, ...]
+    equivalence_model: str
+    equivalence_slots: int
+    equivalence_steps: int
+
+
+def plan(tiny: bool, batch_sizes: str, steps: int) -> Plan:
+    if tiny:
+        tiny_capacity = ("--tiny", "--device", "cpu", "--batch-sizes", "1,2", "--steps", "5", "--warmup", "3")
+        return Plan("cpu", tiny_capacity, ("--device", "cpu"), "demo", 3, 12)
+    return Plan("cuda", ("--device", "cuda", "--batch-sizes", batch_sizes, "--steps", str(steps)),
+                ("--random-model", "moshi-7b", "--device", "cuda"), "moshi-7b", 4, 24)
+
+
+# ---- (a) step time against batch size ----------------------------------------------------------------------
+
+
+def step_times(p: Plan) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "capacity.json"
+        command = [sys.executable, str(BENCH / "gpu_capacity.py"), *p.capacity_args, "--json", str(out)]
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"gpu_capacity.py failed ({run.returncode}):\n{run.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def fits_in_budget(capacity: dict) -> int:
+    """The largest batch whose step p99 stays under the budget x margin (0: none)."""
+    ok = [b["batch"] for b in capacity["batches"]
+          if b["status"] == "ok" and b["p99_ms"] <= BUDGET_MS * MARGIN]
+    return max(ok, default=0)
+
+
+# ---- (b) sessions held by the server -----------------------------------------------------------------------
+
+
+def scrape_at(url: str, monotonic_t: float) -> dict[str, float]:
+    """Spawned: /metrics at a moment of the run (the moment is the measurement, not a synchronisation)."""
+    time.sleep(max(0.0, monotonic_t - time.monotonic()))
+    return scrape_metrics(url)
+
+
+def client_process(url: str, seconds: float, n: int, seed: int, warmup_s: float, window_s: float
+                   ) -> list[dict]:
+    """Spawned: n clients stream `seconds` of speech at real-time pace; what each saw, summarised."""
+    pcm = speech_of_length(seconds)
+    clients = Clients(random_phases=True, drift_ppm=300.0, jitter_ms=5.0, seed=seed)
+    runs, _ = asyncio.run(stream_sessions(url, pcm, n, clients))
+    summaries = []
+    for run in runs:
+        first, last, p99 = latency_growth(run, warmup_s, window_s)
+        reports = run.of_type(Latency)
+        summaries.append({"share": realtime_share(run), "first_ms": first, "last_ms": last, "p99_ms": p99,
+                          "dropped": reports[-1].dropped_frames if reports else 0,
+                          "refused": run.session_start is None})
+    return summaries
+
+
+@dataclass
+class HeldRow:
+    sessions: int
+    held: bool
+    why_not: str
+    min_share: float
+    max_growth_ms: float
+    steps_per_s: float
+    sessions_per_step: float
+    wait_mean_ms: float
+    step_p50_ms: float
+
+
+def drive(server: ServerProcess, n: int, seconds: float) -> HeldRow:
+    warmup_s, window_s = min(5.0, seconds / 4), min(10.0, seconds / 4)
+    processes = -(-n // CLIENTS_PER_PROCESS)
+    counts = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
+    t0 = time.monotonic()
+    # The step figures come from a window while every client streams: the client processes take a few
+    # seconds to start, so it begins after that and the warm-up, and ends a second before the audio does.
+    steady = (CLIENT_START_S + warmup_s, CLIENT_START_S + seconds - 1.0)
+    with ProcessPoolExecutor(processes + 1, mp_context=SPAWN) as pool:
+        futures = [pool.submit(client_process, server.ws_url, seconds, count, 100 * i, warmup_s, window_s)
+                   for i, count in enumerate(counts)]
+        scrapes = [pool.submit(scrape_at, server.url, t0 + t) for t in steady]
+        summaries = [s for f in futures for s in f.result()]
+        before, after = (f.result() for f in scrapes)
+    steps = HistogramDelta.between(before, after, "voice_step_seconds")
+    waits = HistogramDelta.between(before, after, "voice_step_wait_seconds")
+    wall = steady[1] - steady[0]
+    growth = [s["last_ms"] - s["first_ms"] for s in summaries]
+    dropped = sum(s["dropped"] for s in summaries)
+    reasons = []
+    if any(s["refused"] for s in summaries):
+        reasons.append("refused")
+    if min(s["share"] for s in summaries) < REAL_TIME_SHARE:
+        reasons.append(f"real-time share {min(s['share'] for s in summaries):.1%}")
+    if not max(growth) <= LATENCY_GROWTH_MS:
+        reasons.append(f"latency grew {max(growth):+.0f} ms")
+    if dropped:
+        reasons.append(f"{dropped} frames dropped")
+    return HeldRow(n, not reasons, "; ".join(reasons), min(s["share"] for s in summaries), max(growth),
+                   steps.total / wall, waits.total / steps.total if steps.total else float("nan"),
+                   waits.mean() * 1e3, steps.quantile(0.5) * 1e3)
+
+
+def sessions_held(p: Plan, candidates: list[int], seconds: float) -> list[HeldRow]:
+    with ServerProcess(*p.server_args, "--max-sessions", str(max(candidates)), ready_timeout=600) as server:
+        rows = []
+        for n in candidates:
+            rows.append(drive(server, n, seconds))
+            verdict = "held" if rows[-1].held else "NOT held: " + rows[-1].why_not
+            print(f"(b) N={n}: {verdict}", file=sys.stderr, flush=True)
+        return rows
+
+
+# ---- (c) masked batched step = each session alone ----------------------------------------------------------
+
+
+@dataclass
+class EquivalenceRow:
+    slots: int
+    steps: int
+    identical: bool
+    detail: str
+
+
+def masked_equals_alone(p: Plan) -> EquivalenceRow:
+    """Sessions in the slots of one engine start at different steps (the others masked) and are run again
+    one at a time in the same engine; greedy tokens must match slot by slot, step by step."""
+    prepare_torch(p.device)  # before moshi is imported
+    from procs.model.loader import load_engine
+    from procs.model.source import ModelSource
+
+    n, steps = p.equivalence_slots, p.equivalence_steps
+    engine = load_engine("moshi", source=ModelSource(random_model=p.equivalence_model), device=p.device,
+                         batch_size=n, log=logging.getLogger("gpu_check"), greedy=True, seed=0)
+    engine.warmup()  # as the server does before it says ready: on CUDA this captures the graphs
+    rng = np.random.default_rng(7)
+    audio = (0.1 * rng.standard_normal((n, steps, engine.frame_samples))).astype(np.float32)
+    start = [2 * s for s in range(n)]  # staggered starts
+
+    def run(active: list[int]) -> dict[int, list[np.ndarray]]:
+        for slot in range(n):
+            engine.reset_slot(slot)
+        got: dict[int, list[np.ndarray]] = {s: [] for s in active}
+        for t in range(steps + start[max(active)]):
+            ready = np.array([s in active and start[s] <= t < start[s] + steps for s in range(n)])
+            if not ready.any():
+                continue
+            pcm = np.zeros((n, engine.frame_samples), np.float32)
+            for s in np.flatnonzero(ready):
+                pcm[s] = audio[s, t - start[s]]
+            tokens = engine.step_batch(pcm, ready).tokens
+            for s in np.flatnonzero(ready):
+                got[int(s)].append(tokens[s].copy())
+        return got
+
+    together = run(list(range(n)))
+    for slot in range(n):
+        alone = run([slot])[slot]
+        for step, (a, b) in enumerate(zip(together[slot], alone, strict=True)):
+            if not np.array_equal(a, b):
+                return EquivalenceRow(n, steps, False, f"slot {slot} differs at its step {step}: {a} vs {b}")
+    return EquivalenceRow(n, steps, True, f"{n} slots x {steps} steps identical")
+
+
+# ---- the table ---------------------------------------------------------------------------------------------
+
+
+def table(capacity: dict, held: list[HeldRow], equivalence: EquivalenceRow, p: Plan, seconds: float) -> str:
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: UP017
+    model = "the demo model (--tiny)" if p.device == "cpu" else "Moshi 7B shape, random bf16 weights"
+    lines = [
+        f"**GPU check** on {capacity['device']}, {date}: torch {capacity['torch']}, CUDA {capacity['cuda']}, "
+        f"moshi {capacity['moshi']}; {model}. Command: `bench/gpu_check"
+        f"{' --tiny' if p.device == 'cpu' else ''}`.",
+        "",
+        "| check | figure |",
+        "| --- | --- |",
+    ]
+    for b in capacity["batches"]:
+        if b["status"] == "ok":
+            floor = f", floor {b['floor_ms']:.1f} ms" if b["floor_ms"] else ""
+            lines.append(f"| (a) step at batch {b['batch']} | p50 {b['p50_ms']:.1f} ms, "
+                         f"p99 {b['p99_ms']:.1f} ms, peak {b['peak_gib'] or 0:.1f} GiB{floor} |")
+        else:
+            lines.append(f"| (a) step at batch {b['batch']} | {b['status']} |")
+    for r in held:
+        verdict = "held" if r.held else f"NOT held ({r.why_not})"
+        lines.append(f"| (b) {r.sessions} sessions for {seconds:.0f} s | {verdict}: real-time share "
+                     f"{r.min_share:.1%}, {r.steps_per_s:.2f} steps/s, {r.sessions_per_step:.1f} "
+                     f"sessions/step, wait {r.wait_mean_ms:.1f} ms, step p50 {r.step_p50_ms:.1f} ms |")
+    most = max((r.sessions for r in held if r.held), default=0)
+    lines.append(f"| (b) most sessions held | {most} |")
+    lines.append(f"| (c) masked batched step = alone | {'yes' if equivalence.identical else 'NO'}: "
+                 f"{equivalence.detail} |")
+    return "\n".join(lines)
+
+
+def write_block(path: Path, text: str) -> None:
+    block = f"{BLOCK_BEGIN}\n{text}\n{BLOCK_END}"
+    current = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(BLOCK_BEGIN) + ".*?" + re.escape(BLOCK_END), re.DOTALL)
+    updated = pattern.sub(lambda _: block, current) if pattern.search(current) else f"{current}\n{block}\n"
+    path.write_text(updated)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the demo model on the CPU: the code path")
+    parser.add_argument("--batch-sizes", default="1,8,16,32,64", help="(a) batch sizes")
+    parser.add_argument("--steps", type=int, default=30, help="(a) timed steps per batch size")
+    parser.add_argument("--seconds", type=float, default=60.0, help="(b) seconds each N is held")
+    parser.add_argument("--sessions", help="(b) session counts to try (default: around what (a) fits)")
+    parser.add_argument("--markdown", type=Path, help="also write the table into this file (a marked block)")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    args = parser.parse_args(argv)
+    p = plan(args.tiny, args.batch_sizes, args.steps)
+    seconds = min(args.seconds, 8.0) if args.tiny else args.seconds
+    started = time.monotonic()
+
+    capacity = step_times(p)
+    print(f"(a) done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    if args.sessions:
+        candidates = sorted({int(v) for v in args.sessions.split(",")})
+    else:
+        fits = max(fits_in_budget(capacity), 1)
+        candidates = [2] if args.tiny else sorted({max(1, fits // 2), fits, fits * 5 // 4})
+    held = sessions_held(p, candidates, seconds)
+    print(f"(b) done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    equivalence = masked_equals_alone(p)
+    print(f"(c) done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+    text = table(capacity, held, equivalence, p, seconds)
+    print(text)
+    if args.markdown:
+        write_block(args.markdown, text)
+    if args.json:
+        args.json.write_text(json.dumps({"capacity": capacity, "held": [asdict(r) for r in held],
+                                         "equivalence": asdict(equivalence)}, indent=2))
+    return 0 if equivalence.identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
