@@ -1,8 +1,21 @@
-"""Supervisor: creates the shared-memory rings, spawns the network, VAD and inference processes, and
-shuts them down in order.
+"""Supervisor: creates the shared-memory rings, spawns the network, VAD and inference processes, keeps them
+alive, and shuts them down in order.
 
-It knows nothing of models or audio: it owns the rings (and alone unlinks them), watches its children,
-and on SIGTERM/SIGINT asks the network process to say goodbye to every client first, then stops the rest.
+It knows nothing of models: it owns the rings and the heartbeat board (and alone unlinks them), watches its
+children, and restarts one that dies or hangs:
+
+* a child hangs when its heartbeat (its word on the board, written from its loop at least every half
+  second once it is ready) is older than HEARTBEAT_TIMEOUT_S: it is killed and treated as crashed;
+* the VAD is optional to a conversation: it is restarted and sessions go on (speech events resume);
+* the inference process ends the sessions it held (the network tells them: `error` internal, close 1011)
+  and is restarted; `/health` says `starting` until it is ready again;
+* the network process is restarted (clients reconnect by their back-off; the workers forget its sessions);
+* MAX_CRASHES within CRASH_WINDOW_S stop everything with exit status 1.
+
+Signals: the first SIGTERM drains (no new sessions; live ones go on until they end or `--drain-timeout`,
+then `session_end` and close 1001), as Kubernetes and a load balancer expect; a second SIGTERM, or SIGINT,
+stops at once (every client gets `session_end` and 1001 within seconds). Exit status 0 unless a child
+failed to stop or crashed too often.
 
     python supervisor.py --host 0.0.0.0 --port 8998            # demo checkpoint on the CPU
     python supervisor.py --hf-repo kyutai/moshiko-pytorch-bf16 --device cuda
@@ -11,104 +24,230 @@ and on SIGTERM/SIGINT asks the network process to say goodbye to every client fi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
 import signal
 import sys
 import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 from procs.config import ServerConfig, parse_config
 from procs.runtime import run_process, setup_logging
-from procs.topology import OwnedTopology
-from protocol.internal import NetworkReady, decode_internal
+from procs.topology import ROLES, OwnedTopology
+from protocol.internal import NetworkReady, WorkerDown, decode_internal
 
 log = logging.getLogger("supervisor")
 
-CHILDREN = ("network", "inference", "vad")  # procs/<role>/main.py, each with main(cfg, topology, status)
-NETWORK_DRAIN_S = 5.0  # the network process says goodbye to every client within this
+HEARTBEAT_TIMEOUT_S = 5.0
+CHECK_EVERY_S = 0.5
+MAX_CRASHES = 5
+CRASH_WINDOW_S = 60.0
+NETWORK_STOP_S = 5.0  # stopping at once: every client gets its goodbye (2 s) or is cut off, then it exits
 CHILD_STOP_S = 3.0
+
+
+@dataclass
+class Child:
+    role: str
+    proc: BaseProcess
+    status: Connection
+    started: float = field(default_factory=time.monotonic)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 class Supervisor:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.ctx = mp.get_context("spawn")  # CUDA does not survive fork
-        self.procs: dict[str, BaseProcess] = {}
-        self.status: dict[str, Connection] = {}
-        self.stopping = False
+        self.children: dict[str, Child] = {}
+        self.signals: list[int] = []
         self.exit_code = 0
+        self.crashes: deque[float] = deque()
+        self.started = time.monotonic()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
 
+    # ---- signals --------------------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: object) -> None:
-        if not self.stopping:
-            log.info("%s received, shutting down", signal.Signals(signum).name)
-        self.stopping = True
+        self.signals.append(signum)
         with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
             os.write(self.wake_w, b"x")
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.signals)
+
+    @property
+    def stop_now(self) -> bool:
+        """A second SIGTERM, or any SIGINT."""
+        return signal.SIGINT in self.signals or self.signals.count(signal.SIGTERM) > 1
+
+    # ---- children -------------------------------------------------------------------------------------
+    def spawn(self, role: str) -> None:
+        parent_end, child_end = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=run_process, args=(role, self.cfg, self.owned.topology, child_end),
+                                name=role)
+        proc.start()
+        child_end.close()
+        self.owned.board.set(ROLES.index(role), 0)  # no heartbeat until it is ready
+        self.children[role] = Child(role, proc, parent_end)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
-        started = time.monotonic()
         with OwnedTopology(self.cfg.max_sessions) as owned:
-            for name in CHILDREN:
-                parent_end, child_end = self.ctx.Pipe(duplex=False)
-                proc = self.ctx.Process(
-                    target=run_process, args=(name, self.cfg, owned.topology, child_end), name=name
-                )
-                proc.start()
-                child_end.close()
-                self.procs[name], self.status[name] = proc, parent_end
-            log.info("started %s", ", ".join(f"{n}[{p.pid}]" for n, p in self.procs.items()))
-            self.watch(started)
+            self.owned = owned
+            self.to_network = owned.control_to_network(log)
+            for role in ROLES:
+                self.spawn(role)
+            log.info("started %s", ", ".join(f"{c.role}[{c.proc.pid}]" for c in self.children.values()))
+            self.watch()
             self.shutdown()
         log.info("supervisor exiting with %d", self.exit_code)
         return self.exit_code
 
-    def watch(self, started: float) -> None:
-        sentinels = {p.sentinel: n for n, p in self.procs.items()}
-        conns = {c: n for n, c in self.status.items()}
+    def watch(self) -> None:
+        """Until a stop is asked for: readiness reports, children that exit or hang, the resource tracker."""
+        next_check = time.monotonic() + CHECK_EVERY_S
         while not self.stopping:
-            for ready in wait([self.wake_r, *sentinels, *conns]):
+            sentinels = {c.proc.sentinel: c for c in self.children.values()}
+            statuses = {c.status: c for c in self.children.values() if not c.status.closed}
+            timeout = max(0.0, next_check - time.monotonic())
+            for ready in wait([self.wake_r, *sentinels, *statuses], timeout):
                 if ready == self.wake_r:
                     os.read(self.wake_r, 64)
                 elif ready in sentinels:
-                    name = sentinels[ready]
-                    log.error("%s process exited unexpectedly (code %s)", name, self.procs[name].exitcode)
-                    self.exit_code, self.stopping = 1, True
-                    break
-                else:
-                    conn = ready
-                    try:
-                        msg = decode_internal(conn.recv_bytes())
-                    except EOFError:
-                        del conns[conn]
-                        continue
-                    if isinstance(msg, NetworkReady):
-                        url = f"http://{msg.host}:{msg.port}"
-                        # Tests and scripts wait for this exact line.
-                        print(f"READY {url} model={msg.model}", flush=True)
-                        log.info("ready in %.1f s: open %s/ in a browser", time.monotonic() - started, url)
+                    child = sentinels[ready]
+                    child.proc.join(1.0)  # reap it, so its exit status is known
+                    self.failed(child, describe_exit(child.proc.exitcode))
+                elif ready in statuses:
+                    self.on_status(statuses[ready])
+                if self.stopping or self.exit_code:
+                    return
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + CHECK_EVERY_S
+                self.check_heartbeats()
+                self.check_resource_tracker()
+                if self.exit_code:
+                    return
 
+    def on_status(self, child: Child) -> None:
+        try:
+            msg = decode_internal(child.status.recv_bytes())
+        except (EOFError, OSError):
+            child.status.close()
+            return
+        if isinstance(msg, NetworkReady):
+            # A restarted network process listens where the first one did (`--port 0` picked it once).
+            self.cfg = dataclasses.replace(self.cfg, port=msg.port)
+            url = f"http://{msg.host}:{msg.port}"
+            print(f"READY {url} model={msg.model}", flush=True)  # tests and scripts wait for this line
+            log.info("ready in %.1f s: open %s/ in a browser", time.monotonic() - self.started, url)
+
+    def check_heartbeats(self) -> None:
+        now = time.monotonic_ns()
+        for child in list(self.children.values()):
+            beat = self.owned.board.get(ROLES.index(child.role))
+            if beat and now - beat > HEARTBEAT_TIMEOUT_S * 1e9:
+                silent = (now - beat) / 1e9
+                log.error("%s[%d] stopped answering (no heartbeat for %.1f s): killing it", child.role,
+                          child.proc.pid, silent)
+                child.proc.kill()
+                child.proc.join(5.0)
+                self.failed(child, f"hung (no heartbeat for {silent:.1f} s)")
+
+    def check_resource_tracker(self) -> None:
+        """The resource tracker unlinks our segments if this process is killed outright; if it died, it is
+        started again and told about them."""
+        tracker = resource_tracker._resource_tracker
+        pid = getattr(tracker, "_pid", None)
+        if pid is None:
+            return
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if not done:
+            return
+        log.error("the resource tracker [%d] died: starting a new one and registering %d segments with it",
+                  pid, len(self.owned.segment_names()))
+        tracker.ensure_running()  # sees the old one gone and starts another
+        for name in self.owned.segment_names():
+            resource_tracker.register("/" + name, "shared_memory")
+
+    def failed(self, child: Child, how: str) -> None:
+        """A child died or hung: restart it, unless this is a crash loop or the server is stopping."""
+        if self.stopping:
+            return
+        log.error("%s[%d] %s after %.1f s", child.role, child.proc.pid, how, time.monotonic() - child.started)
+        now = time.monotonic()
+        self.crashes.append(now)
+        while self.crashes and self.crashes[0] < now - CRASH_WINDOW_S:
+            self.crashes.popleft()
+        if len(self.crashes) >= MAX_CRASHES:
+            log.error("%d crashes within %.0f s: stopping", len(self.crashes), CRASH_WINDOW_S)
+            self.exit_code = 1
+            return
+        child.status.close()
+        if child.role != "network":
+            self.to_network.send(WorkerDown(role=child.role, why=how))  # type: ignore[arg-type]
+        self.spawn(child.role)
+        log.info("restarted %s as [%d]", child.role, self.children[child.role].proc.pid)
+
+    # ---- stopping -------------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Network first (it tells clients `session_end` and closes with 1001), then the workers together."""
-        for names, grace in ((["network"], NETWORK_DRAIN_S), (["inference", "vad"], CHILD_STOP_S)):
-            procs = [self.procs[n] for n in names if n in self.procs]
-            for proc in procs:
-                if proc.is_alive():
-                    proc.terminate()
-            deadline = time.monotonic() + grace
-            for proc in procs:
-                proc.join(max(0.0, deadline - time.monotonic()))
-                if proc.is_alive():
-                    log.error("%s did not stop within %.0f s, killing it", proc.name, grace)
-                    proc.kill()
-                    proc.join()
-                    self.exit_code = self.exit_code or 1
+        """The network first (it drains, or says goodbye at once), then the workers together."""
+        network = self.children["network"].proc
+        now_asked = self.stop_now or bool(self.exit_code)
+        if network.is_alive():
+            if now_asked:
+                os.kill(network.pid, signal.SIGUSR1)
+            else:
+                log.info("draining: sessions may go on for up to %.0f s (SIGTERM again or SIGINT: stop now)",
+                         self.cfg.drain_timeout_s)
+                network.terminate()
+        os.set_blocking(self.wake_r, False)
+        allowed = NETWORK_STOP_S if now_asked else self.cfg.drain_timeout_s + NETWORK_STOP_S
+        deadline = time.monotonic() + allowed
+        while network.is_alive() and time.monotonic() < deadline:
+            wait([network.sentinel, self.wake_r], max(0.0, deadline - time.monotonic()))
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake_r, 64)
+            if self.stop_now and not now_asked and network.is_alive():
+                log.info("stopping at once")
+                os.kill(network.pid, signal.SIGUSR1)
+                now_asked = True
+                deadline = min(deadline, time.monotonic() + NETWORK_STOP_S)
+        self.stop([network], grace=1.0)
+        self.stop([self.children[r].proc for r in ("inference", "vad")], CHILD_STOP_S)
+
+    def stop(self, procs: list[BaseProcess], grace: float) -> None:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.error("%s did not stop within %.0f s, killing it", proc.name, grace)
+                proc.kill()
+                proc.join()
+                self.exit_code = self.exit_code or 1
 
 
 def main(argv: list[str] | None = None) -> int:

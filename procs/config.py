@@ -50,6 +50,12 @@ class ServerConfig:
     engine: str = "moshi"
     step_clock: str = "auto"
     threads: int | None = None
+    idle_timeout_s: float | None = 30.0
+    max_session_s: float | None = None
+    drain_timeout_s: float = 30.0
+    allowed_origins: tuple[str, ...] = ()  # besides the page's own origin and localhost; ("*",): any
+    auth_token: str | None = None
+    auth_secret: str | None = None
     log_level: str = "INFO"
     web_dir: Path = field(default=WEB_DIR)
 
@@ -80,6 +86,26 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise ValueError(f"must be positive, got {value}")
     return value
+
+
+def _seconds_or_off(text: str) -> float | None:
+    if text.strip().lower() in ("0", "off", "none"):
+        return None
+    return _positive_float(text)
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if origin not in ("*", "null") and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]), * or null")
+    return origins
+
+
+def _secret(text: str) -> str:
+    if len(text) < 16:
+        raise ValueError("must be at least 16 characters")
+    return text
 
 
 def _device(text: str) -> str:
@@ -161,6 +187,19 @@ OPTIONS: tuple[Option, ...] = (
            "model, off for loopback"),
     Option("threads", ("--threads",), "VOICE_THREADS", _positive_int,
            "torch threads in the inference process (default: 1 on a CPU, torch's own on CUDA)"),
+    Option("idle_timeout_s", ("--idle-timeout",), "VOICE_IDLE_TIMEOUT", _seconds_or_off,
+           "close a session that sends no audio this many seconds (0: never)", metavar="S"),
+    Option("max_session_s", ("--max-session-s",), "VOICE_MAX_SESSION_S", _seconds_or_off,
+           "end sessions at this age in seconds (default: no limit)", metavar="S"),
+    Option("drain_timeout_s", ("--drain-timeout",), "VOICE_DRAIN_TIMEOUT", _positive_float,
+           "on SIGTERM, let live sessions go on this many seconds before ending them", metavar="S"),
+    Option("allowed_origins", ("--allowed-origins",), "VOICE_ALLOWED_ORIGINS", _origins,
+           "browser origins allowed to open sessions besides the page's own and localhost "
+           "(comma-separated; * allows any)", metavar="ORIGINS"),
+    Option("auth_token", ("--auth-token",), "VOICE_AUTH_TOKEN", _secret,
+           "a shared secret clients must pass as ?token=... (at least 16 characters)", metavar="TOKEN"),
+    Option("auth_secret", ("--auth-secret",), "VOICE_AUTH_SECRET", _secret,
+           "accept short-lived tokens a backend signs with this secret (see the README)", metavar="SECRET"),
     Option("log_level", ("--log-level",), "VOICE_LOG_LEVEL", _choice(LOG_LEVELS, upper=True),
            "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
 )

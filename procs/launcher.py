@@ -8,6 +8,7 @@ below find a server's processes and the CPU they use (from /proc, through ringbu
 from __future__ import annotations
 
 import os
+import re
 import select
 import selectors
 import signal
@@ -112,6 +113,14 @@ class ServerProcess:
         if not self.log_file.closed:
             self.log_file.flush()
         return Path(self.log_file.name).read_text()
+
+    def child_pid(self, role: str) -> int:
+        """The current pid of a child (network, vad, inference), from the supervisor's log: the last
+        `role[PID]` it wrote (started, crashed) or `restarted role as [PID]`."""
+        log = self.log()
+        marks = [(m.start(), int(m.group(1))) for m in re.finditer(rf"\b{role}\[(\d+)\]", log)]
+        marks += [(m.start(), int(m.group(1))) for m in re.finditer(rf"restarted {role} as \[(\d+)\]", log)]
+        return max(marks)[1]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> tuple[int, float]:
         """Signal the supervisor; returns (exit code, seconds it took)."""

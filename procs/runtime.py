@@ -6,6 +6,7 @@ import ctypes
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -14,25 +15,46 @@ LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s [%(processName)s] %(name)s
 _PR_SET_PDEATHSIG = 1
 
 
+class RedactSecrets(logging.Filter):
+    """Access tokens travel in the URL's query (`?token=...`, the one place a browser can put them), and
+    websockets' debug log prints request lines: every record is scrubbed before any handler writes it."""
+
+    PATTERN = re.compile(r"(token=)[^\s&\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = self.PATTERN.sub(r"\1<redacted>", message), None
+        return True
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr, force=True
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets())
 
 
-def setup_child(level: str, on_term: Callable[[], None]) -> None:
+def setup_child(level: str, on_term: Callable[[], None],
+                on_stop_now: Callable[[], None] | None = None) -> None:
     """Children leave Ctrl-C to the supervisor (the terminal sends SIGINT to the whole process group),
-    stop cleanly on SIGTERM, and get SIGTERM themselves if the supervisor dies without telling them."""
+    stop cleanly on SIGTERM, and stop at once on SIGUSR1 (`on_stop_now`, where the process distinguishes a
+    drain from a stop). If the supervisor dies without telling them, they get the stop-at-once signal."""
     setup_logging(level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: on_term())
+    death_signal = signal.SIGTERM
+    if on_stop_now is not None:
+        signal.signal(signal.SIGUSR1, lambda *_: on_stop_now())
+        death_signal = signal.SIGUSR1
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the supervisor's own shutdown path still applies
         pass
     if os.getppid() == 1:  # the parent died before prctl took effect
-        on_term()
+        (on_stop_now or on_term)()
 
 
 def run_process(role: str, *args: object) -> None:

@@ -7,7 +7,9 @@ reads rings that doorbell on publish, so one wait covers all of a process's inpu
     network   --audio_to_inference[slot]-->  inference  --audio_to_network[slot]-->  network
     network   --audio_to_vad[slot]-------->  VAD
     network   --ctrl_to_inference / ctrl_to_vad-->  workers  --ctrl_from_inference / ctrl_from_vad-->  network
+    supervisor --ctrl_to_network--> network           (a worker went down)
 
+Every process also beats on the heartbeat board (its word: ROLES order), so the supervisor sees a hung one.
 A child attaches its side with `network_links`, `inference_links` or `vad_links`.
 """
 
@@ -15,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 from procs.control import ControlChannel
 from procs.frames import IN_SLOT_BYTES, OUT_SLOT_BYTES
-from ringbuf import Doorbell, Policy, Ring, RingSpec
+from ringbuf import Board, BoardSpec, Doorbell, Policy, Ring, RingSpec
+
+ROLES = ("network", "inference", "vad")  # the supervisor's children; their heartbeat words, in this order
 
 # 1.28 s of audio per ring: far more than a healthy session ever holds, so only a stalled peer fills it,
 # and then the oldest audio goes first (counted), which is what a live conversation wants.
@@ -38,6 +43,8 @@ class Topology:
     ctrl_to_vad: RingSpec
     ctrl_from_inference: RingSpec
     ctrl_from_vad: RingSpec
+    ctrl_to_network: RingSpec  # from the supervisor
+    heartbeats: BoardSpec
     bell_network: Doorbell
     bell_inference: Doorbell
     bell_vad: Doorbell
@@ -49,6 +56,7 @@ class OwnedTopology(contextlib.AbstractContextManager):
     def __init__(self, max_sessions: int) -> None:
         self._rings: list[Ring] = []
         self._bells = [Doorbell() for _ in range(3)]
+        self.board = Board.create(len(ROLES))
         try:
 
             def audio(slot_bytes: int) -> tuple[RingSpec, ...]:
@@ -69,6 +77,8 @@ class OwnedTopology(contextlib.AbstractContextManager):
                 ctrl_to_vad=ctrl(),
                 ctrl_from_inference=ctrl(),
                 ctrl_from_vad=ctrl(),
+                ctrl_to_network=ctrl(),
+                heartbeats=self.board.spec,
                 bell_network=self._bells[0],
                 bell_inference=self._bells[1],
                 bell_vad=self._bells[2],
@@ -82,12 +92,23 @@ class OwnedTopology(contextlib.AbstractContextManager):
         self._rings.append(ring)
         return ring.spec
 
+    def control_to_network(self, log: logging.Logger) -> ControlChannel:
+        """The supervisor's side of its control ring to the network process."""
+        ring = next(r for r in self._rings if r.spec == self.topology.ctrl_to_network)
+        ring.bind_producer(self.topology.bell_network)
+        return ControlChannel(ring, name="supervisor->network", log=log)
+
+    def segment_names(self) -> list[str]:
+        """Every shared-memory segment this topology owns (to re-register them if the tracker restarts)."""
+        return [ring.spec.name for ring in self._rings] + [self.board.spec.name]
+
     def close(self) -> None:
         for ring in self._rings:
             ring.close()
         self._rings.clear()
         for bell in self._bells:
             bell.close()
+        self.board.close()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -114,8 +135,9 @@ class NetworkLinks:
     audio_from_inference: list[Ring]
     to_inference: ControlChannel
     to_vad: ControlChannel
-    from_workers: list[ControlChannel]
-    bell: Doorbell  # rung by audio_from_inference and both workers' control rings
+    from_workers: list[ControlChannel]  # the inference's, the VAD's, and the supervisor's
+    bell: Doorbell  # rung by audio_from_inference and every control ring into this process
+    heartbeat: Heartbeat
 
 
 @dataclass
@@ -128,6 +150,7 @@ class WorkerLinks:
     control_in: ControlChannel
     control_out: ControlChannel
     bell: Doorbell
+    heartbeat: Heartbeat
 
     @property
     def inputs(self) -> list[Ring]:
@@ -147,8 +170,10 @@ def network_links(topo: Topology, log: logging.Logger) -> NetworkLinks:
         from_workers=[
             ControlChannel(attach_consumer(topo.ctrl_from_inference), name="inference->network", log=log),
             ControlChannel(attach_consumer(topo.ctrl_from_vad), name="vad->network", log=log),
+            ControlChannel(attach_consumer(topo.ctrl_to_network), name="supervisor->network", log=log),
         ],
         bell=topo.bell_network,
+        heartbeat=Heartbeat(topo.heartbeats, "network"),
     )
 
 
@@ -163,6 +188,7 @@ def inference_links(topo: Topology, log: logging.Logger) -> WorkerLinks:
             attach_producer(topo.ctrl_from_inference, topo.bell_network), name="inference->network", log=log
         ),
         bell=topo.bell_inference,
+        heartbeat=Heartbeat(topo.heartbeats, "inference"),
     )
 
 
@@ -175,4 +201,17 @@ def vad_links(topo: Topology, log: logging.Logger) -> WorkerLinks:
             attach_producer(topo.ctrl_from_vad, topo.bell_network), name="vad->network", log=log
         ),
         bell=topo.bell_vad,
+        heartbeat=Heartbeat(topo.heartbeats, "vad"),
     )
+
+
+class Heartbeat:
+    """A process's proof of life: `beat()` stores the time (monotonic ns) in its word of the board, where
+    the supervisor reads it. A process beats from its loop, at least every half second."""
+
+    def __init__(self, spec: BoardSpec, role: str) -> None:
+        self.board = Board.attach(spec)
+        self.index = ROLES.index(role)
+
+    def beat(self) -> None:
+        self.board.set(self.index, time.monotonic_ns())

@@ -31,6 +31,7 @@ class InputFrame:
     pcm: np.ndarray  # 320 int16 samples (a copy: the ring slot is released already)
     t_ns: int  # when the network process received it (time.monotonic_ns)
     first: bool  # the first frame of a new session in this slot: reset the slot's state before using it
+    seq: int  # its index in the session (a worker restarted mid-session starts its clock there)
 
 
 class WorkerSessions:
@@ -51,6 +52,19 @@ class WorkerSessions:
                 if self.gens.close(slot, gen):
                     return ClosedSession(slot, session_id, reason)
         return None
+
+    def forget_all(self, rings: list[Ring]) -> list[int]:
+        """A network process (re)started: every session it had is gone. Closes every open slot and discards
+        the audio queued in `rings`; returns the slots that were open."""
+        open_slots = [slot for slot in range(len(self._lost)) if self.is_open(slot)]
+        for slot in open_slots:
+            self.close(slot)
+        for ring in rings:
+            while ring.peek() is not None:
+                ring.release()
+        self._ids.clear()
+        self._lost = [0] * len(self._lost)
+        return open_slots
 
     def close(self, slot: int) -> None:
         """The worker ends the slot's session itself (evicted when memory ran out): its frames are stale."""
@@ -76,7 +90,7 @@ class WorkerSessions:
         while (view := ring.peek()) is not None:
             header, pcm = read_in_frame(view)
             pcm = pcm.copy()
-            gen, t_ns = int(header["gen"]), int(header["t_ns"])
+            gen, t_ns, seq = int(header["gen"]), int(header["t_ns"]), int(header["seq"])
             if not ring.release():
                 self._lost[slot] += 1
                 continue
@@ -84,4 +98,4 @@ class WorkerSessions:
             if fate is FrameFate.NEW_SESSION:
                 self._lost[slot] = 0  # frames lost before it belonged to the session that left
             if fate is not FrameFate.STALE:
-                yield InputFrame(pcm, t_ns, first=fate is FrameFate.NEW_SESSION)
+                yield InputFrame(pcm, t_ns, first=fate is FrameFate.NEW_SESSION, seq=seq)

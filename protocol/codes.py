@@ -25,6 +25,8 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
     SHUTDOWN = "shutdown"
     BAD_REQUEST = "bad_request"
+    IDLE_TIMEOUT = "idle_timeout"  # no audio for --idle-timeout seconds
+    TIME_LIMIT = "time_limit"  # the session reached --max-session-s
 
 
 class EndReason(enum.StrEnum):
@@ -33,7 +35,15 @@ class EndReason(enum.StrEnum):
     Never rename a value."""
 
     CLIENT_REQUEST = "client_request"  # the client sent `session_end`
-    CLIENT_CLOSED = "client_closed"  # the client closed the WebSocket (or the connection was lost)
-    SERVER_SHUTDOWN = "server_shutdown"  # the server is stopping
+    CLIENT_CLOSED = "client_closed"  # the client closed the WebSocket
+    CONNECTION_LOST = "connection_lost"  # the connection died with no close frame either way
+    SERVER_SHUTDOWN = "server_shutdown"  # the server is stopping (or its drain ran out)
     PROTOCOL_ERROR = "protocol_error"  # too many malformed messages (close 1008)
     CAPACITY = "capacity"  # the model ran out of memory and this session had to go (close 1013)
+    IDLE_TIMEOUT = "idle_timeout"  # no audio for --idle-timeout seconds (close 1000)
+    TIME_LIMIT = "time_limit"  # the session reached --max-session-s (close 1000)
+    RATE_LIMITED = "rate_limited"  # audio far faster than real time, for too long (close 1008)
+    INTERNAL = "internal"  # the inference process failed (close 1011)
+    MESSAGE_TOO_BIG = "message_too_big"  # the WebSocket layer refused an oversized message (close 1009)
+    INVALID_UTF8 = "invalid_utf8"  # the WebSocket layer refused a text frame that is not UTF-8 (close 1007)
+    KEEPALIVE_TIMEOUT = "keepalive_timeout"  # the client stopped answering pings (close 1011)

@@ -91,6 +91,18 @@ class VadReady(_Internal, tag="vad_ready"):
     model: str
 
 
+class NetworkHello(_Internal, tag="network_hello"):
+    """To the workers, from a network process that (re)started: forget every session, discard the audio
+    queued for them, and say you are ready (again)."""
+
+
+class WorkerDown(_Internal, tag="worker_down"):
+    """From the supervisor to the network: a worker died or hung and is being restarted."""
+
+    role: Literal["inference", "vad"]
+    why: str
+
+
 class NetworkReady(_Internal, tag="network_ready"):
     """To the supervisor: the server is listening, both workers are ready; sessions can start."""
 
@@ -115,6 +127,8 @@ InternalMessage = (
     | SlotError
     | InferenceReady
     | VadReady
+    | NetworkHello
+    | WorkerDown
     | NetworkReady
     | StepStats
 )

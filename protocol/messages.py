@@ -102,6 +102,13 @@ class Error(_Control, tag="error"):
     fatal: bool = False
 
 
+class Draining(_Control, tag="draining"):
+    """The server is stopping: no new sessions; this one may go on for `deadline_s` more seconds, then it
+    gets `session_end` (server_shutdown). A page can say so and finish the conversation."""
+
+    deadline_s: float
+
+
 class Vad(_Control, tag="vad"):
     """Voice activity edge in the client's audio, at `t_ms` on the session's own audio clock."""
 
@@ -142,10 +149,12 @@ class ClientSessionEnd(_Control, tag="session_end"):
     reason: str = "client_request"
 
 
-ServerControl = SessionStart | SessionEnd | Latency | Error | Vad | Transcript | Ping | Pong
+ServerControl = SessionStart | SessionEnd | Latency | Error | Draining | Vad | Transcript | Ping | Pong
 ClientControl = Ping | Pong | ClientSessionEnd
 
-SERVER_CONTROL_TYPES: Final = (SessionStart, SessionEnd, Latency, Error, Vad, Transcript, Ping, Pong)
+SERVER_CONTROL_TYPES: Final = (
+    SessionStart, SessionEnd, Latency, Error, Draining, Vad, Transcript, Ping, Pong
+)
 CLIENT_CONTROL_TYPES: Final = (Ping, Pong, ClientSessionEnd)
 
 
@@ -180,6 +189,7 @@ __all__ = [
     "AudioFormat",
     "ClientControl",
     "ClientSessionEnd",
+    "Draining",
     "Error",
     "Latency",
     "LatencyBreakdown",

@@ -26,7 +26,7 @@ from procs.audio.speech import conversation_16k, write_wav
 from procs.launcher import ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
-SERVER_ARGS = ("--max-sessions", "2")
+SERVER_ARGS = ("--max-sessions", "2", "--drain-timeout", "1")  # a restart: SIGTERM, a 1 s drain
 FRAMES_PER_SECOND = 50
 RATE_WINDOW_FRAMES = 200  # 4 s of microphone frames: a one-frame burst moves the rate by 0.25/s
 RECONNECT_BUDGET_S = 5.0

@@ -183,7 +183,9 @@ def servers() -> Iterator[list[ServerProcess]]:
     """Two loopback servers with one slot each, started side by side."""
     with contextlib.ExitStack() as stack, ThreadPoolExecutor(2) as pool:
         starting = [
-            pool.submit(ServerProcess, "--engine", "loopback", "--max-sessions", "1") for _ in range(2)
+            # SIGTERM drains: 1 s here, after which a live session hears `server_shutdown`.
+            pool.submit(ServerProcess, "--engine", "loopback", "--max-sessions", "1", "--drain-timeout", "1")
+            for _ in range(2)
         ]
         started, failed = [], []
         for future in starting:

@@ -25,6 +25,7 @@ from protocol import (
     SERVER_AUDIO,
     AudioFormat,
     ClientSessionEnd,
+    Draining,
     Error,
     ErrorCode,
     Latency,
@@ -100,6 +101,7 @@ server_messages = st.one_of(
         realigned_frames=ints,
     ),
     st.builds(Error, code=st.sampled_from(ErrorCode), msg=texts, fatal=st.booleans()),
+    st.builds(Draining, deadline_s=finite),
     st.builds(Vad, event=st.sampled_from(["start", "end"]), t_ms=finite),
     st.builds(Transcript, text=texts, t_ms=finite),
     st.builds(Ping, id=ids, t_ms=finite),
@@ -175,13 +177,15 @@ def test_frame_constants_describe_20ms_of_s16le() -> None:
 def test_error_codes_are_the_documented_strings() -> None:
     assert {code.value for code in ErrorCode} == {
         "bad_header", "bad_length", "empty_frame", "oversize", "bad_utf8", "bad_json", "unknown_type",
-        "bad_field", "capacity", "rate_limited", "internal", "shutdown", "bad_request",
+        "bad_field", "capacity", "rate_limited", "internal", "shutdown", "bad_request", "idle_timeout",
+        "time_limit",
     }  # fmt: skip
     assert all(isinstance(code, str) and code == code.value for code in ErrorCode)
 
 
 def test_message_tags_are_the_documented_names() -> None:
-    server_tags = {"session_start", "session_end", "latency", "error", "vad", "transcript", "ping", "pong"}
+    server_tags = {"session_start", "session_end", "latency", "error", "draining", "vad", "transcript",
+                   "ping", "pong"}
     assert server_tags == SERVER_CONTROL_TAGS
     assert {"ping", "pong", "session_end"} == CLIENT_CONTROL_TAGS
 
@@ -363,7 +367,8 @@ def test_targeted_error_code(decode: Decoder, data: Any, code: ErrorCode) -> Non
 
 
 def test_every_decoder_error_code_has_a_targeted_case() -> None:
-    session_level = {E.CAPACITY, E.RATE_LIMITED, E.INTERNAL, E.SHUTDOWN, E.BAD_REQUEST}
+    session_level = {E.CAPACITY, E.RATE_LIMITED, E.INTERNAL, E.SHUTDOWN, E.BAD_REQUEST, E.IDLE_TIMEOUT,
+                     E.TIME_LIMIT}
     assert {case[3] for case in TARGETED} == set(ErrorCode) - session_level
 
 

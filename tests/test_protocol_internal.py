@@ -15,6 +15,7 @@ from protocol.internal import (
     InferenceReady,
     InternalMessage,
     ModelText,
+    NetworkHello,
     NetworkReady,
     SessionClose,
     SessionOpen,
@@ -22,6 +23,7 @@ from protocol.internal import (
     StepStats,
     VadReady,
     VoiceActivity,
+    WorkerDown,
     decode_internal,
     encode_internal,
 )
@@ -36,6 +38,8 @@ ALL_TYPES = (
     VadReady,
     NetworkReady,
     StepStats,
+    NetworkHello,
+    WorkerDown,
 )
 
 slots = st.integers(min_value=0, max_value=1023)
@@ -59,6 +63,8 @@ internal_messages = st.one_of(
         device=st.text(max_size=10),
     ),
     st.builds(VadReady, model=st.text(max_size=20)),
+    st.builds(NetworkHello),
+    st.builds(WorkerDown, role=st.sampled_from(["inference", "vad"]), why=st.text(max_size=20)),
     st.builds(NetworkReady, host=st.text(max_size=9), port=st.integers(0, 65535), model=st.text(max_size=9)),
     st.builds(StepStats, step_s=floats, batch=st.integers(0, 64), wait_s=st.lists(floats, max_size=64)),
 )

@@ -14,6 +14,7 @@ from protocol import (
     IN_FRAME_BYTES,
     OUT_FRAME_BYTES,
     ClientSessionEnd,
+    Draining,
     EndReason,
     Error,
     ErrorCode,
@@ -63,7 +64,7 @@ def opened() -> Session:
     return session
 
 
-# ---- opening, audio, ping ---------------------------------------------------------------------------------
+# ---- opening, audio, ping ----------------------------------------------------------------------------------
 
 
 def test_session_start_is_the_first_message() -> None:
@@ -419,3 +420,88 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
     assert c.frames_out == audio_sent
     if session.phase is not Phase.CLOSED:
         assert c.frames_out + c.output_dropped == model_frames_taken
+
+
+# ---- hardening: idle, time limit, rate, drain, failures ----------------------------------------------------
+
+
+def test_a_session_that_sends_no_audio_is_closed_after_the_idle_timeout() -> None:
+    session = new_session(rules=SessionRules(idle_timeout_s=5.0))
+    drain(session)
+    session.receive(encode_client_control(Ping(id=1, t_ms=0)), 0)  # control is not audio: still idle
+    assert session.tick(4.9) == []
+    assert session.tick(5.0) == [Release(EndReason.IDLE_TIMEOUT)]
+    out = drain(session)
+    assert isinstance(out[-2], Error) and out[-2].code == ErrorCode.IDLE_TIMEOUT and out[-2].fatal
+    assert out[-1] == Close(1000, "idle timeout")
+
+
+def test_audio_keeps_a_session_alive_and_no_timeout_means_never() -> None:
+    session = new_session(rules=SessionRules(idle_timeout_s=5.0))
+    session.receive(AUDIO, 4 * 10**9)
+    assert session.tick(8.9) == [] and session.phase is Phase.OPEN
+    forever = new_session(rules=SessionRules(idle_timeout_s=None))
+    assert forever.tick(10_000.0) == [] and forever.phase is Phase.OPEN
+
+
+def test_a_session_time_limit_ends_it_with_a_goodbye() -> None:
+    session = new_session(rules=SessionRules(max_session_s=60.0))
+    drain(session)
+    session.receive(AUDIO, 59 * 10**9)
+    assert session.tick(59.9) == []
+    assert session.tick(60.0) == [Release(EndReason.TIME_LIMIT)]
+    out = drain(session)
+    assert isinstance(out[0], Error) and out[0].code == ErrorCode.TIME_LIMIT
+    assert out[-2] == SessionEnd(reason="time_limit", frames_in=1, frames_out=0)
+    assert out[-1] == Close(1000, "session time limit")
+
+
+def test_audio_faster_than_twice_real_time_is_refused_then_closed() -> None:
+    rules = SessionRules(rate_frames_per_s=100.0, rate_burst_frames=50.0, rate_close_after=250)
+    session = new_session(rules=rules)
+    drain(session)
+    published = sum(len(session.receive(AUDIO, i * MS // 10)) for i in range(100))  # 100 frames in 10 ms
+    assert published == 50  # the burst (10 ms refill less than a frame)
+    errors = [m for m in drain(session) if isinstance(m, Error)]
+    assert errors and all(e.code == ErrorCode.RATE_LIMITED and not e.fatal for e in errors)
+    assert session.counters.input_rate_limited == 50
+    assert session.phase is Phase.OPEN
+    actions = []
+    for i in range(1000):  # a flood: 1,000 frames a second for a second
+        actions += session.receive(AUDIO, 10 * MS + i * MS)
+    assert Release(EndReason.RATE_LIMITED) in actions
+    assert drain(session)[-1] == Close(1008, "audio faster than real time")
+
+
+def test_real_time_audio_with_a_catch_up_burst_is_never_refused() -> None:
+    """A minute at 50 frames a second, except that a 1 s network stall delivers 50 frames at once."""
+    session = new_session()
+    for i in range(3000):
+        sent = i * 20 * MS
+        arrives = 31 * 10**9 if 1500 <= i < 1550 else sent  # frames of 30-31 s all arrive at 31 s
+        session.receive(AUDIO, max(arrives, sent))
+    assert session.counters.input_rate_limited == 0 and session.counters.frames_in == 3000
+
+
+def test_the_drain_notice_and_an_internal_failure() -> None:
+    session = opened()
+    assert session.drain(30.0) == []
+    assert drain(session) == [Draining(deadline_s=30.0)]
+    assert session.internal_failure("the model process failed") == [Release(EndReason.INTERNAL)]
+    out = drain(session)
+    assert out == [Error(code=ErrorCode.INTERNAL, msg="the model process failed", fatal=True),
+                   Close(1011, "internal error")]
+    assert session.drain(10.0) == [] and session.internal_failure("again") == []
+
+
+def test_why_the_connection_went_is_the_release_reason() -> None:
+    session = opened()
+    assert session.connection_closed(EndReason.MESSAGE_TOO_BIG) == [Release(EndReason.MESSAGE_TOO_BIG)]
+    assert session.end_reason is EndReason.MESSAGE_TOO_BIG
+
+
+def test_unsent_model_audio_is_bounded_at_200_ms() -> None:
+    session = opened()
+    for i in range(60):
+        session.model_audio(model_frame(fill=i % 250))
+    assert session.queued == 10 and session.counters.output_dropped == 50

@@ -11,6 +11,7 @@ import { AgentConnection } from './lib/connection.js';
 import { estimateMouthToEar } from './lib/latency.js';
 import {
   DEMO_WEIGHTS_NOTICE,
+  drainingMessage,
   liveMessage,
   microphoneErrorMessage,
   reconnectMessage,
@@ -104,6 +105,7 @@ class VoiceAgent {
         onAudio: (frame) => this.audio?.playFrame(frame),
         onSessionStart: (message) => this.onSessionStart(message),
         onSessionEnd: (message) => this.view.setStatus(sessionEndMessage(message), 'connecting'),
+        onDraining: (message) => this.view.setStatus(drainingMessage(message), 'live'),
         onLatency: (message) => {
           this.latency = message;
         },

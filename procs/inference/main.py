@@ -27,11 +27,11 @@ from procs.model.engine import Engine, EngineOOM
 from procs.model.loader import load_engine
 from procs.model.source import ModelSource
 from procs.model.torch_setup import prepare_torch
-from procs.runtime import setup_child
+from procs.runtime import LogThrottle, setup_child
 from procs.topology import Topology, WorkerLinks, inference_links
 from procs.worker import WorkerSessions
 from protocol import OUT_FRAME_SAMPLES, ErrorCode
-from protocol.internal import InferenceReady, ModelText, SlotError, StepStats
+from protocol.internal import InferenceReady, ModelText, NetworkHello, SlotError, StepStats
 from ringbuf import Ring, wait_any
 
 log = logging.getLogger("inference")
@@ -91,14 +91,19 @@ class InferenceLoop:
         self.sessions = WorkerSessions(self.n)
         self.batch = np.zeros((self.n, engine.frame_samples), dtype=np.float32)
         self.scheduler = make_scheduler(step_clock, engine.name, self.n)
+        self.warnings = LogThrottle(period_s=5.0)
 
     def run(self) -> None:
         inputs = [*self.audio_in, self.links.control_in.ring]
         while not self.stop.is_set():
+            self.links.heartbeat.beat()
             deadline = self.scheduler.deadline_ns()
             timeout = IDLE_WAIT_S if deadline is None else max(0.0, (deadline - time.monotonic_ns()) / 1e9)
-            wait_any(inputs, self.links.bell, timeout)
+            wait_any(inputs, self.links.bell, min(timeout, IDLE_WAIT_S))
             for msg in self.links.control_in.receive():
+                if isinstance(msg, NetworkHello):
+                    self.forget_all()
+                    continue
                 if (closed := self.sessions.apply(msg)) is not None:
                     self.slots[closed.slot].ready_at_ns = None
                     self.scheduler.close(closed.slot)
@@ -113,6 +118,19 @@ class InferenceLoop:
                 if ready.any():
                     self.step(ready, now)
 
+    def announce(self) -> None:
+        engine = self.engine
+        self.links.control_out.send(InferenceReady(model=engine.name, demo_weights=engine.demo_weights,
+                                                   max_sessions=self.n, device=engine.device))
+
+    def forget_all(self) -> None:
+        """A network process (re)started: its sessions are gone; say we are ready for new ones."""
+        for slot in self.sessions.forget_all(self.audio_in):
+            self.slots[slot].ready_at_ns = None
+            self.scheduler.close(slot)
+        log.info("a network process (re)started: every session forgotten")
+        self.announce()
+
     # ---- input --------------------------------------------------------------------------------------------
     def drain_audio(self, slot: int, ring: Ring) -> None:
         st = self.slots[slot]
@@ -123,8 +141,10 @@ class InferenceLoop:
                     break
                 ring.release()
             st.dropped += backlog - KEEP_FRAMES
-            log.warning("session=%s slot=%d: fell behind, dropped %d input frames",
-                        self.sessions.session_id(slot), slot, backlog - KEEP_FRAMES)
+            held_back = self.warnings.allow(slot, time.monotonic())
+            if held_back is not None:  # a flood must not flood the log: once per slot every 5 s
+                log.warning("session=%s slot=%d: fell behind, %d input frames dropped so far (%d warnings "
+                            "held back)", self.sessions.session_id(slot), slot, st.dropped, held_back)
         for frame in self.sessions.read(slot, ring):
             if frame.first:
                 self.open_slot(slot, frame.t_ns)
@@ -269,10 +289,6 @@ def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     engine.warmup()
     log.info("warm-up done in %.1f s", time.monotonic() - t0)
     loop = InferenceLoop(inference_links(topo, log), engine, stop, cfg.step_clock)
-    loop.links.control_out.send(
-        InferenceReady(
-            model=engine.name, demo_weights=engine.demo_weights, max_sessions=loop.n, device=engine.device
-        )
-    )
+    loop.forget_all()  # a restarted process: whatever is queued belongs to sessions that were ended
     loop.run()
     log.info("inference stopped")

@@ -1,4 +1,5 @@
-"""Plain HTTP next to the WebSocket, sans I/O: the page and its files, `/health`, `/metrics`.
+"""Plain HTTP next to the WebSocket, sans I/O: the page and its files, `/health`, `/metrics`, and the
+checks a WebSocket handshake passes before any slot is taken (method, origin, token, server state).
 
 websockets hands every HTTP request to `HttpRoutes.respond` before its handshake; a `Response` answers it,
 None lets the WebSocket handshake of `/ws` go on. Only GET and HEAD are served (HEAD: the same headers,
@@ -16,6 +17,8 @@ from pathlib import Path
 import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+
+from procs.network.auth import Access
 
 WS_PATH = "/ws"
 READ_METHODS = ("GET", "HEAD")
@@ -43,17 +46,25 @@ class HttpRoutes:
         health: Callable[[], Health],
         metrics: Callable[[], str],
         websocket_refusal: Callable[[], str | None],
+        access: Access | None = None,
     ) -> None:
         """`websocket_refusal()` says why `/ws` is not open now ("starting", "draining"), None if it is."""
         self.web_dir = web_dir.resolve()
         self.health, self.metrics, self.websocket_refusal = health, metrics, websocket_refusal
+        self.access = access or Access()
 
-    def respond(self, request: Request) -> Response | None:
+    def respond(self, request: Request, now: float = 0.0) -> Response | None:
+        """`now`: Unix time, for token expiry."""
         path = request.path.split("?", 1)[0]
         method = request.method
         if path == WS_PATH:
             if method != "GET":
                 return _response(405, b"method not allowed\n", "text/plain", allow="GET")
+            denied = self.access.check(request.path, request.headers.get("Origin"),
+                                       request.headers.get("Host"), now)
+            if denied is not None:
+                status, why = denied
+                return _response(status, f"{why}\n".encode(), "text/plain")
             refusal = self.websocket_refusal()
             return None if refusal is None else _response(503, f"{refusal}\n".encode(), "text/plain")
         if method not in READ_METHODS:

@@ -15,32 +15,39 @@ from procs.topology import Topology
 
 
 class StopRelay:
-    """Carries SIGTERM from the signal handler into the event loop, whenever it arrives: before the loop
-    runs, while it runs, or after it closed (a second signal during exit)."""
+    """Carries stop signals from the signal handlers into the event loop, whenever they arrive: before the
+    loop runs, while it runs, or after it closed. The first SIGTERM asks for a drain (live conversations
+    finish); another SIGTERM, or SIGUSR1 (the supervisor's "now", its SIGINT), stops at once."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requests: list[bool] = []  # drain?, in the order they came
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._callback: Callable[[], None] | None = None
+        self._callback: Callable[[bool], None] | None = None
 
-    def bind(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    def bind(self, loop: asyncio.AbstractEventLoop, callback: Callable[[bool], None]) -> None:
         self._loop, self._callback = loop, callback
-        if self.requested:
-            loop.call_soon(callback)
+        for drain in self.requests:
+            loop.call_soon(callback, drain)
 
-    def __call__(self) -> None:
-        self.requested = True
+    def term(self) -> None:
+        self._request(drain=not self.requests)
+
+    def now(self) -> None:
+        self._request(drain=False)
+
+    def _request(self, drain: bool) -> None:
+        self.requests.append(drain)
         if self._loop is not None and self._callback is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._callback)
+            self._loop.call_soon_threadsafe(self._callback, drain)
 
 
 def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     relay = StopRelay()
-    setup_child(cfg.log_level, relay)
+    setup_child(cfg.log_level, relay.term, relay.now)
 
     async def run() -> None:
         server = NetworkServer(cfg, topo, status)
-        relay.bind(asyncio.get_running_loop(), server.stop)
+        relay.bind(asyncio.get_running_loop(), server.request_stop)
         await server.run()
 
     uvloop.run(run())

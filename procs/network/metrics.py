@@ -109,6 +109,10 @@ class ServerMetrics:
             "voice_input_frames_realigned_total",
             "Client audio frames dropped or repeated to keep a session on the step clock (clock drift)",
         )
+        self.input_frames_rate_limited = SummedCounter(
+            "voice_input_frames_rate_limited_total",
+            "Client audio frames refused because they came far faster than real time",
+        )
         self.output_frames_dropped = SummedCounter(
             "voice_output_frames_dropped_total",
             "Model audio frames never sent because the client did not take them in time",

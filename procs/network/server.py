@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -32,16 +33,28 @@ from websockets.http11 import Request, Response
 
 from procs.config import ServerConfig
 from procs.frames import read_out_frame, write_in_frame
+from procs.network.auth import Access
 from procs.network.http import Health, HttpRoutes
 from procs.network.metrics import ServerMetrics
-from procs.network.session import Action, AudioOut, Close, PublishAudio, Release, Session, SessionCounters
+from procs.network.session import (
+    Action,
+    AudioOut,
+    Close,
+    PublishAudio,
+    Release,
+    Session,
+    SessionCounters,
+    SessionRules,
+)
 from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE, SessionSlots, capacity_refusal
+from procs.runtime import LogThrottle
 from procs.topology import NetworkLinks, Topology, network_links
-from protocol import EndReason, session_start
+from protocol import MAX_TEXT_BYTES, EndReason, session_start
 from protocol.internal import (
     InferenceReady,
     InternalMessage,
     ModelText,
+    NetworkHello,
     NetworkReady,
     SessionClose,
     SessionOpen,
@@ -49,13 +62,16 @@ from protocol.internal import (
     StepStats,
     VadReady,
     VoiceActivity,
+    WorkerDown,
     encode_internal,
 )
 
 log = logging.getLogger("network")
 
 TICK_S = 0.1  # the sessions' clock: `latency` reports are due once a second, checked this often
-DRAIN_TIMEOUT_S = 4.0
+GOODBYE_S = 2.0  # how long closing clients get to take their `session_end` and close before we abort
+SEND_BUFFER_BYTES = 16 * 1024  # per connection: audio waits in our bounded queue, not in the kernel
+WRITE_LIMIT = (4096, 1024)  # websockets' transport buffer high/low-water marks, likewise
 
 
 @dataclass(eq=False)
@@ -65,6 +81,7 @@ class LiveSession:
     session: Session
     ws: ServerConnection
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    rate_limited_logged: int = 0
 
     def ctx(self) -> str:
         return f"session={self.session.session_id} slot={self.session.slot}"
@@ -82,10 +99,17 @@ class NetworkServer:
         self.closing: set[LiveSession] = set()  # released, still flushing their last messages
         self.inference: InferenceReady | None = None
         self.vad: VadReady | None = None
+        self.reported_ready = False
         self.draining = False
-        self.stopped = asyncio.Event()
+        self.stop_now = asyncio.Event()  # SIGUSR1, a second SIGTERM: say goodbye at once
+        self.drain_requested = asyncio.Event()  # SIGTERM: let conversations finish, then stop
+        self.no_sessions = asyncio.Event()  # set when the last session ends (the drain waits for it)
         self.handlers: set[asyncio.Task] = set()
-        self.http = HttpRoutes(cfg.web_dir, self._health, self._render_metrics, self._websocket_refusal)
+        self.rules = SessionRules(idle_timeout_s=cfg.idle_timeout_s, max_session_s=cfg.max_session_s)
+        access = Access(cfg.allowed_origins, cfg.auth_token, cfg.auth_secret)
+        self.http = HttpRoutes(cfg.web_dir, self._health, self._render_metrics, self._websocket_refusal,
+                               access)
+        self.warnings = LogThrottle(period_s=5.0)
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     @property
@@ -96,6 +120,10 @@ class NetworkServer:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.links.bell.fileno(), self._on_bell)
         ticker = asyncio.create_task(self._ticker(), name="ticker")
+        # A restarted network process: the workers forget the sessions of the one before and say they are
+        # ready (at the first start they say so anyway).
+        self.links.to_inference.send(NetworkHello())
+        self.links.to_vad.send(NetworkHello())
         try:
             async with serve(
                 self._handle,
@@ -103,36 +131,72 @@ class NetworkServer:
                 self.cfg.port,
                 process_request=self._process_request,
                 compression=None,  # per-message deflate costs CPU and latency on incompressible PCM
-                max_size=64 * 1024,
+                max_size=MAX_TEXT_BYTES,  # the largest legal message; the library refuses more with 1009
                 max_queue=64,
+                write_limit=WRITE_LIMIT,
+                close_timeout=GOODBYE_S,
             ) as server:
                 self.port = server.sockets[0].getsockname()[1]
                 log.info("listening on http://%s:%d (WebSocket /ws)", self.cfg.host, self.port)
                 self._report_if_ready()
-                await self.stopped.wait()
-                await self._drain()
-                server.close(close_connections=True)
+                await self._wait_for_stop()
+                await self._goodbye()
+                server.close(close_connections=False)
                 await server.wait_closed()
         finally:
             ticker.cancel()
             loop.remove_reader(self.links.bell.fileno())
         log.info("network stopped")
 
-    def stop(self) -> None:
-        self.stopped.set()
+    def request_stop(self, drain: bool) -> None:
+        """From the signal relay: drain (let conversations finish), or stop at once."""
+        (self.drain_requested if drain else self.stop_now).set()
 
-    async def _drain(self) -> None:
-        """Tell every client the session is over (`session_end`, close 1001) and wait for them to go."""
+    async def _wait_for_stop(self) -> None:
+        """Until a stop is asked for; a drain first stops new sessions and lets live ones go on until they
+        end or `--drain-timeout` passes (a stop-now request cuts it short)."""
+        asked = [asyncio.create_task(e.wait()) for e in (self.drain_requested, self.stop_now)]
+        await asyncio.wait(asked, return_when=asyncio.FIRST_COMPLETED)
+        if self.stop_now.is_set():
+            for task in asked:
+                task.cancel()
+            return
         self.draining = True
-        log.info("draining %d sessions", len(self.slots))
+        deadline_s = self.cfg.drain_timeout_s
+        log.info("draining: %d sessions may go on for up to %.0f s; no new sessions", len(self.slots),
+                 deadline_s)
+        for live in self.slots.live():
+            self._apply_guarded(live, live.session.drain, deadline_s)
+        if not len(self.slots):
+            self.no_sessions.set()
+        done = asyncio.create_task(self.no_sessions.wait())
+        await asyncio.wait([done, asked[1]], timeout=deadline_s, return_when=asyncio.FIRST_COMPLETED)
+        for task in (done, *asked):
+            task.cancel()
+        log.info("drain over: %d sessions still open", len(self.slots))
+
+    async def _goodbye(self) -> None:
+        """Every remaining client is told the session is over (`session_end`, close 1001) and gets
+        GOODBYE_S to take it; a client that cannot (it stopped reading) is cut off, so the stop never
+        waits on a client."""
+        self.draining = True
         for live in self.slots.live():
             self._apply_guarded(live, live.session.shutdown)
         if self.handlers:
-            await asyncio.wait(self.handlers, timeout=DRAIN_TIMEOUT_S)
+            await asyncio.wait(self.handlers, timeout=GOODBYE_S)
+        for live in [*self.slots.live(), *self.closing]:
+            if live.ws.transport is not None and not live.ws.transport.is_closing():
+                log.warning("%s: could not take its goodbye within %.0f s; aborting the connection",
+                            live.ctx(), GOODBYE_S)
+                live.ws.transport.abort()
+        if self.handlers:
+            await asyncio.wait(self.handlers, timeout=GOODBYE_S)
 
     def _report_if_ready(self) -> None:
-        if self.is_ready and hasattr(self, "port"):
+        """Tell the supervisor once each time the server becomes ready (at start, after a worker restart)."""
+        if self.is_ready and hasattr(self, "port") and not self.reported_ready:
             assert self.inference is not None
+            self.reported_ready = True
             self.capacity = self.inference.max_sessions
             self.metrics.sessions_max.set(self.capacity)
             ready = NetworkReady(host=self.cfg.host, port=self.port, model=self.inference.model)
@@ -179,6 +243,15 @@ class NetworkServer:
                 self.vad = ready
                 log.info("vad ready: %s", ready)
                 self._report_if_ready()
+            case WorkerDown(role="inference", why=why):
+                log.error("the inference process is down (%s): ending its %d sessions", why, len(self.slots))
+                self.inference, self.reported_ready = None, False
+                for live in self.slots.live():
+                    self._apply_guarded(live, live.session.internal_failure,
+                                        "the model process failed; please reconnect")
+            case WorkerDown(role="vad", why=why):
+                log.warning("the VAD process is down (%s): sessions go on without speech events until it is "
+                            "back", why)
             case _:
                 log.warning("unexpected internal message %r", msg)
 
@@ -213,13 +286,16 @@ class NetworkServer:
         self.links.to_inference.send(close)
         self.links.to_vad.send(close)
         c = session.counters
-        log.info("%s: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d realigned=%d, output "
-                 "dropped=%d", live.ctx(), reason, time.monotonic() - session.started, c.frames_in,
-                 c.frames_out, c.input_dropped, c.input_realigned, c.output_dropped)
+        log.info("%s: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d realigned=%d "
+                 "rate-limited=%d, output dropped=%d", live.ctx(), reason.value,
+                 time.monotonic() - session.started, c.frames_in, c.frames_out, c.input_dropped,
+                 c.input_realigned, c.input_rate_limited, c.output_dropped)
+        if not len(self.slots):
+            self.no_sessions.set()
 
     # ---- HTTP -----------------------------------------------------------------------------------------
     def _process_request(self, _conn: ServerConnection, request: Request) -> Response | None:
-        return self.http.respond(request)
+        return self.http.respond(request, time.time())
 
     def _websocket_refusal(self) -> str | None:
         if not self.is_ready:
@@ -256,6 +332,7 @@ class NetworkServer:
         m.frames_out.set_total(totals.frames_out)
         m.input_frames_dropped.set_total(totals.input_dropped)
         m.input_frames_realigned.set_total(totals.input_realigned)
+        m.input_frames_rate_limited.set_total(totals.input_rate_limited)
         m.output_frames_dropped.set_total(totals.output_dropped)
         m.protocol_errors.set_total(totals.malformed)
         return m.render()
@@ -274,7 +351,7 @@ class NetworkServer:
         assert self.inference is not None
         start = session_start(uuid.uuid4().hex[:12], model=self.inference.model,
                               demo_weights=self.inference.demo_weights, max_sessions=self.capacity)
-        return LiveSession(Session(start, slot, gen, now=time.monotonic()), ws)
+        return LiveSession(Session(start, slot, gen, now=time.monotonic(), rules=self.rules), ws)
 
     async def _session(self, ws: ServerConnection) -> None:
         live = self.slots.admit(self.capacity, lambda slot, gen: self._open(ws, slot, gen))
@@ -288,6 +365,9 @@ class NetworkServer:
         session = live.session
         sender: asyncio.Task | None = None
         try:
+            sock = ws.transport.get_extra_info("socket")
+            if sock is not None:  # unsent audio waits in the session's bounded queue, not in the kernel
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             ring = self.links.audio_from_inference[session.slot]
             while ring.peek() is not None:  # output left over from the slot's previous session
                 ring.release()
@@ -296,22 +376,34 @@ class NetworkServer:
             self.links.to_inference.send(open_msg)
             self.links.to_vad.send(open_msg)
             log.info("%s: open from %s", live.ctx(), ws.remote_address)
-            if self.draining:  # admitted in the moment before the drain began: it missed the goodbye
+            if self.stop_now.is_set():  # admitted as the stop began: it missed the goodbye
                 self._apply(live, session.shutdown())
+            elif self.draining:  # admitted as the drain began: it missed the notice
+                self._apply(live, session.drain(self.cfg.drain_timeout_s))
             live.wake.set()  # session_start
             sender = asyncio.create_task(self._sender(live), name=f"sender-{session.session_id}")
             async for message in ws:
                 self._apply(live, session.receive(message, time.monotonic_ns()))
+                if session.counters.input_rate_limited > live.rate_limited_logged:
+                    self._warn_rate_limited(live)
         except ConnectionClosed:
             pass
         finally:
             if sender is not None:
                 sender.cancel()
             try:
-                self._apply(live, session.connection_closed())
+                self._apply(live, session.connection_closed(why_closed(ws)))
             finally:
                 self.closing.discard(live)
                 self.ended.add(session.counters)
+
+    def _warn_rate_limited(self, live: LiveSession) -> None:
+        refused = live.session.counters.input_rate_limited
+        held_back = self.warnings.allow(("rate", live.session.session_id), time.monotonic())
+        if held_back is not None:
+            log.warning("%s: audio faster than real time: %d frames refused so far (%d warnings held back)",
+                        live.ctx(), refused, held_back)
+        live.rate_limited_logged = refused
 
     async def _sender(self, live: LiveSession) -> None:
         """The one task that writes to this client, in the order its session says."""
@@ -336,7 +428,26 @@ class NetworkServer:
 
     async def _ticker(self) -> None:
         while True:
+            self.links.heartbeat.beat()
             await asyncio.sleep(TICK_S)  # a period, not synchronisation
             now = time.monotonic()
             for live in self.slots.live():
                 self._apply_guarded(live, live.session.tick, now)
+
+
+def why_closed(ws: ServerConnection) -> EndReason:
+    """Why a connection went, from the WebSocket library's record of the close frames: the client closed
+    it, the library refused something (an oversized message, text that is not UTF-8, no answer to its
+    pings), or it died with no close frame at all."""
+    protocol = ws.protocol
+    sent, received = protocol.close_sent, protocol.close_rcvd
+    if sent is not None and not protocol.close_rcvd_then_sent:  # the close began on our side
+        if sent.code == 1009:
+            return EndReason.MESSAGE_TOO_BIG
+        if sent.code == 1007:
+            return EndReason.INVALID_UTF8
+        if sent.code == 1011 and "keepalive" in sent.reason:
+            return EndReason.KEEPALIVE_TIMEOUT
+    if received is not None:
+        return EndReason.CLIENT_CLOSED
+    return EndReason.CONNECTION_LOST

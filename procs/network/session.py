@@ -11,10 +11,12 @@ Events (methods):
     voice_activity(event, t_ms)   the VAD process saw speech start or end
     model_text(text, t_ms)        the model's inner monologue
     slot_error(code, msg)         the inference process failed this session
-    tick(now)                     the clock: periodic `latency` reports
-    shutdown()                    the server is stopping
-    connection_closed()           the socket is gone: the client closed it, the network failed, or our own
-                                  close finished
+    tick(now)                     the clock: `latency` reports, the idle timeout, the session time limit
+    drain(deadline_s)             the server stops taking sessions; this one has `deadline_s` left
+    shutdown()                    the server is stopping (or the drain's time is up)
+    internal_failure(msg)         the inference process died: the session cannot go on
+    connection_closed(reason)     the socket is gone: the client closed it, the network failed, the
+                                  WebSocket layer refused something, or our own close finished
 
 Actions:
     returned by an event          `PublishAudio`: write this client frame to the workers' rings;
@@ -25,8 +27,8 @@ Actions:
 
 States:
 
-    OPEN ─ server ends it (client_request, protocol_error, ...) ─▶ CLOSING ─ connection_closed ─▶ CLOSED
-     └──────────────── connection_closed (client_closed) ────────────────────────────▶ CLOSED
+    OPEN ─ the server ends it (client_request, idle_timeout, ...) ─▶ CLOSING ─ connection_closed ─▶ CLOSED
+     └─────── connection_closed (client_closed, connection_lost, ...) ──────────────────────▶ CLOSED
 
 Invariants (tests/test_session.py checks them over arbitrary event sequences): no event raises; every way
 out of OPEN yields exactly one `Release`, and nothing else does; a session that is not OPEN publishes
@@ -47,6 +49,7 @@ from procs.frames import ModelFrame
 from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE
 from protocol import (
     ClientSessionEnd,
+    Draining,
     EndReason,
     Error,
     ErrorCode,
@@ -82,8 +85,20 @@ class SessionRules:
     garbage_window_s: float = 10.0
     errors_per_second: int = 10
     latency_period_s: float = 1.0
-    # Model audio waiting for a slow client: beyond this the oldest frames are dropped (counted).
-    max_queued_audio_frames: int = 64
+    # Model audio waiting for a slow client: beyond 200 ms of it the oldest frames are dropped (counted), so
+    # a client that stops reading hears the present when it resumes, not the past.
+    max_queued_audio_frames: int = 10
+    # A session that sends no audio this long is closed (`idle_timeout`): it would hold a slot for nothing.
+    idle_timeout_s: float | None = 30.0
+    # Operators who bill or cap by time end sessions at this age (`time_limit`); None: no limit.
+    max_session_s: float | None = None
+    # Audio faster than real time: a token bucket refilled at twice real time, two seconds of burst (a
+    # client catching up after a network stall). Frames beyond it are refused (counted, `rate_limited`);
+    # this many refused within `rate_window_s` close the session with 1008.
+    rate_frames_per_s: float = 100.0
+    rate_burst_frames: float = 100.0
+    rate_close_after: int = 250
+    rate_window_s: float = 10.0
 
 
 # --- actions ---------------------------------------------------------------------------------------------
@@ -138,6 +153,7 @@ class SessionCounters:
     malformed: int = 0  # client messages that failed to decode
     input_dropped: int = 0  # client frames the model never heard: the session fell behind (inference)
     input_realigned: int = 0  # client frames dropped or repeated to keep the session on the step clock
+    input_rate_limited: int = 0  # client frames refused: they came far faster than real time
     output_dropped: int = 0  # model frames never sent: the client did not take them in time
 
     def add(self, other: SessionCounters) -> None:
@@ -215,6 +231,7 @@ class Session:
         self.close: Close | None = None  # the close the server asked for, if it ended the session
         self._goodbye: EndReason | None = None  # `session_end` owed, sent once what is queued has gone
         self.started = now
+        self.end_reason: EndReason | None = None
         self.counters = SessionCounters()
         self.latency = LatencyWindow()
         self._control: deque[str] = deque([encode_server_control(start)])
@@ -223,6 +240,9 @@ class Session:
         self._garbage: deque[float] = deque()
         self._errors_sent: deque[float] = deque()
         self._next_report = now + self.rules.latency_period_s
+        self._last_audio = now
+        self._tokens, self._tokens_at = self.rules.rate_burst_frames, now
+        self._refused: deque[float] = deque()
 
     # ---- events -----------------------------------------------------------------------------------------
     def receive(self, message: str | bytes, now_ns: int) -> list[Action]:
@@ -233,6 +253,10 @@ class Session:
         except ProtocolError as error:
             return self._malformed(error, now_ns / 1e9)
         if isinstance(decoded, memoryview):
+            now = now_ns / 1e9
+            if not self._take_token(now):
+                return self._too_fast(now)
+            self._last_audio = now
             seq = self.counters.frames_in
             self.counters.frames_in += 1
             return [PublishAudio(decoded, seq, now_ns)]
@@ -284,8 +308,20 @@ class Session:
         return []
 
     def tick(self, now: float) -> list[Action]:
-        """At least one `latency` report per period once the session has produced audio."""
-        if self.phase is Phase.OPEN and now >= self._next_report:
+        """At least one `latency` report per period once the session has produced audio; the idle timeout
+        and the session time limit."""
+        if self.phase is not Phase.OPEN:
+            return []
+        rules = self.rules
+        if rules.idle_timeout_s is not None and now - self._last_audio >= rules.idle_timeout_s:
+            self._say(Error(code=ErrorCode.IDLE_TIMEOUT, fatal=True,
+                            msg=f"no audio for {rules.idle_timeout_s:g} s: the session is closed"))
+            return self._end(EndReason.IDLE_TIMEOUT, Close(1000, "idle timeout"))
+        if rules.max_session_s is not None and now - self.started >= rules.max_session_s:
+            self._say(Error(code=ErrorCode.TIME_LIMIT, fatal=True,
+                            msg=f"sessions last at most {rules.max_session_s:g} s on this server"))
+            return self._end_saying_goodbye(EndReason.TIME_LIMIT, 1000, "session time limit")
+        if now >= self._next_report:
             self._next_report += self.rules.latency_period_s
             if self._next_report <= now:  # the clock stalled for more than a period: do not catch up
                 self._next_report = now + self.rules.latency_period_s
@@ -295,15 +331,27 @@ class Session:
                 self._say(report)
         return []
 
+    def drain(self, deadline_s: float) -> list[Action]:
+        if self.phase is Phase.OPEN:
+            self._say(Draining(deadline_s=deadline_s))
+        return []
+
     def shutdown(self) -> list[Action]:
         if self.phase is not Phase.OPEN:
             return []
         return self._end_saying_goodbye(EndReason.SERVER_SHUTDOWN, 1001, "server shutting down")
 
-    def connection_closed(self) -> list[Action]:
+    def internal_failure(self, msg: str) -> list[Action]:
+        if self.phase is not Phase.OPEN:
+            return []
+        self._say(Error(code=ErrorCode.INTERNAL, msg=msg, fatal=True))
+        return self._end(EndReason.INTERNAL, Close(1011, "internal error"))
+
+    def connection_closed(self, reason: EndReason = EndReason.CLIENT_CLOSED) -> list[Action]:
+        """`reason`: why the socket went, as the I/O layer saw it (used only if the session was open)."""
         actions: list[Action] = []
         if self.phase is Phase.OPEN:
-            actions = self._end(EndReason.CLIENT_CLOSED, close=None)
+            actions = self._end(reason, close=None)
         self.phase = Phase.CLOSED
         self._control.clear()
         self._audio.clear()
@@ -349,6 +397,35 @@ class Session:
     def _say(self, msg: ServerControl) -> None:
         self._control.append(encode_server_control(msg))
 
+    def _take_token(self, now: float) -> bool:
+        rules = self.rules
+        refill = (now - self._tokens_at) * rules.rate_frames_per_s
+        self._tokens = min(rules.rate_burst_frames, self._tokens + refill)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def _too_fast(self, now: float) -> list[Action]:
+        rules = self.rules
+        self.counters.input_rate_limited += 1
+        _trim(self._refused, now - rules.rate_window_s)
+        self._refused.append(now)
+        if len(self._refused) >= rules.rate_close_after:
+            self._say(Error(code=ErrorCode.RATE_LIMITED, fatal=True,
+                            msg="audio far faster than real time for too long"))
+            return self._end(EndReason.RATE_LIMITED, Close(1008, "audio faster than real time"))
+        self._error_within_budget(now, Error(code=ErrorCode.RATE_LIMITED,
+                                             msg="audio faster than real time: frames refused"))
+        return []
+
+    def _error_within_budget(self, now: float, error: Error) -> None:
+        _trim(self._errors_sent, now - 1.0)
+        if len(self._errors_sent) < self.rules.errors_per_second:
+            self._errors_sent.append(now)
+            self._say(error)
+
     def _malformed(self, error: ProtocolError, now: float) -> list[Action]:
         rules = self.rules
         self.counters.malformed += 1
@@ -357,10 +434,7 @@ class Session:
         if len(self._garbage) >= rules.garbage_limit:
             self._say(Error(code=error.code, msg=f"too many malformed messages: {error.msg}", fatal=True))
             return self._end(EndReason.PROTOCOL_ERROR, Close(1008, "too many malformed messages"))
-        _trim(self._errors_sent, now - 1.0)
-        if len(self._errors_sent) < rules.errors_per_second:
-            self._errors_sent.append(now)
-            self._say(error.to_message())
+        self._error_within_budget(now, error.to_message())
         return []
 
     def _end_saying_goodbye(self, reason: EndReason, code: int, text: str) -> list[Action]:
@@ -371,5 +445,5 @@ class Session:
         """The one way out of OPEN: the slot is released here and nowhere else."""
         assert self.phase is Phase.OPEN
         self.phase = Phase.CLOSING
-        self.close = close
+        self.close, self.end_reason = close, reason
         return [Release(reason)]

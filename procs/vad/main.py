@@ -16,7 +16,8 @@ from procs.config import ServerConfig
 from procs.runtime import setup_child
 from procs.topology import Topology, WorkerLinks, vad_links
 from procs.worker import WorkerSessions
-from protocol.internal import VadReady, VoiceActivity
+from protocol import FRAME_MS
+from protocol.internal import NetworkHello, VadReady, VoiceActivity
 from ringbuf import wait_any
 
 log = logging.getLogger("vad")
@@ -28,17 +29,25 @@ class VadLoop:
         self.links, self.stop = links, stop
         self.vad = StreamingVad(len(links.audio_in))
         self.sessions = WorkerSessions(len(links.audio_in))
+        # Where each slot's VAD clock starts in its session's audio: 0, unless this process was restarted
+        # while the session went on (then its first frame's index x 20 ms).
+        self.origin_ms = [0.0] * len(links.audio_in)
 
     def run(self) -> None:
         inputs = self.links.inputs
         while not self.stop.is_set():
+            self.links.heartbeat.beat()
             wait_any(inputs, self.links.bell, IDLE_WAIT_S)
             for msg in self.links.control_in.receive():
-                self.sessions.apply(msg)
+                if isinstance(msg, NetworkHello):
+                    self.forget_all()
+                else:
+                    self.sessions.apply(msg)
             for slot, ring in enumerate(self.links.audio_in):
                 for frame in self.sessions.read(slot, ring):
                     if frame.first:
                         self.vad.reset(slot)
+                        self.origin_ms[slot] = frame.seq * FRAME_MS
                     self.vad.push(slot, frame.pcm)
             for edge in self.vad.process():
                 if not self.sessions.is_open(edge.slot):
@@ -47,14 +56,21 @@ class VadLoop:
                           self.sessions.session_id(edge.slot), edge.slot, edge.event, edge.t_ms)
                 self.links.control_out.send(
                     VoiceActivity(slot=edge.slot, gen=self.sessions.gen(edge.slot), event=edge.event,
-                                  t_ms=edge.t_ms)
+                                  t_ms=self.origin_ms[edge.slot] + edge.t_ms)
                 )
+
+
+    def forget_all(self) -> None:
+        """A network process (re)started: its sessions are gone; say we are ready for new ones."""
+        for slot in self.sessions.forget_all(self.links.audio_in):
+            self.vad.reset(slot)
+        self.links.control_out.send(VadReady(model="silero-vad"))
 
 
 def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     stop = threading.Event()
     setup_child(cfg.log_level, lambda: (stop.set(), topo.bell_vad.ring()))
     loop = VadLoop(vad_links(topo, log), stop)
-    loop.links.control_out.send(VadReady(model="silero-vad"))
+    loop.forget_all()  # a restarted process: whatever is queued belongs to sessions that were ended
     loop.run()
     log.info("vad stopped")

@@ -138,5 +138,8 @@ describe('protocol', () => {
     assert.equal(webSocketUrl('http://localhost:8998/'), 'ws://localhost:8998/ws');
     assert.equal(webSocketUrl('http://127.0.0.1:8998/index.html?autostart=1#x'), 'ws://127.0.0.1:8998/ws');
     assert.equal(webSocketUrl('https://agent.example.org/'), 'wss://agent.example.org/ws');
+    // a token in the page's URL goes to the server, nothing else of its query does
+    assert.equal(webSocketUrl('https://agent.example.org/?token=v1.9.ab&autostart=1'),
+      'wss://agent.example.org/ws?token=v1.9.ab');
   });
 });

@@ -40,7 +40,7 @@ export class AgentConnection {
   /**
    * @param {{
    *   url: string,
-   *   handlers?: Partial<Record<'onState'|'onSessionStart'|'onSessionEnd'|'onAudio'|'onLatency'|'onVad'|
+   *   handlers?: Partial<Record<'onState'|'onSessionStart'|'onSessionEnd'|'onDraining'|'onAudio'|'onLatency'|'onVad'|
    *     'onTranscript'|'onServerError'|'onRtt', Function>>,
    *   WebSocketImpl?: typeof WebSocket,
    *   backoff?: Backoff,
@@ -223,6 +223,9 @@ export class AgentConnection {
         break;
       case 'session_end':
         this.handlers.onSessionEnd?.(message);
+        break;
+      case 'draining':
+        this.handlers.onDraining?.(message);
         break;
       case 'latency':
         this.handlers.onLatency?.(message);

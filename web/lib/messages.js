@@ -56,6 +56,13 @@ export function liveMessage(session) {
   return `Connected${model} — speak in Telugu.`;
 }
 
+/** Text when the server starts draining: this conversation may go on a while, then it moves elsewhere. */
+export function drainingMessage(message) {
+  const deadline = Number(message?.deadline_s);
+  const within = Number.isFinite(deadline) && deadline > 0 ? ` within ${Math.round(deadline)} s` : '';
+  return `The server is restarting: finish your conversation${within}; the page then reconnects by itself.`;
+}
+
 /** Text for a server `session_end` message. */
 export function sessionEndMessage(message) {
   const reason = message?.reason ? `: ${message.reason}` : '';

@@ -152,9 +152,13 @@ export function clientSessionEndMessage() {
 
 /** ws: for an http: page, wss: for an https: page; same host and port. */
 export function webSocketUrl(pageUrl, path = '/ws') {
+  const page = new URL(pageUrl);
   const url = new URL(path, pageUrl);
   url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
   url.hash = '';
   url.search = '';
+  // A server that wants a token gets the page's own (?token=...): browsers cannot set WebSocket headers.
+  const token = page.searchParams.get('token');
+  if (token) url.searchParams.set('token', token);
   return url.toString();
 }
