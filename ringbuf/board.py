@@ -16,10 +16,9 @@ import os
 import secrets
 import weakref
 from dataclasses import dataclass
-from multiprocessing import resource_tracker
 from typing import Any
 
-from ringbuf.ring import SHM_DIR
+from ringbuf.segment import attach_segment, create_segment, unlink_segment
 
 BOARD_MAGIC = 0x564F4943454252  # "VOICEBR"
 _HEADER_WORDS = 2
@@ -31,12 +30,6 @@ class BoardSpec:
     words: int
 
 
-def _unlink(name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(SHM_DIR, name))
-    resource_tracker.unregister("/" + name, "shared_memory")
-
-
 class Board:
     def __init__(self, spec: BoardSpec, segment: mmap.mmap, *, owner: bool) -> None:
         self.spec = spec
@@ -45,23 +38,14 @@ class Board:
         if self._words[0] != BOARD_MAGIC or self._words[1] != spec.words:
             self._words.release()
             raise ValueError(f"/dev/shm/{spec.name} is not a board of {spec.words} words")
-        self._finalizer = weakref.finalize(self, _unlink, spec.name) if owner else None
+        self._finalizer = weakref.finalize(self, unlink_segment, spec.name) if owner else None
 
     @classmethod
     def create(cls, words: int, *, prefix: str = "vboard") -> Board:
         """Create and own a board of `words` zeroed words."""
         name = f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
         size = (_HEADER_WORDS + words) * 8
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            resource_tracker.register("/" + name, "shared_memory")
-            os.ftruncate(fd, size)
-            segment = mmap.mmap(fd, size)
-        except BaseException:
-            _unlink(name)
-            raise
-        finally:
-            os.close(fd)
+        segment = create_segment(name, size)
         header = memoryview(segment).cast("Q")
         header[1] = words
         header[0] = BOARD_MAGIC
@@ -70,12 +54,7 @@ class Board:
 
     @classmethod
     def attach(cls, spec: BoardSpec) -> Board:
-        fd = os.open(os.path.join(SHM_DIR, spec.name), os.O_RDWR)
-        try:
-            segment = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-        return cls(spec, segment, owner=False)
+        return cls(spec, attach_segment(spec.name), owner=False)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Board.attach, (self.spec,))

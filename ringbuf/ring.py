@@ -60,7 +60,6 @@ import secrets
 import weakref
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from multiprocessing import resource_tracker
 from types import TracebackType
 from typing import Any
 
@@ -68,8 +67,8 @@ import numpy as np
 
 from ringbuf.doorbell import Doorbell
 from ringbuf.procinfo import PeerState, peer_state, process_start_time
+from ringbuf.segment import attach_segment, create_segment, unlink_segment
 
-SHM_DIR = "/dev/shm"
 CACHE_LINE = 64
 HEADER_BYTES = 256
 SLOT_HEADER_BYTES = 16  # seq u64 + length u64
@@ -106,12 +105,6 @@ def slot_stride(slot_size: int) -> int:
 
 def segment_bytes(slot_size: int, capacity: int) -> int:
     return HEADER_BYTES + capacity * slot_stride(slot_size)
-
-
-def _unlink_segment(name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(SHM_DIR, name))
-    resource_tracker.unregister("/" + name, "shared_memory")
 
 
 class Ring:
@@ -162,7 +155,7 @@ class Ring:
         self._bound_producer = False
         self._bound_consumer = False
         self._owner = owner
-        self._finalizer = weakref.finalize(self, _unlink_segment, spec.name) if owner else None
+        self._finalizer = weakref.finalize(self, unlink_segment, spec.name) if owner else None
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -176,18 +169,7 @@ class Ring:
             raise ValueError(f"bad prefix {prefix!r}")
         policy = Policy(policy)
         name = f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
-        path = os.path.join(SHM_DIR, name)
-        size = segment_bytes(slot_size, capacity)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            resource_tracker.register("/" + name, "shared_memory")
-            os.ftruncate(fd, size)  # a fresh tmpfs file reads as zeros: every counter starts at 0
-            segment = mmap.mmap(fd, size)
-        except BaseException:
-            _unlink_segment(name)
-            raise
-        finally:
-            os.close(fd)
+        segment = create_segment(name, segment_bytes(slot_size, capacity))  # zeros: every counter at 0
         words = memoryview(segment).cast("Q")
         words[_SLOT_SIZE] = slot_size
         words[_CAPACITY] = capacity
@@ -200,17 +182,13 @@ class Ring:
             return cls(RingSpec(name, slot_size, capacity, policy), segment, owner=True)
         except BaseException:
             segment.close()
-            _unlink_segment(name)
+            unlink_segment(name)
             raise
 
     @classmethod
     def attach(cls, spec: RingSpec) -> Ring:
         """Map an existing ring without owning it (and without telling the resource tracker)."""
-        fd = os.open(os.path.join(SHM_DIR, spec.name), os.O_RDWR)
-        try:
-            segment = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+        segment = attach_segment(spec.name)
         try:
             return cls(spec, segment, owner=False)
         except BaseException:

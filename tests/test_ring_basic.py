@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ringbuf import PeerState, Policy, Ring, RingSpec
 from ringbuf.procinfo import peer_state, process_start_time
-from ringbuf.ring import SHM_DIR
+from ringbuf.segment import SHM_DIR
 from tests.ring_helpers import TEST_PREFIX
 
 # Every test leaves /dev/shm as it found it (the fixture is in conftest.py).

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ringbuf import Policy, Ring
-from ringbuf.ring import SHM_DIR
+from ringbuf.segment import SHM_DIR
 from tests.ring_helpers import REPO_ROOT, segments_with_prefix
 
 PREAMBLE = """\
