@@ -73,3 +73,8 @@ def test_the_websocket_path_takes_get_only_and_only_while_open() -> None:
 @pytest.mark.parametrize("path", ["/nothing", "/../pyproject.toml", "/lib/../../README.md"])
 def test_missing_files_and_escapes_are_404(path: str) -> None:
     assert routes().respond(request(path)).status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/\x00", "/index.html\x00.js", "/../pyproject.toml", "/%2e%2e/README.md"])
+def test_paths_outside_the_page_or_with_a_nul_byte_are_not_found(path: str) -> None:
+    assert routes().respond(request(path)).status_code == 404

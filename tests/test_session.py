@@ -483,6 +483,22 @@ def test_real_time_audio_with_a_catch_up_burst_is_never_refused() -> None:
     assert session.counters.input_rate_limited == 0 and session.counters.frames_in == 3000
 
 
+def test_a_ping_flood_is_refused_beyond_its_own_budget_and_the_page_pace_never_is() -> None:
+    session = opened()
+    for i in range(100):  # 100 pings within 100 ms
+        session.receive(encode_client_control(Ping(id=i, t_ms=0.0)), i * MS)
+    out = drain(session)
+    pongs = [m for m in out if isinstance(m, Pong)]
+    refused = [m for m in out if isinstance(m, Error)]
+    assert 20 <= len(pongs) <= 22  # the burst, and what 100 ms refilled
+    assert refused and all(e.code == ErrorCode.RATE_LIMITED for e in refused)
+    assert session.counters.input_rate_limited == 0  # that counter is audio's
+    paced = opened()
+    for i in range(120):  # the page: a ping a second for two minutes
+        paced.receive(encode_client_control(Ping(id=i, t_ms=0.0)), i * 1000 * MS)
+    assert len([m for m in drain(paced) if isinstance(m, Pong)]) == 120
+
+
 def test_the_drain_notice_and_an_internal_failure() -> None:
     session = opened()
     assert session.drain(30.0) == []

@@ -82,6 +82,8 @@ class HttpRoutes:
 
     def _static(self, path: str) -> Response:
         rel = "index.html" if path in ("", "/") else path.lstrip("/")
+        if "\x00" in rel:  # a raw NUL byte in the request line: no file has one (and resolve() raises)
+            return _response(404, b"not found\n", "text/plain")
         target = (self.web_dir / rel).resolve()
         if not target.is_relative_to(self.web_dir) or not target.is_file():
             return _response(404, b"not found\n", "text/plain")

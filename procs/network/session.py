@@ -99,6 +99,10 @@ class SessionRules:
     rate_burst_frames: float = 100.0
     rate_close_after: int = 250
     rate_window_s: float = 10.0
+    # Control messages (ping, pong) have a budget of their own: the page sends one ping a second; a flood
+    # of them would make the server queue answers for a client that may not even read them.
+    control_per_s: float = 10.0
+    control_burst: float = 20.0
 
 
 # --- actions ---------------------------------------------------------------------------------------------
@@ -216,6 +220,22 @@ def _trim(times: deque[float], before: float) -> None:
         times.popleft()
 
 
+class TokenBucket:
+    """`rate_per_s` tokens a second, at most `burst` saved up; each accepted message takes one."""
+
+    def __init__(self, rate_per_s: float, burst: float, now: float) -> None:
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self.tokens, self.at = burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate_per_s)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 # --- the machine -----------------------------------------------------------------------------------------
 
 
@@ -241,7 +261,8 @@ class Session:
         self._errors_sent: deque[float] = deque()
         self._next_report = now + self.rules.latency_period_s
         self._last_audio = now
-        self._tokens, self._tokens_at = self.rules.rate_burst_frames, now
+        self._audio_rate = TokenBucket(self.rules.rate_frames_per_s, self.rules.rate_burst_frames, now)
+        self._control_rate = TokenBucket(self.rules.control_per_s, self.rules.control_burst, now)
         self._refused: deque[float] = deque()
 
     # ---- events -----------------------------------------------------------------------------------------
@@ -254,12 +275,15 @@ class Session:
             return self._malformed(error, now_ns / 1e9)
         if isinstance(decoded, memoryview):
             now = now_ns / 1e9
-            if not self._take_token(now):
-                return self._too_fast(now)
+            if not self._audio_rate.take(now):
+                self.counters.input_rate_limited += 1
+                return self._too_fast(now, "audio faster than real time")
             self._last_audio = now
             seq = self.counters.frames_in
             self.counters.frames_in += 1
             return [PublishAudio(decoded, seq, now_ns)]
+        if not isinstance(decoded, ClientSessionEnd) and not self._control_rate.take(now_ns / 1e9):
+            return self._too_fast(now_ns / 1e9, "control messages too fast")
         match decoded:
             case Ping(id=ping_id, t_ms=t_ms):
                 self._say(Pong(id=ping_id, t_ms=t_ms))
@@ -397,27 +421,15 @@ class Session:
     def _say(self, msg: ServerControl) -> None:
         self._control.append(encode_server_control(msg))
 
-    def _take_token(self, now: float) -> bool:
+    def _too_fast(self, now: float, what: str) -> list[Action]:
+        """A message refused by a rate limit: answered (within the error budget); too many close."""
         rules = self.rules
-        refill = (now - self._tokens_at) * rules.rate_frames_per_s
-        self._tokens = min(rules.rate_burst_frames, self._tokens + refill)
-        self._tokens_at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
-
-    def _too_fast(self, now: float) -> list[Action]:
-        rules = self.rules
-        self.counters.input_rate_limited += 1
         _trim(self._refused, now - rules.rate_window_s)
         self._refused.append(now)
         if len(self._refused) >= rules.rate_close_after:
-            self._say(Error(code=ErrorCode.RATE_LIMITED, fatal=True,
-                            msg="audio far faster than real time for too long"))
-            return self._end(EndReason.RATE_LIMITED, Close(1008, "audio faster than real time"))
-        self._error_within_budget(now, Error(code=ErrorCode.RATE_LIMITED,
-                                             msg="audio faster than real time: frames refused"))
+            self._say(Error(code=ErrorCode.RATE_LIMITED, fatal=True, msg=f"{what} for too long"))
+            return self._end(EndReason.RATE_LIMITED, Close(1008, what))
+        self._error_within_budget(now, Error(code=ErrorCode.RATE_LIMITED, msg=f"{what}: messages refused"))
         return []
 
     def _error_within_budget(self, now: float, error: Error) -> None:
