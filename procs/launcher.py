@@ -7,6 +7,7 @@ below find a server's processes and the CPU they use (from /proc, through ringbu
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -16,6 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from ringbuf.procinfo import CLOCK_TICKS_PER_S, read_proc_stat
@@ -72,6 +76,16 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
     return [pid for pid in pids if pid_running(pid)]
 
 
+def poll_until(condition: Callable[[], bool], timeout: float) -> float | None:
+    """Seconds until `condition()` held, or None if it did not within `timeout` (checked every 50 ms)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if condition():
+            return round(time.monotonic() - t0, 3)
+        time.sleep(0.05)  # polls a condition; the timeout is the bound
+    return None
+
+
 class ServerProcess:
     """`python -m supervisor --host 127.0.0.1 --port 0 ...`, ready once it prints its READY line."""
 
@@ -113,6 +127,16 @@ class ServerProcess:
         if not self.log_file.closed:
             self.log_file.flush()
         return Path(self.log_file.name).read_text()
+
+    def health(self) -> tuple[int, dict]:
+        """GET /health: (HTTP status, its JSON body); (0, {}) when nothing answers."""
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+        except OSError:
+            return 0, {}
 
     def child_pid(self, role: str) -> int:
         """The current pid of a child (network, vad, inference), from the supervisor's log: the last

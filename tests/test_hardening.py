@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import signal
@@ -21,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from procs.audio.speech import telugu_speech_16k
 from procs.client import ClientRun, stream_client
-from procs.launcher import SHM, ServerProcess, wait_gone
+from procs.launcher import SHM, ServerProcess, poll_until, wait_gone
 from procs.network.auth import mint_token
 from protocol import (
     IN_FRAME_BYTES,
@@ -40,22 +39,10 @@ FRAME = encode_client_audio(bytes(IN_FRAME_BYTES))
 BOUND_S = 15.0  # every wait here is for a condition, bounded by this
 
 
-def health(server: ServerProcess) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(server.url + "/health", timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-    except OSError:
-        return 0, {}
-
-
 def wait_until(what: str, condition, timeout: float = BOUND_S) -> float:
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < timeout, f"not within {timeout} s: {what}"
-        time.sleep(0.05)  # polls a condition; the bound is what fails the test
-    return time.monotonic() - t0
+    took = poll_until(condition, timeout)
+    assert took is not None, f"not within {timeout} s: {what}"
+    return took
 
 
 async def messages_until_closed(ws) -> list[object]:
@@ -90,7 +77,7 @@ def test_idle_sessions_are_closed_and_give_their_slots_back() -> None:
             errors = [m for m in got if isinstance(m, Error)]
             assert errors and errors[-1].code == ErrorCode.IDLE_TIMEOUT and errors[-1].fatal and code == 1000
         assert time.monotonic() - t0 < 5
-        wait_until("both slots free", lambda: health(server)[1].get("sessions_active") == 0)
+        wait_until("both slots free", lambda: server.health()[1].get("sessions_active") == 0)
         run = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))
         assert run.close_code == 1000 and len(run.frames) == run.sent
         assert "ended (idle_timeout)" in server.log()
@@ -238,7 +225,7 @@ def test_a_hung_inference_process_is_noticed_its_sessions_told_and_it_is_replace
         errors = run.of_type(Error)
         assert errors and errors[-1].code == ErrorCode.INTERNAL and run.close_code == 1011
         assert "inference" in server.log() and "no heartbeat" in server.log()
-        wait_until("a new inference process ready", lambda: health(server)[0] == 200, 30)
+        wait_until("a new inference process ready", lambda: server.health()[0] == 200, 30)
         assert server.child_pid("inference") != pid
         after = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))
         assert len(after.frames) == after.sent
@@ -282,7 +269,7 @@ def test_an_inference_crash_ends_only_its_sessions_and_the_server_comes_back() -
         assert run.of_type(Error)[-1].code == ErrorCode.INTERNAL and run.close_code == 1011
         assert not run.of_type(SessionEnd)  # a failure, not a planned stop
         assert re.search(r"inference\[\d+\] killed by SIGKILL", server.log())
-        wait_until("ready again", lambda: health(server)[0] == 200, 30)
+        wait_until("ready again", lambda: server.health()[0] == 200, 30)
         after = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))
         assert len(after.frames) == after.sent
 
@@ -292,7 +279,7 @@ def test_a_network_crash_is_restarted_on_the_same_port() -> None:
         pid = server.child_pid("network")
         os.kill(pid, signal.SIGKILL)
         wait_until("restarted", lambda: server.child_pid("network") != pid)
-        wait_until("serving again", lambda: health(server)[0] == 200, 30)
+        wait_until("serving again", lambda: server.health()[0] == 200, 30)
         run = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))
         assert len(run.frames) == run.sent and run.close_code == 1000
 
@@ -378,7 +365,7 @@ def test_sigterm_drains_live_sessions_finish_and_a_second_sigterm_stops_at_once(
             await streaming.wait()
             server.proc.send_signal(signal.SIGTERM)
             t0 = time.monotonic()
-            while health(server)[1].get("status") != "draining":
+            while server.health()[1].get("status") != "draining":
                 assert time.monotonic() - t0 < 2, "not draining at once"
                 await asyncio.sleep(0.02)  # polls /health
             try:
@@ -408,7 +395,7 @@ def test_sigterm_drains_live_sessions_finish_and_a_second_sigterm_stops_at_once(
             await streaming.wait()
             server.proc.send_signal(signal.SIGTERM)
             wait = await asyncio.to_thread(wait_until, "draining",
-                                           lambda: health(server)[1].get("status") == "draining")
+                                           lambda: server.health()[1].get("status") == "draining")
             assert wait < 2
             stopped = await asyncio.to_thread(server.stop, signal.SIGTERM)
             return await client, stopped

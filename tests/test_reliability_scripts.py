@@ -1,0 +1,43 @@
+"""The reliability scripts behind bench/RESULTS.md, each in a short form, so neither can rot unseen: the
+attacks that take seconds (bench/attacks.py) and a soak of 15 s (bench/soak.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_the_attack_script_measures_what_the_server_did(tmp_path: Path) -> None:
+    out = tmp_path / "attacks.json"
+    run = run_script("bench/attacks.py", "strangers", "protocol", "drain", "--json", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    figures = json.loads(out.read_text())
+    strangers = figures["strangers"]
+    assert (strangers["Origin evil.example"], strangers["no token"], strangers["wrong token"],
+            strangers["right token"], strangers["token in the log"]) == (403, 401, 403, 101, False)
+    assert figures["protocol"]["70 kB text: close code"] == 1009
+    assert figures["protocol"]["POST /health"] == 405 and figures["protocol"]["HEAD / body bytes"] == 0
+    drain = figures["drain"]
+    assert drain["newcomer during drain"] == 503 and drain["exit code"] == 0
+    assert drain["live session: frames lost"] == 0
+
+
+def test_the_soak_samples_every_process_and_leaves_nothing_behind(demo_checkpoint: str,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    run = run_script("bench/soak.py", "--minutes", "0.25", "--sessions", "3", "--json", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    soak = json.loads(out.read_text())
+    assert soak["exit_code"] == 0 and len(soak["samples"]) >= 2
+    assert {"supervisor", "network", "vad", "inference"} <= set(soak["samples"][-1]["rss_mb"])
+    assert set(soak["frames_out"]) == {"normal-0", "never-reading", "reconnecting"}
+    assert soak["frames_out"]["normal-0"] > 0 and soak["frames_out"]["never-reading"] == 0
+    assert "/dev/shm after exit: 0" in run.stdout
