@@ -48,7 +48,7 @@ HEARTBEAT_TIMEOUT_S = 5.0
 CHECK_EVERY_S = 0.5
 MAX_CRASHES = 5
 CRASH_WINDOW_S = 60.0
-NETWORK_STOP_S = 5.0  # stopping at once: every client gets its goodbye (2 s) or is cut off, then it exits
+NETWORK_STOP_S = 10.0  # stopping at once: goodbyes (2 s, then aborts), handshakes in flight (5 s at most)
 CHILD_STOP_S = 3.0
 
 

@@ -89,7 +89,7 @@ def _positive_float(text: str) -> float:
 
 
 def _seconds_or_off(text: str) -> float | None:
-    if text.strip().lower() in ("0", "off", "none"):
+    if text.strip().lower() in ("off", "none") or float(text) == 0.0:
         return None
     return _positive_float(text)
 

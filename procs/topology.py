@@ -135,7 +135,7 @@ class NetworkLinks:
     audio_from_inference: list[Ring]
     to_inference: ControlChannel
     to_vad: ControlChannel
-    from_workers: list[ControlChannel]  # the inference's, the VAD's, and the supervisor's
+    from_workers: list[ControlChannel]  # the supervisor's, the inference's and the VAD's
     bell: Doorbell  # rung by audio_from_inference and every control ring into this process
     heartbeat: Heartbeat
 
@@ -167,10 +167,12 @@ def network_links(topo: Topology, log: logging.Logger) -> NetworkLinks:
             attach_producer(topo.ctrl_to_inference, topo.bell_inference), name="network->inference", log=log
         ),
         to_vad=ControlChannel(attach_producer(topo.ctrl_to_vad, topo.bell_vad), name="network->vad", log=log),
+        # The supervisor's first: a `WorkerDown` queued before a restarted worker's `InferenceReady` in the
+        # same batch must be handled before it, not after (which would leave the server "starting").
         from_workers=[
+            ControlChannel(attach_consumer(topo.ctrl_to_network), name="supervisor->network", log=log),
             ControlChannel(attach_consumer(topo.ctrl_from_inference), name="inference->network", log=log),
             ControlChannel(attach_consumer(topo.ctrl_from_vad), name="vad->network", log=log),
-            ControlChannel(attach_consumer(topo.ctrl_to_network), name="supervisor->network", log=log),
         ],
         bell=topo.bell_network,
         heartbeat=Heartbeat(topo.heartbeats, "network"),

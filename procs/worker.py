@@ -64,6 +64,7 @@ class WorkerSessions:
                 ring.release()
         self._ids.clear()
         self._lost = [0] * len(self._lost)
+        self.gens = SlotGenerations(len(self._lost))  # a new network process numbers its sessions from 1
         return open_slots
 
     def close(self, slot: int) -> None:

@@ -276,11 +276,13 @@ def test_an_inference_crash_ends_only_its_sessions_and_the_server_comes_back() -
 
 def test_a_network_crash_is_restarted_on_the_same_port() -> None:
     with ServerProcess(*LOOPBACK) as server:
+        before = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=0.5))  # slot 0's first session
+        assert len(before.frames) == before.sent
         pid = server.child_pid("network")
         os.kill(pid, signal.SIGKILL)
         wait_until("restarted", lambda: server.child_pid("network") != pid)
         wait_until("serving again", lambda: server.health()[0] == 200, 30)
-        run = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))
+        run = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))  # slot 0's first, again
         assert len(run.frames) == run.sent and run.close_code == 1000
 
 
@@ -338,10 +340,13 @@ def test_a_client_that_does_not_read_cannot_hold_up_a_stop() -> None:
                                                         end_session=False)) for e in streaming]
             stuck = asyncio.create_task(stalled())
             await asyncio.gather(*(e.wait() for e in streaming))
+            host, port = server.url.removeprefix("http://").rsplit(":", 1)
+            handshaking = socket.create_connection((host, int(port)))  # connected, no request sent yet
             await asyncio.sleep(2)  # the stalled client's buffers fill; a duration, not synchronisation
             stopped = await asyncio.to_thread(server.stop, signal.SIGINT)
             runs = await asyncio.gather(*normal)
             stuck.cancel()
+            handshaking.close()
             return list(runs), stopped
 
         runs, (code, took) = asyncio.run(scenario())
@@ -357,6 +362,8 @@ def test_a_client_that_does_not_read_cannot_hold_up_a_stop() -> None:
 def test_sigterm_drains_live_sessions_finish_and_a_second_sigterm_stops_at_once() -> None:
     server = ServerProcess(*LOOPBACK, "--drain-timeout", "20")
     try:
+        earlier = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=0.3))  # a session already over
+        assert earlier.close_code == 1000
 
         async def scenario() -> tuple[ClientRun, int, int]:
             streaming = asyncio.Event()

@@ -16,8 +16,10 @@ from procs.topology import Topology
 
 class StopRelay:
     """Carries stop signals from the signal handlers into the event loop, whenever they arrive: before the
-    loop runs, while it runs, or after it closed. The first SIGTERM asks for a drain (live conversations
-    finish); another SIGTERM, or SIGUSR1 (the supervisor's "now", its SIGINT), stops at once."""
+    loop runs, while it runs, or after it closed. SIGTERM asks for a drain (live conversations finish),
+    however often it comes: a service manager that signals the whole group and the supervisor that passes
+    its own SIGTERM on both send one. SIGUSR1 (the supervisor's "now": a second SIGTERM to it, or SIGINT)
+    stops at once."""
 
     def __init__(self) -> None:
         self.requests: list[bool] = []  # drain?, in the order they came
@@ -30,7 +32,7 @@ class StopRelay:
             loop.call_soon(callback, drain)
 
     def term(self) -> None:
-        self._request(drain=not self.requests)
+        self._request(drain=True)
 
     def now(self) -> None:
         self._request(drain=False)

@@ -70,6 +70,7 @@ log = logging.getLogger("network")
 
 TICK_S = 0.1  # the sessions' clock: `latency` reports are due once a second, checked this often
 GOODBYE_S = 2.0  # how long closing clients get to take their `session_end` and close before we abort
+OPEN_TIMEOUT_S = 5.0  # the opening handshake (request line to 101) must complete within this
 SEND_BUFFER_BYTES = 16 * 1024  # per connection: audio waits in our bounded queue, not in the kernel
 WRITE_LIMIT = (4096, 1024)  # websockets' transport buffer high/low-water marks, likewise
 
@@ -135,6 +136,9 @@ class NetworkServer:
                 max_queue=64,
                 write_limit=WRITE_LIMIT,
                 close_timeout=GOODBYE_S,
+                # A connection still in its opening handshake when the server stops is waited for (the
+                # library's close waits on every handler) this long at most.
+                open_timeout=OPEN_TIMEOUT_S,
             ) as server:
                 self.port = server.sockets[0].getsockname()[1]
                 log.info("listening on http://%s:%d (WebSocket /ws)", self.cfg.host, self.port)
@@ -290,7 +294,7 @@ class NetworkServer:
                  "rate-limited=%d, output dropped=%d", live.ctx(), reason.value,
                  time.monotonic() - session.started, c.frames_in, c.frames_out, c.input_dropped,
                  c.input_realigned, c.input_rate_limited, c.output_dropped)
-        if not len(self.slots):
+        if self.draining and not len(self.slots):  # what a drain waits for (a drain sets it at its start)
             self.no_sessions.set()
 
     # ---- HTTP -----------------------------------------------------------------------------------------
