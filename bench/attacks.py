@@ -31,10 +31,10 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from procs.audio.speech import telugu_speech_16k
-from procs.client import ClientRun, stream_client
+from procs.audio.speech import repeat_to, telugu_speech_16k
+from procs.client import ClientRun, messages_until_closed, stream_client
 from procs.launcher import SHM, ServerProcess, poll_until
-from protocol import IN_FRAME_BYTES, Error, SessionEnd, decode_server, encode_client_audio
+from protocol import IN_FRAME_BYTES, Error, SessionEnd, encode_client_audio
 
 LOOPBACK = ("--engine", "loopback")
 FRAME = encode_client_audio(bytes(IN_FRAME_BYTES))
@@ -42,8 +42,7 @@ Figures = dict[str, Any]
 
 
 def speech(seconds: float) -> np.ndarray:
-    pcm = telugu_speech_16k()
-    return np.tile(pcm, int(seconds * 16000 // len(pcm)) + 1)[: int(seconds * 16000) // 1280 * 1280]
+    return repeat_to(telugu_speech_16k(), seconds)
 
 
 def health(server: ServerProcess) -> tuple[int, str]:
@@ -71,14 +70,6 @@ async def handshake_status(url: str, headers: dict[str, str] | None = None) -> i
         return e.response.status_code
 
 
-async def drain_messages(ws) -> list[object]:
-    got = []
-    with contextlib.suppress(ConnectionClosed):
-        async for message in ws:
-            got.append(decode_server(message))
-    return got
-
-
 # ---- the attacks -----------------------------------------------------------------------------------------
 
 
@@ -89,7 +80,7 @@ def idle() -> Figures:
         async def one() -> tuple[float, str, int | None]:
             t0 = time.monotonic()
             async with connect(server.ws_url) as ws:
-                got = await asyncio.wait_for(drain_messages(ws), 60)
+                got = await asyncio.wait_for(messages_until_closed(ws), 60)
                 codes = [m.code.value for m in got if isinstance(m, Error)]
                 return time.monotonic() - t0, ",".join(codes), ws.close_code
 
@@ -161,7 +152,7 @@ def flood() -> Figures:
         async def flooder() -> tuple[int, int, int | None]:
             sent = 0
             async with connect(server.ws_url) as ws:
-                reader = asyncio.create_task(drain_messages(ws))
+                reader = asyncio.create_task(messages_until_closed(ws))
                 with contextlib.suppress(ConnectionClosed):
                     for _ in range(5000):
                         await ws.send(FRAME)
@@ -193,7 +184,7 @@ def protocol_edges() -> Figures:
             async with connect(server.ws_url, max_size=None) as ws:
                 await ws.recv()
                 await ws.send(raw, text=True)  # bytes as a text frame: not UTF-8
-                got = await asyncio.wait_for(drain_messages(ws), 15)
+                got = await asyncio.wait_for(messages_until_closed(ws), 15)
                 return ws.close_code, [m.code.value for m in got if isinstance(m, Error)]
 
         big_code, big_errors = asyncio.run(send_then_close("x" * 70_000))

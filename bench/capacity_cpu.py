@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from procs.audio.speech import conversation_16k
+from procs.audio.speech import conversation_16k, repeat_to
 from procs.client import ClientRun, stream_client
 from procs.launcher import ServerProcess, cpu_seconds, machine_busy_s
 from procs.model.torch_setup import prepare_torch
@@ -256,9 +256,7 @@ class CapacityRow:
 
 def speech_of_length(seconds: float) -> np.ndarray:
     """Telugu conversation (speech and pauses) repeated to `seconds`, cut to whole 80 ms blocks."""
-    one = conversation_16k()
-    pcm = np.tile(one, int(np.ceil(seconds * 16000 / len(one))))
-    return pcm[: int(seconds * 16000) // 1280 * 1280]
+    return repeat_to(conversation_16k(), seconds)
 
 
 def realtime_share(run: ClientRun) -> float:

@@ -62,6 +62,15 @@ class ClientRun:
         return np.frombuffer(b"".join(f for _, f in self.frames), dtype=np.int16)
 
 
+async def messages_until_closed(ws: Any) -> list[object]:
+    """Every message a connection receives until it closes, decoded (audio as memoryviews)."""
+    got: list[object] = []
+    with contextlib.suppress(ConnectionClosed):
+        async for message in ws:
+            got.append(decode_server(message))
+    return got
+
+
 async def stream_client(
     url: str,
     pcm16: np.ndarray,

@@ -18,8 +18,8 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from procs.audio.speech import telugu_speech_16k
-from procs.client import ClientRun, stream_client
+from procs.audio.speech import repeat_to, telugu_speech_16k
+from procs.client import ClientRun, messages_until_closed, stream_client
 from procs.launcher import SHM, ServerProcess, poll_until, wait_gone
 from procs.network.auth import mint_token
 from protocol import (
@@ -45,17 +45,8 @@ def wait_until(what: str, condition, timeout: float = BOUND_S) -> float:
     return took
 
 
-async def messages_until_closed(ws) -> list[object]:
-    got = []
-    with contextlib.suppress(ConnectionClosed):
-        async for message in ws:
-            got.append(decode_server(message))
-    return got
-
-
 def speech(seconds: float) -> np.ndarray:
-    pcm = telugu_speech_16k()
-    return np.tile(pcm, int(seconds * 16000 // len(pcm)) + 1)[: int(seconds * 16000) // 1280 * 1280]
+    return repeat_to(telugu_speech_16k(), seconds)
 
 
 # ---- slots and strangers -----------------------------------------------------------------------------------

@@ -174,3 +174,9 @@ def conversation_16k(
         cache_dir=cache_dir,
     )
     return pcm
+
+
+def repeat_to(pcm16: np.ndarray, seconds: float) -> np.ndarray:
+    """16 kHz audio repeated to `seconds`, cut to whole 80 ms blocks (1280 samples)."""
+    reps = int(np.ceil(seconds * 16000 / len(pcm16)))
+    return np.tile(pcm16, reps)[: int(seconds * 16000) // 1280 * 1280]
