@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 DTYPES = ("bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
 ENGINES = ("moshi", "loopback")
 STEP_CLOCKS = ("auto", "on", "off")
@@ -57,6 +59,13 @@ class ServerConfig:
     auth_token: str | None = None
     auth_secret: str | None = None
     log_level: str = "INFO"
+    log_format: str = "text"
+    # TLS: both set, or neither. `--ssl DIR` (moshi.server's flag) sets them to DIR/cert.pem and DIR/key.pem.
+    ssl_cert: Path | None = None
+    ssl_key: Path | None = None
+    ssl_dir: Path | None = None
+    # HAProxy agent-check: a TCP port where the server tells the balancer its free slots (None: off).
+    agent_port: int | None = None
     web_dir: Path = field(default=WEB_DIR)
 
 
@@ -100,6 +109,20 @@ def _origins(text: str) -> tuple[str, ...]:
         if origin not in ("*", "null") and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]), * or null")
     return origins
+
+
+def _readable_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+def _directory(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"no such directory: {path}")
+    return path
 
 
 def _secret(text: str) -> str:
@@ -202,6 +225,17 @@ OPTIONS: tuple[Option, ...] = (
            "accept short-lived tokens a backend signs with this secret (see the README)", metavar="SECRET"),
     Option("log_level", ("--log-level",), "VOICE_LOG_LEVEL", _choice(LOG_LEVELS, upper=True),
            "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    Option("log_format", ("--log-format",), "VOICE_LOG_FORMAT", _choice(LOG_FORMATS),
+           "text (the default), or json: one JSON object a line, for a log collector"),
+    Option("ssl_cert", ("--ssl-cert",), "VOICE_SSL_CERT", _readable_file,
+           "TLS certificate chain (PEM): serve https:// and wss:// (with --ssl-key)", metavar="FILE"),
+    Option("ssl_key", ("--ssl-key",), "VOICE_SSL_KEY", _readable_file,
+           "TLS private key (PEM), with --ssl-cert", metavar="FILE"),
+    Option("ssl_dir", ("--ssl",), "VOICE_SSL", _directory,
+           "a directory holding cert.pem and key.pem, as moshi.server's --ssl", metavar="DIR"),
+    Option("agent_port", ("--agent-port",), "VOICE_AGENT_PORT", _port,
+           "TCP port of the HAProxy agent-check (free slots as a weight; see deploy/README.md)",
+           metavar="PORT"),
 )
 
 
@@ -252,6 +286,8 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
             parser.error(f"environment variable {option.env}={text!r} (for {option.flags[0]}): {error}")
     values.update(vars(parser.parse_args(argv)))
     cfg = ServerConfig(**{f.name: values[f.name] for f in fields(ServerConfig) if f.name in values})
+    if cfg.ssl_dir is not None and cfg.ssl_cert is None and cfg.ssl_key is None:
+        cfg = replace(cfg, ssl_cert=cfg.ssl_dir / "cert.pem", ssl_key=cfg.ssl_dir / "key.pem")
     problem = check_config(cfg)
     if problem:
         parser.error(problem)
@@ -270,4 +306,22 @@ def check_config(cfg: ServerConfig) -> str | None:
         return "--random-model builds a model in memory: it takes no --checkpoint, --hf-repo or weights"
     if cfg.engine == "loopback" and (cfg.checkpoint or cfg.hf_repo or cfg.random_model):
         return "--engine loopback runs no model: drop --checkpoint, --hf-repo and --random-model"
+    if (cfg.ssl_cert is None) != (cfg.ssl_key is None):
+        return "--ssl-cert and --ssl-key go together (or --ssl DIR holding cert.pem and key.pem)"
+    for path in (cfg.ssl_cert, cfg.ssl_key):
+        if path is not None and not path.is_file():
+            return f"no such file: {path} (--ssl DIR needs cert.pem and key.pem in it)"
+    if cfg.ssl_cert is not None and cfg.ssl_key is not None:
+        problem = _tls_problem(cfg.ssl_cert, cfg.ssl_key)
+        if problem:
+            return problem
+    return None
+
+
+def _tls_problem(cert: Path, key: Path) -> str | None:
+    """Load the pair once here, so a wrong file stops the server at start with its name, not in a child."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as error:
+        return f"cannot use TLS certificate {cert} with key {key}: {error}"
     return None

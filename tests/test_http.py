@@ -78,3 +78,11 @@ def test_missing_files_and_escapes_are_404(path: str) -> None:
 @pytest.mark.parametrize("path", ["/\x00", "/index.html\x00.js", "/../pyproject.toml", "/%2e%2e/README.md"])
 def test_paths_outside_the_page_or_with_a_nul_byte_are_not_found(path: str) -> None:
     assert routes().respond(request(path)).status_code == 404
+
+
+@pytest.mark.parametrize("status", ["ok", "full", "starting", "draining"])
+def test_liveness_is_200_whatever_readiness_says(status: str) -> None:
+    """Kubernetes restarts a container whose liveness fails: a busy, starting or draining server is alive."""
+    response = routes(status).respond(request("/livez"))
+    assert response.status_code == 200 and json.loads(response.body) == {"status": "alive"}
+    assert routes(status).respond(request("/health")).status_code == (200 if status == "ok" else 503)

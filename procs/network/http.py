@@ -1,5 +1,5 @@
-"""Plain HTTP next to the WebSocket, sans I/O: the page and its files, `/health`, `/metrics`, and the
-checks a WebSocket handshake passes before any slot is taken (method, origin, token, server state).
+"""Plain HTTP next to the WebSocket, sans I/O: the page and its files, `/health` (readiness), `/livez`
+(liveness), `/metrics`, and the checks a WebSocket handshake passes before any slot is taken (method, origin, token, server state).
 
 websockets hands every HTTP request to `HttpRoutes.respond` before its handshake; a `Response` answers it,
 None lets the WebSocket handshake of `/ws` go on. Only GET and HEAD are served (HEAD: the same headers,
@@ -69,7 +69,11 @@ class HttpRoutes:
             return None if refusal is None else _response(503, f"{refusal}\n".encode(), "text/plain")
         if method not in READ_METHODS:
             return _response(405, b"method not allowed\n", "text/plain", allow=", ".join(READ_METHODS))
-        if path == "/health":
+        if path == "/livez":
+            # Liveness, apart from readiness: this process's loop answers. 200 while starting, full or
+            # draining too, so an orchestrator restarts only a server that is hung, never a busy one.
+            response = _response(200, b'{"status":"alive"}', "application/json")
+        elif path == "/health":
             health = self.health()
             response = _response(health.http_status, msgspec.json.encode(health), "application/json")
         elif path == "/metrics":
