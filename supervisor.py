@@ -153,10 +153,13 @@ class Supervisor:
             child.status.close()
             return
         if isinstance(msg, NetworkReady):
-            # A restarted network process listens where the first one did (`--port 0` picked it once).
-            self.cfg = dataclasses.replace(self.cfg, port=msg.port)
-            url = f"http://{msg.host}:{msg.port}"
-            print(f"READY {url} model={msg.model}", flush=True)  # tests and scripts wait for this line
+            # A restarted network process listens where the first one did (`--port 0` picked it once), and
+            # so does its agent check: HAProxy keeps asking the port it was told.
+            self.cfg = dataclasses.replace(self.cfg, port=msg.port, agent_port=msg.agent_port)
+            scheme = "http" if self.cfg.ssl_cert is None else "https"
+            url = f"{scheme}://{msg.host}:{msg.port}"
+            agent = "" if msg.agent_port is None else f" agent={msg.agent_port}"
+            print(f"READY {url} model={msg.model}{agent}", flush=True)  # tests and scripts wait for this line
             log.info("ready in %.1f s: open %s/ in a browser", time.monotonic() - self.started, url)
 
     def check_heartbeats(self) -> None:
@@ -250,9 +253,9 @@ class Supervisor:
                 self.exit_code = self.exit_code or 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    setup_logging(cfg.log_level)
+def main(argv: list[str] | None = None, prog: str = "supervisor.py") -> int:
+    cfg = parse_config(argv, prog=prog)
+    setup_logging(cfg.log_level, cfg.log_format)
     return Supervisor(cfg).run()
 
 

@@ -127,17 +127,6 @@ class Scenario:
         }
 
 
-def block_latencies_ms(run: ClientRun, warmup_s: float) -> list[float]:
-    """Send of a block's 4th frame -> receipt of its first output frame. The loopback engine answers every
-    block with exactly four frames, in order, so output frame 4k answers input frames 4k..4k+3."""
-    sent, received = run.send_times, [t for t, _ in run.frames]
-    return [
-        (received[4 * k] - sent[4 * k + 3]) * 1e3
-        for k in range(len(sent) // FRAMES_PER_BLOCK)
-        if sent[4 * k + 3] - sent[0] >= warmup_s
-    ]
-
-
 async def stream_clients(url: str, pcm: np.ndarray, phases_s: list[float]) -> list[ClientRun]:
     """One client per phase; all start their block clocks from one moment, each offset by its phase, and
     each waits (up to 5 s) for every frame to come back before it ends its session."""
@@ -174,7 +163,7 @@ def run_scenario(server: ServerProcess, pcm: np.ndarray, n: int) -> Scenario:
     assert hist.total == n * (n_frames // FRAMES_PER_BLOCK)  # one observation per block, all of them
     return Scenario(
         sessions=n,
-        client_ms=np.array([ms for c in clients for ms in block_latencies_ms(c, WARMUP_S)]),
+        client_ms=np.array([ms for c in clients for ms in c.block_latencies_ms(WARMUP_S)]),
         server_hist=hist,
         server_window_medians=[m.ms for m in windows],
         server_window_p99s=[m.p99_ms for m in windows],

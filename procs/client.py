@@ -28,6 +28,7 @@ from protocol import (
 
 T = TypeVar("T")
 FRAME_S = 0.02
+FRAMES_PER_BLOCK = 4  # one model step (80 ms) takes four 20 ms frames and gives four back
 
 
 @dataclass
@@ -60,6 +61,17 @@ class ClientRun:
 
     def pcm(self) -> np.ndarray:
         return np.frombuffer(b"".join(f for _, f in self.frames), dtype=np.int16)
+
+    def block_latencies_ms(self, warmup_s: float = 0.0) -> list[float]:
+        """Send of each 80 ms block's 4th frame -> receipt of its first answer frame, in ms. The server
+        answers every block with four frames, in order, so output frame 4k answers input frames 4k..4k+3
+        (blocks before `warmup_s` after the first send are left out)."""
+        sent, received = self.send_times, [t for t, _ in self.frames]
+        return [
+            (received[FRAMES_PER_BLOCK * k] - sent[FRAMES_PER_BLOCK * k + 3]) * 1e3
+            for k in range(min(len(sent) // FRAMES_PER_BLOCK, (len(received) + 3) // FRAMES_PER_BLOCK))
+            if sent[FRAMES_PER_BLOCK * k + 3] - sent[0] >= warmup_s
+        ]
 
 
 async def messages_until_closed(ws: Any) -> list[object]:

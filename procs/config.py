@@ -18,7 +18,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+def default_web_dir() -> Path:
+    """The page: the copy installed with the package (procs/web, see setup.py), else the checkout's web/."""
+    installed = Path(__file__).resolve().parent / "web"
+    checkout = Path(__file__).resolve().parent.parent / "web"
+    return installed if (installed / "index.html").is_file() else checkout
+
+
+WEB_DIR = default_web_dir()
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -125,7 +133,7 @@ def _directory(text: str) -> Path:
     return path
 
 
-def _secret(text: str) -> str:
+def parse_secret(text: str) -> str:
     if len(text) < 16:
         raise ValueError("must be at least 16 characters")
     return text
@@ -219,9 +227,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("allowed_origins", ("--allowed-origins",), "VOICE_ALLOWED_ORIGINS", _origins,
            "browser origins allowed to open sessions besides the page's own and localhost "
            "(comma-separated; * allows any)", metavar="ORIGINS"),
-    Option("auth_token", ("--auth-token",), "VOICE_AUTH_TOKEN", _secret,
+    Option("auth_token", ("--auth-token",), "VOICE_AUTH_TOKEN", parse_secret,
            "a shared secret clients must pass as ?token=... (at least 16 characters)", metavar="TOKEN"),
-    Option("auth_secret", ("--auth-secret",), "VOICE_AUTH_SECRET", _secret,
+    Option("auth_secret", ("--auth-secret",), "VOICE_AUTH_SECRET", parse_secret,
            "accept short-lived tokens a backend signs with this secret (see the README)", metavar="SECRET"),
     Option("log_level", ("--log-level",), "VOICE_LOG_LEVEL", _choice(LOG_LEVELS, upper=True),
            "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
@@ -266,11 +274,12 @@ def build_parser(prog: str = "supervisor.py") -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None,
+                 prog: str = "supervisor.py") -> ServerConfig:
     """Flags over environment variables over defaults; every value checked the same way wherever it came
     from. Exits with status 2 and a usage message naming the flag or variable at fault."""
     env = os.environ if environ is None else environ
-    parser = build_parser()
+    parser = build_parser(prog)
     values: dict[str, Any] = {}
     for option in OPTIONS:
         text = env.get(option.env)

@@ -93,6 +93,7 @@ class ServerProcess:
                  cwd: Path | None = None) -> None:
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log", delete=False)  # noqa: SIM115
         self.started = time.monotonic()
+        self.agent_port: int | None = None  # the HAProxy agent check's port, from `agent=` on the READY line
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor", "--host", "127.0.0.1", "--port", "0", *args],
             cwd=cwd,
@@ -103,7 +104,7 @@ class ServerProcess:
         )
         self.url = self._wait_ready(ready_timeout)
         self.ready_s = time.monotonic() - self.started
-        self.ws_url = self.url.replace("http://", "ws://") + "/ws"
+        self.ws_url = self.url.replace("http", "ws", 1) + "/ws"  # http -> ws, https -> wss
         self.children = child_pids(self.proc.pid)
 
     def _wait_ready(self, timeout: float) -> str:
@@ -117,7 +118,10 @@ class ServerProcess:
             line = self.proc.stdout.readline()
             if not line:  # exited before it was ready
                 break
-            if line.startswith("READY "):
+            if line.startswith("READY "):  # READY <url> model=<name> [agent=<port>]
+                fields = dict(word.split("=", 1) for word in line.split()[2:] if "=" in word)
+                if "agent" in fields:
+                    self.agent_port = int(fields["agent"])
                 return line.split()[1]
         self.proc.kill()
         self.proc.wait()

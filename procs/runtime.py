@@ -28,20 +28,52 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr, force=True
+class SessionContext(logging.Filter):
+    """Lines about a session say so the one way this project writes it, `session=<id> slot=<n>` (in the
+    text format, that is the context); for the JSON format those become the fields `session` and `slot`, so
+    a log collector can select one conversation without parsing messages."""
+
+    SESSION = re.compile(r"\bsession=([^\s:,;]+)")
+    SLOT = re.compile(r"\bslot=(\d+)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if (session := self.SESSION.search(message)) is not None:
+            record.session = session.group(1)
+        if (slot := self.SLOT.search(message)) is not None:
+            record.slot = int(slot.group(1))
+        return True
+
+
+def json_formatter() -> logging.Formatter:
+    """One JSON object a line: time (ISO 8601, UTC), level, process, logger, message, and session and slot
+    where a line is about one; exceptions as `exc_info`."""
+    from pythonjsonlogger.json import JsonFormatter
+
+    return JsonFormatter(
+        "%(levelname)s %(processName)s %(name)s %(message)s",
+        rename_fields={"levelname": "level", "processName": "process", "name": "logger"},
+        timestamp="time",
+        json_ensure_ascii=False,  # Telugu text stays readable
     )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactSecrets())
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """Every process's logging: to stderr, secrets redacted, as text (the default) or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(json_formatter() if log_format == "json"
+                         else logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    handler.addFilter(RedactSecrets())
+    handler.addFilter(SessionContext())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def setup_child(level: str, on_term: Callable[[], None],
-                on_stop_now: Callable[[], None] | None = None) -> None:
+                on_stop_now: Callable[[], None] | None = None, log_format: str = "text") -> None:
     """Children leave Ctrl-C to the supervisor (the terminal sends SIGINT to the whole process group),
     stop cleanly on SIGTERM, and stop at once on SIGUSR1 (`on_stop_now`, where the process distinguishes a
     drain from a stop). If the supervisor dies without telling them, they get the stop-at-once signal."""
-    setup_logging(level)
+    setup_logging(level, log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: on_term())
     death_signal = signal.SIGTERM

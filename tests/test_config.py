@@ -66,6 +66,8 @@ def test_moshi_servers_flags_mean_what_they_mean_there() -> None:
         ["--step-clock", "sometimes"],
         ["--random-model", "moshi-7b", "--hf-repo", "a/b"],
         ["--engine", "loopback", "--checkpoint", "/x"],
+        ["--log-format", "xml"],
+        ["--ssl-cert", "/nonexistent/cert.pem", "--ssl-key", "/nonexistent/key.pem"],
     ],
 )
 def test_bad_options_are_refused_with_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,6 +87,10 @@ def test_bad_options_are_refused_with_usage(argv: list[str], capsys: pytest.Capt
         ("VOICE_DEVICE", "gpu"),
         ("VOICE_NO_FUSE_LORA", "maybe"),
         ("VOICE_GPU_MEMORY_FRACTION", "0"),
+        ("VOICE_LOG_FORMAT", "xml"),
+        ("VOICE_SSL_CERT", "/nonexistent/cert.pem"),
+        ("VOICE_SSL", "/nonexistent"),
+        ("VOICE_AGENT_PORT", "abc"),
     ],
 )
 def test_bad_environment_variables_are_refused_like_flags_naming_the_variable(

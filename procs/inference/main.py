@@ -266,7 +266,8 @@ def model_source(cfg: ServerConfig) -> ModelSource:
 def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     stop = threading.Event()
     # The stop flag is set from a signal handler; ring our own doorbell so a blocked wait returns at once.
-    setup_child(cfg.log_level, lambda: (stop.set(), topo.bell_inference.ring()))
+    setup_child(cfg.log_level, lambda: (stop.set(), topo.bell_inference.ring()),
+                log_format=cfg.log_format)
     prepare_torch(cfg.device)  # before load_engine imports moshi
     # One torch thread on a CPU by default: measured on 2 cores, two threads stall steps for 1-2 s whenever
     # the network and VAD processes want the other core.

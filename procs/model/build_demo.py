@@ -13,8 +13,8 @@ from pathlib import Path
 from procs.model.torch_setup import prepare_torch
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m procs.model.build_demo",
+def main(argv: list[str] | None = None, prog: str = "python -m procs.model.build_demo") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default: ~/.cache/telugu-voice-agent/demo-VERSION)")

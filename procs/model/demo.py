@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -302,4 +303,8 @@ def demo_checkpoint_dir(*, progress: Progress | None = None) -> Path:
     final_dir = default_demo_dir()
     if (final_dir / CONFIG_FILE).exists():
         return final_dir
+    if progress is None:  # the server's first start: say why it takes a minute, step by step
+        log = logging.getLogger("model.demo")
+        log.info("first start: building the demo checkpoint into %s (about a minute, once)", final_dir)
+        progress = log.info
     return _build_atomically(final_dir, seed=0, progress=progress, replace=False)

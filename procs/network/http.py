@@ -1,5 +1,6 @@
 """Plain HTTP next to the WebSocket, sans I/O: the page and its files, `/health` (readiness), `/livez`
-(liveness), `/metrics`, and the checks a WebSocket handshake passes before any slot is taken (method, origin, token, server state).
+(liveness), `/metrics`, and the checks a WebSocket handshake passes before any slot is taken (method,
+origin, token, server state).
 
 websockets hands every HTTP request to `HttpRoutes.respond` before its handshake; a `Response` answers it,
 None lets the WebSocket handshake of `/ws` go on. Only GET and HEAD are served (HEAD: the same headers,

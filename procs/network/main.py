@@ -45,7 +45,7 @@ class StopRelay:
 
 def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     relay = StopRelay()
-    setup_child(cfg.log_level, relay.term, relay.now)
+    setup_child(cfg.log_level, relay.term, relay.now, log_format=cfg.log_format)
 
     async def run() -> None:
         server = NetworkServer(cfg, topo, status)

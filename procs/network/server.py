@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from websockets.http11 import Request, Response
 
 from procs.config import ServerConfig
 from procs.frames import read_out_frame, write_in_frame
+from procs.network.agent import AgentServer, health_reply
 from procs.network.auth import Access
 from procs.network.http import Health, HttpRoutes
 from procs.network.metrics import ServerMetrics
@@ -88,6 +90,18 @@ class LiveSession:
         return f"session={self.session.session_id} slot={self.session.slot}"
 
 
+def tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+    """https:// and wss:// from `--ssl-cert`/`--ssl-key` (or `--ssl DIR`); the microphone needs a secure
+    page anywhere but localhost. TLS 1.2 at least; no ALPN, so browsers speak HTTP/1.1, which WebSocket
+    needs."""
+    if cfg.ssl_cert is None or cfg.ssl_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cfg.ssl_cert, cfg.ssl_key)
+    return context
+
+
 class NetworkServer:
     def __init__(self, cfg: ServerConfig, topo: Topology, status: Connection) -> None:
         self.cfg, self.status = cfg, status
@@ -111,6 +125,10 @@ class NetworkServer:
         self.http = HttpRoutes(cfg.web_dir, self._health, self._render_metrics, self._websocket_refusal,
                                access)
         self.warnings = LogThrottle(period_s=5.0)
+        self.tls = tls_context(cfg)
+        # HAProxy's agent check (`--agent-port`): the weight and UP/DOWN from the same state as /health.
+        self.agent = (AgentServer(cfg.host, cfg.agent_port, lambda: health_reply(self._health()))
+                      if cfg.agent_port is not None else None)
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     @property
@@ -139,15 +157,21 @@ class NetworkServer:
                 # A connection still in its opening handshake when the server stops is waited for (the
                 # library's close waits on every handler) this long at most.
                 open_timeout=OPEN_TIMEOUT_S,
+                ssl=self.tls,  # None: plain http:// and ws://
             ) as server:
+                if self.agent is not None:  # before `port` is set: READY tells both ports
+                    await self.agent.start()
                 self.port = server.sockets[0].getsockname()[1]
-                log.info("listening on http://%s:%d (WebSocket /ws)", self.cfg.host, self.port)
+                scheme = "http" if self.tls is None else "https"
+                log.info("listening on %s://%s:%d (WebSocket /ws)", scheme, self.cfg.host, self.port)
                 self._report_if_ready()
                 await self._wait_for_stop()
                 await self._goodbye()
                 server.close(close_connections=False)
                 await server.wait_closed()
         finally:
+            if self.agent is not None:  # after the WebSockets: HAProxy hears "draining" until the end
+                await self.agent.close()
             ticker.cancel()
             loop.remove_reader(self.links.bell.fileno())
         log.info("network stopped")
@@ -203,7 +227,8 @@ class NetworkServer:
             self.reported_ready = True
             self.capacity = self.inference.max_sessions
             self.metrics.sessions_max.set(self.capacity)
-            ready = NetworkReady(host=self.cfg.host, port=self.port, model=self.inference.model)
+            ready = NetworkReady(host=self.cfg.host, port=self.port, model=self.inference.model,
+                                 agent_port=None if self.agent is None else self.agent.port)
             self.status.send_bytes(encode_internal(ready))
             log.info("ready: model=%s max_sessions=%d", self.inference.model, self.capacity)
 

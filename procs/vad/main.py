@@ -69,7 +69,7 @@ class VadLoop:
 
 def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     stop = threading.Event()
-    setup_child(cfg.log_level, lambda: (stop.set(), topo.bell_vad.ring()))
+    setup_child(cfg.log_level, lambda: (stop.set(), topo.bell_vad.ring()), log_format=cfg.log_format)
     loop = VadLoop(vad_links(topo, log), stop)
     loop.forget_all()  # a restarted process: whatever is queued belongs to sessions that were ended
     loop.run()
