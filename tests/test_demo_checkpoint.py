@@ -105,16 +105,20 @@ def test_mimi_codes_follow_the_input_and_decode_bounded(built_dir: Path) -> None
 
 def test_racing_builds_are_atomic_and_deterministic(built_dir: Path, tmp_path: Path) -> None:
     """Two processes ask for the cached checkpoint at once: both get one complete dir, bytes equal a fresh
-    build with the same seed, and no temporary directories are left behind."""
+    build with the same seed, and no temporary directories are left behind. Each logs its progress (the
+    server's first start says why it takes a minute)."""
     cache = tmp_path / "cache" / "demo"
     env = os.environ | {"VOICE_DEMO_DIR": str(cache)}
-    code = ("from procs.model.torch_setup import prepare_torch; prepare_torch('cpu'); "
+    code = ("import logging; logging.basicConfig(level='INFO'); "
+            "from procs.model.torch_setup import prepare_torch; prepare_torch('cpu'); "
             "from procs.model.demo import demo_checkpoint_dir; print(demo_checkpoint_dir())")
     racers = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                               text=True) for _ in range(2)]
-    outputs = [racer.communicate(timeout=300)[0].strip() for racer in racers]
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs, logs = zip(*(racer.communicate(timeout=300) for racer in racers), strict=True)
     assert [racer.returncode for racer in racers] == [0, 0]
-    assert outputs == [str(cache), str(cache)]
+    assert [out.strip() for out in outputs] == [str(cache), str(cache)]
+    for log in logs:
+        assert "first start: building the demo checkpoint" in log and "initialising the LM" in log
     assert [p.name for p in cache.parent.iterdir()] == ["demo"]
     for name in EXPECTED_FILES:
         assert (cache / name).read_bytes() == (built_dir / name).read_bytes(), name
