@@ -109,6 +109,7 @@ class NetworkReady(_Internal, tag="network_ready"):
     host: str
     port: int
     model: str
+    agent_port: int | None = None  # where the HAProxy agent check answers (`--agent-port`); None: off
 
 
 class StepStats(_Internal, tag="step_stats"):

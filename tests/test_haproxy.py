@@ -1,9 +1,11 @@
 """The real HAProxy, running `deploy/haproxy.cfg` unchanged, in front of two real servers on loopback.
 
-Each server has one session slot (loopback engine, so no model is needed). The config's addresses come
-from the environment: HAProxy listens on a socket this process opened (`fd@N`, so no port race) and its
-runtime API socket lives in a temporary folder, from which the test reads HAProxy's view of each server.
-Every wait is on a condition (HAProxy's stats, a server's /health, a client's first audio), bounded.
+Each server has one session slot (two where a test says so; loopback engine, so no model is needed) and
+answers HAProxy's agent check on a port of its own (`--agent-port 0`). The config's addresses come from
+the environment: HAProxy listens on a socket this process opened (`fd@N`, so no port race) and its runtime
+API socket lives in a temporary folder, from which the test reads HAProxy's view of each server (state,
+weight, the agent's last answer). Every wait is on a condition (HAProxy's stats, a server's /health or
+/metrics, a client's first message or audio), bounded.
 """
 
 from __future__ import annotations
@@ -15,29 +17,34 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from procs.audio.speech import telugu_speech_16k
 from procs.client import ClientRun, stream_client
 from procs.launcher import SHM, ServerProcess, wait_gone
-from protocol import Error, ErrorCode, SessionEnd, decode_server
+from procs.network.agent import ServerState, agent_reply, health_reply
+from procs.network.http import Health
+from protocol import Error, ErrorCode, SessionEnd, SessionStart, decode_server
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 SERVER_NAMES = ("gpu1", "gpu2")  # the `server` lines of deploy/haproxy.cfg, in order
 PRIMARY, OVERFLOW = "voice", "voice_overflow"  # its backends
+STICKY_COOKIE = "VOICE_SERVER"  # the primary backend's `cookie`; its values are the server names
 FRAME_S = 0.02
 POLL_S = 0.02  # how often a bounded wait re-reads the condition; checks run every 200 ms
 STATE_TIMEOUT_S = 5.0  # a state change HAProxy should see within one or two 200 ms checks
@@ -53,7 +60,7 @@ def haproxy_binary() -> str:
 class HAProxy:
     """`haproxy -db -f deploy/haproxy.cfg` in the foreground, its addresses given in the environment."""
 
-    def __init__(self, backends: list[str], workdir: Path) -> None:
+    def __init__(self, servers: list[ServerProcess], workdir: Path) -> None:
         # HAProxy inherits a listening socket opened here: its port is known, and nothing can take it.
         listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
@@ -64,10 +71,10 @@ class HAProxy:
             **os.environ,
             "VOICE_LB_BIND": f"fd@{listener.fileno()}",
             "VOICE_LB_STATS_SOCKET": str(self.stats_socket),
-            **{
-                f"VOICE_{name.upper()}": address for name, address in zip(SERVER_NAMES, backends, strict=True)
-            },
         }
+        for name, server in zip(SERVER_NAMES, servers, strict=True):
+            env[f"VOICE_{name.upper()}"] = server.url.removeprefix("http://")
+            env[f"VOICE_{name.upper()}_AGENT_PORT"] = str(server.agent_port)
         with listener, open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [haproxy_binary(), "-db", "-f", str(HAPROXY_CFG)],
@@ -90,13 +97,24 @@ class HAProxy:
         rows = csv.DictReader(io.StringIO(raw.decode().removeprefix("# ")))
         return {(r["pxname"], r["svname"]): r for r in rows if r["svname"] in SERVER_NAMES}
 
-    def status(self, backend: str, server: str) -> str:
+    def row(self, backend: str, server: str) -> dict[str, str]:
+        """One server's `show stat` row; empty while HAProxy does not listen yet."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"haproxy exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            return self.states()[(backend, server)]["status"]
+            return self.states()[(backend, server)]
         except OSError:  # not listening yet
-            return "unknown"
+            return {}
+
+    def status(self, backend: str, server: str) -> str:
+        """"UP" or "DOWN" (HAProxy writes "DOWN (agent)" when the agent check said so; which of the two
+        checks saw it first does not matter here), "unknown" before HAProxy listens."""
+        return self.row(backend, server).get("status", "unknown").removesuffix(" (agent)")
+
+    def weight(self, server: str) -> int:
+        """The server's weight in the primary backend (of 100: the agent sets it); -1 before HAProxy
+        listens."""
+        return int(self.row(PRIMARY, server).get("weight", -1))
 
     def current_sessions(self, backend: str) -> int:
         """Connections the backend's servers hold now, as HAProxy counts them for leastconn."""
@@ -178,15 +196,24 @@ def is_refusal(message: object, close_code: int | None) -> bool:
     return isinstance(message, Error) and message.code == ErrorCode.CAPACITY and close_code == 1013
 
 
+@dataclass(frozen=True)
+class ServerSetup:
+    """What each of the two servers gets: ServerSetup() unless a test says
+    `@pytest.mark.parametrize("servers", [ServerSetup(...)], indirect=True)`."""
+
+    slots: int = 1
+    # SIGTERM drains this long at most, after which a live session hears `server_shutdown`.
+    drain_timeout_s: float = 1.0
+
+
 @pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    """Two loopback servers with one slot each, started side by side."""
+def servers(request: pytest.FixtureRequest) -> Iterator[list[ServerProcess]]:
+    """Two loopback servers, started side by side, each answering HAProxy's agent check on a free port."""
+    setup: ServerSetup = getattr(request, "param", ServerSetup())
+    args = ("--engine", "loopback", "--max-sessions", str(setup.slots), "--drain-timeout",
+            str(setup.drain_timeout_s), "--agent-port", "0")
     with contextlib.ExitStack() as stack, ThreadPoolExecutor(2) as pool:
-        starting = [
-            # SIGTERM drains: 1 s here, after which a live session hears `server_shutdown`.
-            pool.submit(ServerProcess, "--engine", "loopback", "--max-sessions", "1", "--drain-timeout", "1")
-            for _ in range(2)
-        ]
+        starting = [pool.submit(ServerProcess, *args) for _ in range(2)]
         started, failed = [], []
         for future in starting:
             try:
@@ -201,7 +228,7 @@ def servers() -> Iterator[list[ServerProcess]]:
 @pytest.fixture
 def haproxy(servers: list[ServerProcess]) -> Iterator[HAProxy]:
     with tempfile.TemporaryDirectory(prefix="haproxy-") as workdir:
-        proxy = HAProxy([s.url.removeprefix("http://") for s in servers], Path(workdir))
+        proxy = HAProxy(servers, Path(workdir))
         try:
             yield proxy
         finally:
@@ -326,3 +353,225 @@ def test_config_is_valid_with_its_defaults() -> None:
         [haproxy_binary(), "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, env=env
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- the agent check ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "active", "slots", "reply"),
+    [
+        (ServerState.READY, 0, 2, "up 100%\n"),
+        (ServerState.READY, 1, 2, "up 50%\n"),
+        (ServerState.READY, 2, 2, "0% down #full\n"),
+        (ServerState.READY, 1, 3, "up 67%\n"),  # rounded up
+        (ServerState.READY, 99, 100, "up 1%\n"),  # one free slot is room: never "0%" while there is one
+        (ServerState.READY, 0, 0, "0% down #full\n"),  # an engine with no slot at all
+        (ServerState.STARTING, 0, 0, "0% down #starting\n"),
+        (ServerState.DRAINING, 1, 2, "0% down #draining\n"),  # free slots do not count while draining
+        (ServerState.DRAINING, 0, 2, "0% down #draining\n"),
+    ],
+)
+def test_agent_reply(state: ServerState, active: int, slots: int, reply: str) -> None:
+    assert agent_reply(state, active, slots) == reply
+
+
+@pytest.mark.parametrize("status", ["ok", "full", "starting", "draining"])
+def test_agent_and_health_check_agree(status: str) -> None:
+    """The agent says `up` exactly when /health is 200 (and `down` when 503), so HAProxy's two checks
+    never disagree for long."""
+    health = Health(status=status, sessions_active=1 if status == "ok" else 2, max_sessions=2, model="m",
+                    engine="loopback", demo_weights=False)
+    words = health_reply(health).split("#")[0].split()
+    assert ("up" in words) == (health.http_status == 200)
+    assert ("down" in words) == (health.http_status == 503)
+
+
+def read_agent(server: ServerProcess) -> str:
+    """What the server's agent answers a connection, read until it closes it."""
+    assert server.agent_port is not None, "the READY line named no agent port"
+    with socket.create_connection(("127.0.0.1", server.agent_port), timeout=2) as sock:
+        return b"".join(iter(lambda: sock.recv(256), b"")).decode()
+
+
+@contextlib.asynccontextmanager
+async def open_session(url: str, cookie: str | None = None) -> AsyncIterator[ClientConnection]:
+    """A WebSocket session, open once its `session_start` came, closed normally on the way out."""
+    headers = None if cookie is None else {"Cookie": cookie}
+    async with connect(url, compression=None, open_timeout=5, additional_headers=headers) as ws:
+        first = decode_server(await asyncio.wait_for(ws.recv(), 5))
+        assert isinstance(first, SessionStart), first
+        yield ws
+
+
+def sessions_total(server: ServerProcess) -> int:
+    """`voice_sessions_total` from the server's /metrics: sessions it has admitted so far."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return int(float(next(ln.split()[1] for ln in lines if ln.startswith("voice_sessions_total"))))
+
+
+def last_agent_answer(haproxy: HAProxy, name: str) -> str:
+    """HAProxy's record of the agent's last status word, e.g. "via agent : down (full)"."""
+    return haproxy.row(PRIMARY, name).get("last_agt", "")
+
+
+def both_up_at(haproxy: HAProxy, weight: int) -> Callable[[], bool]:
+    """Both servers UP in the primary backend, at `weight`."""
+    return lambda: all(haproxy.status(PRIMARY, n) == "UP" and haproxy.weight(n) == weight
+                       for n in SERVER_NAMES)
+
+
+@pytest.mark.parametrize("servers", [ServerSetup(slots=2, drain_timeout_s=30)], indirect=True)
+def test_agent_weight_follows_free_slots(servers: list[ServerProcess], haproxy: HAProxy) -> None:
+    """Two slots: weight 100 when empty, 50 with one session, 0 and DOWN when full or draining, while the
+    other server stays UP at 100. Sessions are opened on the server itself, not through HAProxy, so which
+    server holds them is known."""
+    server, name, other_name = servers[0], SERVER_NAMES[0], SERVER_NAMES[1]
+
+    def shows(weight: int, status: str, agent_said: str) -> Callable[[], bool]:
+        return lambda: (haproxy.weight(name) == weight and haproxy.status(PRIMARY, name) == status
+                        and last_agent_answer(haproxy, name) == f"via agent : {agent_said}")
+
+    async def scenario() -> None:
+        await wait_for("both UP at weight 100", both_up_at(haproxy, 100), 15)
+        assert await asyncio.to_thread(read_agent, server) == "up 100%\n"
+        async with open_session(server.ws_url):
+            await wait_for("weight 50 with one of two slots taken", shows(50, "UP", "up"))
+            assert await asyncio.to_thread(read_agent, server) == "up 50%\n"
+            async with open_session(server.ws_url):
+                await wait_for("weight 0 and DOWN when full", shows(0, "DOWN", "down (full)"))
+                assert await asyncio.to_thread(read_agent, server) == "0% down #full\n"
+                # Still usable by the overflow backend (no agent there); the other server is untouched.
+                assert haproxy.status(OVERFLOW, name) == "UP"
+                assert haproxy.weight(other_name) == 100 and haproxy.status(PRIMARY, other_name) == "UP"
+            await wait_for("weight 50 and UP again when a slot frees", shows(50, "UP", "up"))
+
+            # SIGTERM with a session open: the drain waits for it (up to 30 s); the agent says so meanwhile.
+            stopping = asyncio.create_task(asyncio.to_thread(server.stop))
+            await wait_for("weight 0 and DOWN while draining", shows(0, "DOWN", "down (draining)"))
+            assert await asyncio.to_thread(read_agent, server) == "0% down #draining\n"
+        # The last session ended: the drain is over and the server stops, its agent with it.
+        code, _ = await stopping
+        assert code == 0, server.log()
+        assert f"agent check on port {server.agent_port} closed" in server.log()
+        with pytest.raises(ConnectionRefusedError):
+            read_agent(server)
+        assert haproxy.status(PRIMARY, name) == "DOWN"
+        assert haproxy.weight(other_name) == 100 and haproxy.status(PRIMARY, other_name) == "UP"
+
+    try:
+        asyncio.run(scenario())
+    except BaseException:
+        print("HAProxy log:\n" + haproxy.log())
+        raise
+
+
+# ---- sticky sessions ------------------------------------------------------------------------------------
+
+RECONNECTS = 5
+
+
+def sticky_cookie_from_page(url: str) -> str:
+    """`GET /` through HAProxy: the value of the sticky cookie it sets (a server's name)."""
+    with urllib.request.urlopen(url + "/", timeout=5) as page:
+        assert page.status == 200
+        cookies = [c for c in page.headers.get_all("Set-Cookie") or [] if c.startswith(f"{STICKY_COOKIE}=")]
+    assert len(cookies) == 1, cookies
+    assert "httponly" in cookies[0].lower()
+    return cookies[0].split(";")[0].split("=", 1)[1]
+
+
+@pytest.mark.parametrize("servers", [ServerSetup(slots=2)], indirect=True)
+def test_sticky_sessions_return_to_their_server_while_it_has_room(
+    servers: list[ServerProcess], haproxy: HAProxy
+) -> None:
+    """The cookie from the page brings every reconnect back to the same server; without it, sessions are
+    balanced over both; once the sticky server is full, a reconnect goes to the other one and gets its
+    cookie. Which server a session reached is read from each server's own `voice_sessions_total`."""
+
+    async def totals() -> list[int]:
+        return await asyncio.to_thread(lambda: [sessions_total(s) for s in servers])
+
+    def all_free() -> bool:
+        return [sessions_active(s) for s in servers] == [0, 0] and haproxy.current_sessions(PRIMARY) == 0
+
+    async def scenario() -> None:
+        await wait_for("both UP at weight 100", both_up_at(haproxy, 100), 15)
+        sticky_name = await asyncio.to_thread(sticky_cookie_from_page, haproxy.url)
+        sticky = SERVER_NAMES.index(sticky_name)
+        other = 1 - sticky
+        cookie = f"{STICKY_COOKIE}={sticky_name}"
+
+        before = await totals()
+        for _ in range(RECONNECTS):
+            async with open_session(haproxy.ws_url, cookie):
+                pass
+            await wait_for("the session's slot free again", all_free)
+        after = await totals()
+        assert after[sticky] - before[sticky] == RECONNECTS and after[other] == before[other], (before, after)
+
+        # No cookie: leastconn over two idle servers takes turns, so both get some.
+        before = after
+        for _ in range(RECONNECTS):
+            async with open_session(haproxy.ws_url):
+                pass
+            await wait_for("the session's slot free again", all_free)
+        after = await totals()
+        reached = [a - b for a, b in zip(after, before, strict=True)]
+        assert sum(reached) == RECONNECTS and min(reached) >= 1, reached
+
+        # The sticky server full (both its slots, reached with the cookie): the reconnect goes elsewhere.
+        async with open_session(haproxy.ws_url, cookie), open_session(haproxy.ws_url, cookie):
+            assert await asyncio.to_thread(sessions_active, servers[sticky]) == 2
+            await wait_for("the full sticky server DOWN",
+                           lambda: haproxy.status(PRIMARY, sticky_name) == "DOWN")
+            before = await totals()
+            async with open_session(haproxy.ws_url, cookie) as ws:
+                assert ws.response is not None
+                moved_to = ws.response.headers.get("Set-Cookie", "")
+            after = await totals()
+            assert after[other] == before[other] + 1 and after[sticky] == before[sticky], (before, after)
+            # ...and HAProxy gave the client the new server's cookie, so it sticks there from now on.
+            assert moved_to.startswith(f"{STICKY_COOKIE}={SERVER_NAMES[other]};"), moved_to
+
+    try:
+        asyncio.run(scenario())
+    except BaseException:
+        print("HAProxy log:\n" + haproxy.log())
+        raise
+
+
+def agent_answers(server: ServerProcess, line: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return read_agent(server) == line
+        except OSError:  # nothing listens (yet)
+            return False
+
+    return check
+
+
+@pytest.mark.parametrize("servers", [ServerSetup(slots=2)], indirect=True)
+def test_agent_port_survives_a_network_process_restart(
+    servers: list[ServerProcess], haproxy: HAProxy
+) -> None:
+    """`--agent-port 0` picks a port once: a restarted network process answers on the same one (HAProxy
+    keeps asking there), and HAProxy follows its answers again."""
+    server, name = servers[0], SERVER_NAMES[0]
+
+    async def scenario() -> None:
+        await wait_for("both UP at weight 100", both_up_at(haproxy, 100), 15)
+        crashed = server.child_pid("network")
+        os.kill(crashed, signal.SIGKILL)
+        await wait_for("a new network process", lambda: server.child_pid("network") != crashed, 30)
+        await wait_for("its agent answering on the same port", agent_answers(server, "up 100%\n"), 30)
+        async with open_session(server.ws_url):
+            await wait_for("HAProxy following the new agent: weight 50 with one session",
+                           lambda: haproxy.weight(name) == 50 and haproxy.status(PRIMARY, name) == "UP")
+
+    try:
+        asyncio.run(scenario())
+    except BaseException:
+        print("HAProxy log:\n" + haproxy.log() + "\nserver log:\n" + server.log())
+        raise
