@@ -83,6 +83,24 @@ class SessionEnd(_Control, tag="session_end"):
     frames_out: int = 0
 
 
+QualityWarning = Literal["clipping", "quiet", "noisy", "input_loss", "output_drops", "latency_spikes",
+                         "playback_gaps"]
+
+
+class SessionQuality(msgspec.Struct, frozen=True, kw_only=True):
+    """What the server measured of one session's audio (inside `latency`, once a second). Levels are dB
+    relative to full scale over the last window; the rest counts since the session started."""
+
+    level_dbfs: float  # input RMS level, last window (-120.0 for digital silence)
+    peak_dbfs: float  # input peak, last window
+    clipped_pct: float  # share of input samples at (or within 1 LSB of) full scale, last window
+    snr_db: float | None = None  # speech power (VAD: speech) over the noise floor (VAD: silence)
+    input_loss_pct: float = 0.0  # input frames that never came, or came too late for their block
+    output_dropped: int = 0  # model frames never sent (the client did not take them in time)
+    spikes: int = 0  # latency spikes so far (a window well above the session's running median)
+    warnings: tuple[QualityWarning, ...] = ()  # what a person can act on now
+
+
 class Latency(_Control, tag="latency"):
     """Server processing time: last input frame of an 80 ms block received -> first answer frame sent."""
 
@@ -92,6 +110,7 @@ class Latency(_Control, tag="latency"):
     dropped_frames: int  # input the model never heard because the session fell behind, so far
     window_s: float  # the window `p99_ms` covers
     realigned_frames: int = 0  # input frames dropped or repeated so far to keep it on the step clock
+    quality: SessionQuality | None = None
 
 
 class Error(_Control, tag="error"):
@@ -149,13 +168,27 @@ class ClientSessionEnd(_Control, tag="session_end"):
     reason: str = "client_request"
 
 
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_SAFE_INTEGER)]
+Millis = Annotated[float, msgspec.Meta(ge=0.0, le=600_000.0)]
+
+
+class ClientStats(_Control, tag="client_stats", kw_only=True):
+    """What only the page can see, sent about once a second; counts are since the session started."""
+
+    underruns: Count  # playback ran dry: gaps concealed with silence
+    concealed_ms: Millis  # total silence played in place of missing audio
+    late_frames: Count  # server frames that came after their play time (dropped by the jitter buffer)
+    playout_delay_ms: Millis  # audio queued in the jitter buffer now (what it adds to mouth-to-ear)
+    rtt_ms: Millis | None = None  # last ping -> pong round trip
+
+
 ServerControl = SessionStart | SessionEnd | Latency | Error | Draining | Vad | Transcript | Ping | Pong
-ClientControl = Ping | Pong | ClientSessionEnd
+ClientControl = Ping | Pong | ClientSessionEnd | ClientStats
 
 SERVER_CONTROL_TYPES: Final = (
     SessionStart, SessionEnd, Latency, Error, Draining, Vad, Transcript, Ping, Pong
 )
-CLIENT_CONTROL_TYPES: Final = (Ping, Pong, ClientSessionEnd)
+CLIENT_CONTROL_TYPES: Final = (Ping, Pong, ClientSessionEnd, ClientStats)
 
 
 def _tags(types: tuple[type[_Control], ...]) -> frozenset[str]:

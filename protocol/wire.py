@@ -188,7 +188,7 @@ def _decode_control(
 
 
 def decode_client_control(data: str | Buffer) -> ClientControl:
-    """A client control message (`Ping`, `Pong` or `ClientSessionEnd`) from a text frame."""
+    """A client control message (`Ping`, `Pong`, `ClientSessionEnd` or `ClientStats`) from a text frame."""
     return _decode_control(data, _CLIENT_CONTROL_DECODER, CLIENT_CONTROL_TAGS)  # type: ignore[return-value]
 
 

@@ -187,7 +187,7 @@ def test_message_tags_are_the_documented_names() -> None:
     server_tags = {"session_start", "session_end", "latency", "error", "draining", "vad", "transcript",
                    "ping", "pong"}
     assert server_tags == SERVER_CONTROL_TAGS
-    assert {"ping", "pong", "session_end"} == CLIENT_CONTROL_TAGS
+    assert {"ping", "pong", "session_end", "client_stats"} == CLIENT_CONTROL_TAGS
 
 
 # --- round trips --------------------------------------------------------------------------------

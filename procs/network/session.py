@@ -49,6 +49,7 @@ from procs.frames import ModelFrame
 from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE
 from protocol import (
     ClientSessionEnd,
+    ClientStats,
     Draining,
     EndReason,
     Error,
@@ -249,6 +250,7 @@ class Session:
         self.rules = rules or SessionRules()
         self.phase = Phase.OPEN
         self.close: Close | None = None  # the close the server asked for, if it ended the session
+        self.client_stats: ClientStats | None = None  # the page's last `client_stats`
         self._goodbye: EndReason | None = None  # `session_end` owed, sent once what is queued has gone
         self.started = now
         self.end_reason: EndReason | None = None
@@ -289,6 +291,8 @@ class Session:
                 self._say(Pong(id=ping_id, t_ms=t_ms))
             case Pong():
                 pass
+            case ClientStats():
+                self.client_stats = decoded  # the page's view of playback, for metrics and the quality report
             case ClientSessionEnd():
                 return self._end_saying_goodbye(EndReason.CLIENT_REQUEST, 1000, "session ended")
         return []
