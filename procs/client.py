@@ -1,7 +1,8 @@
 """A client of our protocol that streams audio at real-time pace and records everything it gets back.
 
 Used by the tests and the benchmarks: it speaks the wire exactly as the browser page does (`0x01` + 20 ms
-of 16 kHz PCM up, `0x02` + 20 ms of 24 kHz PCM and JSON control down).
+of 16 kHz PCM up, `0x02` + 20 ms of 24 kHz PCM and JSON control down), or with `codec="opus"` Opus both
+ways (`/ws?codec=opus`: `0x03` + one packet up, `0x04` + one packet down, decoded here to the same PCM).
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from procs.network.codec import UP_BITRATE, OpusDecoder, OpusEncoder
 from protocol import (
     IN_FRAME_SAMPLES,
+    IN_RATE,
     OUT_FRAME_BYTES,
+    OUT_RATE,
     ClientSessionEnd,
+    ProtocolError,
     SessionStart,
     decode_server,
+    decode_server_opus,
     encode_client_audio,
     encode_client_control,
+    encode_client_opus,
 )
 
 T = TypeVar("T")
@@ -42,6 +49,8 @@ class ClientRun:
     send_times: list[float] = field(default_factory=list)  # right after each audio frame went to the socket
     close_code: int | None = None
     close_reason: str = ""
+    audio_bytes_up: int = 0  # binary frames as sent (prefix included): what the codec costs on the wire
+    audio_bytes_down: int = 0
 
     @property
     def sent(self) -> int:
@@ -97,6 +106,7 @@ async def stream_client(
     clock_ppm: float = 0.0,
     jitter_s: float = 0.0,
     seed: int | None = None,
+    codec: str = "pcm",
     **connect_kwargs: Any,
 ) -> ClientRun:
     """Stream `pcm16` (16 kHz int16) as 20 ms frames at real-time pace and collect what the server sends.
@@ -109,11 +119,23 @@ async def stream_client(
     A real client's clock is not ours: `clock_ppm` makes its 20 ms last 20 ms x (1 + ppm x 1e-6) of ours, and
     `jitter_s` moves each send by up to that much either way (uniformly, seeded by `seed`), as a sound card
     and a network do.
+
+    `codec="opus"` asks for Opus (`?codec=opus`): the audio is encoded up front (as one pass through an
+    encoder, so a looped file restarts mid-stream as a live one would not: fine for tests), and what comes
+    back is decoded to 960-byte frames; a packet that does not decode lands in `bad_frames`.
     """
     run = ClientRun()
     n_frames = len(pcm16) // IN_FRAME_SAMPLES
-    frames = [encode_client_audio(pcm16[i * IN_FRAME_SAMPLES : (i + 1) * IN_FRAME_SAMPLES].tobytes())
-              for i in range(n_frames)]
+    chunks = [pcm16[i * IN_FRAME_SAMPLES : (i + 1) * IN_FRAME_SAMPLES].tobytes() for i in range(n_frames)]
+    decoder: OpusDecoder | None = None
+    if codec == "opus":
+        encoder = OpusEncoder(IN_RATE, UP_BITRATE)
+        frames = [encode_client_opus(encoder.encode(chunk)) for chunk in chunks]
+        encoder.close()
+        decoder = OpusDecoder(OUT_RATE)
+        url += ("&" if "?" in url else "?") + "codec=opus"
+    else:
+        frames = [encode_client_audio(chunk) for chunk in chunks]
     loop = asyncio.get_running_loop()
     enough_back = asyncio.Event()
     connect_kwargs.setdefault("compression", None)
@@ -124,7 +146,12 @@ async def stream_client(
             with contextlib.suppress(ConnectionClosed):
                 async for message in ws:
                     t = loop.time()
-                    decoded = decode_server(message)
+                    if decoder is not None and not isinstance(message, str):
+                        decoded = _opus_frame(decoder, message)
+                    else:
+                        decoded = decode_server(message)
+                    if not isinstance(message, str):
+                        run.audio_bytes_down += len(message)
                     if isinstance(decoded, memoryview):
                         if first_audio is not None:
                             first_audio.set()
@@ -153,6 +180,7 @@ async def stream_client(
                     await ws.send(raw)
                 await ws.send(frames[i % n_frames])
                 run.send_times.append(loop.time())
+                run.audio_bytes_up += len(frames[i % n_frames])
                 i += 1
             with contextlib.suppress(TimeoutError):  # frames that never come back fail the caller's checks
                 await asyncio.wait_for(enough_back.wait(), timeout=tail_s)
@@ -165,3 +193,12 @@ async def stream_client(
             receiver.cancel()
         run.close_code, run.close_reason = ws.close_code, ws.close_reason or ""
     return run
+
+
+def _opus_frame(decoder: OpusDecoder, message: bytes) -> memoryview:
+    """A server Opus frame as its decoded PCM; one that does not decode as its raw bytes (a bad frame)."""
+    try:
+        return memoryview(decoder.decode(decode_server_opus(message)))
+    except ProtocolError:
+        return memoryview(bytes(message))
+

@@ -13,6 +13,7 @@ class ErrorCode(enum.StrEnum):
     EMPTY_FRAME = "empty_frame"
     BAD_HEADER = "bad_header"
     BAD_LENGTH = "bad_length"
+    BAD_AUDIO = "bad_audio"  # an Opus packet that does not decode to one 20 ms frame (after BAD_LENGTH)
     # Text frames (checked in this order, after EMPTY_FRAME).
     OVERSIZE = "oversize"
     BAD_UTF8 = "bad_utf8"

@@ -11,6 +11,14 @@ PROTOCOL_VERSION: Final = 1
 # Prefix byte of every binary frame; a frame's direction is part of its identity.
 CLIENT_AUDIO: Final = 0x01
 SERVER_AUDIO: Final = 0x02
+# Opus, when the client asks for it at connect time (`/ws?codec=opus`): one Opus packet per 20 ms frame.
+CLIENT_OPUS: Final = 0x03
+SERVER_OPUS: Final = 0x04
+# RFC 6716 §3.2.1: one Opus frame is at most 1275 bytes, so a 20 ms packet of one frame never needs more.
+# It is the `frame_bytes` that `session_start` names for Opus (the largest packet, not a fixed size).
+MAX_OPUS_PACKET_BYTES: Final = 1275
+# Codecs a client may ask for with `?codec=`; the first is what a client that asks for none gets.
+CODECS: Final = ("pcm", "opus")
 
 FRAME_MS: Final = 20
 BYTES_PER_SAMPLE: Final = 2  # s16le

@@ -16,14 +16,17 @@ import msgspec
 from protocol.codes import ErrorCode
 from protocol.constants import (
     CLIENT_AUDIO,
+    CLIENT_OPUS,
     FRAME_MS,
     IN_FRAME_BYTES,
     IN_RATE,
+    MAX_OPUS_PACKET_BYTES,
     MAX_SAFE_INTEGER,
     OUT_FRAME_BYTES,
     OUT_RATE,
     PROTOCOL_VERSION,
     SERVER_AUDIO,
+    SERVER_OPUS,
 )
 
 # Ping ids are echoed by JavaScript peers, so they must stay exact there.
@@ -37,11 +40,11 @@ class _Control(msgspec.Struct, tag_field="type", frozen=True):
 class AudioFormat(msgspec.Struct, frozen=True, kw_only=True):
     """Describes one direction's binary audio frames (sent inside `session_start`)."""
 
-    encoding: str = "pcm_s16le"
+    encoding: str = "pcm_s16le"  # or "opus": one Opus packet per frame
     sample_rate: int
     channels: int = 1
     frame_ms: int = FRAME_MS
-    frame_bytes: int
+    frame_bytes: int  # PCM: every frame's size; Opus: the largest packet
     prefix: int  # first byte of every binary frame in this direction
 
 
@@ -49,6 +52,16 @@ CLIENT_AUDIO_FORMAT: Final = AudioFormat(sample_rate=IN_RATE, frame_bytes=IN_FRA
 SERVER_AUDIO_FORMAT: Final = AudioFormat(
     sample_rate=OUT_RATE, frame_bytes=OUT_FRAME_BYTES, prefix=SERVER_AUDIO
 )
+
+# Opus packets carry 20 ms at the same rates as the PCM they replace: the rings and the model never know.
+CLIENT_OPUS_FORMAT: Final = AudioFormat(encoding="opus", sample_rate=IN_RATE,
+                                        frame_bytes=MAX_OPUS_PACKET_BYTES, prefix=CLIENT_OPUS)
+SERVER_OPUS_FORMAT: Final = AudioFormat(encoding="opus", sample_rate=OUT_RATE,
+                                        frame_bytes=MAX_OPUS_PACKET_BYTES, prefix=SERVER_OPUS)
+AUDIO_FORMATS: Final = {  # codec name (`?codec=`) -> (client format, server format)
+    "pcm": (CLIENT_AUDIO_FORMAT, SERVER_AUDIO_FORMAT),
+    "opus": (CLIENT_OPUS_FORMAT, SERVER_OPUS_FORMAT),
+}
 
 
 class LatencyBreakdown(msgspec.Struct, frozen=True):
@@ -199,13 +212,15 @@ SERVER_CONTROL_TAGS: Final = _tags(SERVER_CONTROL_TYPES)
 CLIENT_CONTROL_TAGS: Final = _tags(CLIENT_CONTROL_TYPES)
 
 
-def session_start(session_id: str, model: str, demo_weights: bool, max_sessions: int) -> SessionStart:
-    """A `SessionStart` for this protocol version and the fixed audio formats."""
+def session_start(session_id: str, model: str, demo_weights: bool, max_sessions: int,
+                  codec: str = "pcm") -> SessionStart:
+    """A `SessionStart` for this protocol version and the audio formats of `codec` ("pcm" or "opus")."""
+    client_format, server_format = AUDIO_FORMATS[codec]
     return SessionStart(
         session_id=session_id,
         protocol_version=PROTOCOL_VERSION,
-        input=CLIENT_AUDIO_FORMAT,
-        output=SERVER_AUDIO_FORMAT,
+        input=client_format,
+        output=server_format,
         model=model,
         demo_weights=demo_weights,
         max_sessions=max_sessions,
@@ -213,12 +228,15 @@ def session_start(session_id: str, model: str, demo_weights: bool, max_sessions:
 
 
 __all__ = [
+    "AUDIO_FORMATS",
     "CLIENT_AUDIO_FORMAT",
     "CLIENT_CONTROL_TAGS",
     "CLIENT_CONTROL_TYPES",
+    "CLIENT_OPUS_FORMAT",
     "SERVER_AUDIO_FORMAT",
     "SERVER_CONTROL_TAGS",
     "SERVER_CONTROL_TYPES",
+    "SERVER_OPUS_FORMAT",
     "AudioFormat",
     "ClientControl",
     "ClientSessionEnd",

@@ -9,7 +9,8 @@ raise `ProtocolError`; nothing else escapes. (Other argument types are programmi
 a TypeError.) Checks run in a fixed order and the first failing check names the error code:
 
 - binary frames: EMPTY_FRAME (no bytes) -> BAD_HEADER (first byte is not this direction's prefix)
-  -> BAD_LENGTH (not prefix + exactly one 20 ms frame);
+  -> BAD_LENGTH (not prefix + exactly one 20 ms frame; Opus: not prefix + 1..MAX_OPUS_PACKET_BYTES);
+  whether an Opus packet decodes to 20 ms (BAD_AUDIO) is the codec's check (procs/network/codec.py);
 - text frames: EMPTY_FRAME (no characters) -> OVERSIZE (more than MAX_TEXT_BYTES bytes of UTF-8)
   -> BAD_UTF8 (bytes that are not UTF-8, or a str with lone surrogates) -> BAD_JSON (malformed,
   nested too deeply, a number beyond float range, or not a JSON object) -> BAD_FIELD (no "type"
@@ -27,10 +28,13 @@ import msgspec
 from protocol.codes import ErrorCode
 from protocol.constants import (
     CLIENT_AUDIO,
+    CLIENT_OPUS,
     IN_FRAME_BYTES,
+    MAX_OPUS_PACKET_BYTES,
     MAX_TEXT_BYTES,
     OUT_FRAME_BYTES,
     SERVER_AUDIO,
+    SERVER_OPUS,
 )
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -52,6 +56,8 @@ _ANY_JSON_DECODER: Final = msgspec.json.Decoder()
 
 _CLIENT_PREFIX: Final = bytes([CLIENT_AUDIO])
 _SERVER_PREFIX: Final = bytes([SERVER_AUDIO])
+_CLIENT_OPUS_PREFIX: Final = bytes([CLIENT_OPUS])
+_SERVER_OPUS_PREFIX: Final = bytes([SERVER_OPUS])
 # Buffer formats accepted as PCM by the encoders: raw bytes or native/little-endian int16
 # (numpy int16 arrays export "h"). Anything else has the right size only by accident.
 _PCM_FORMATS: Final = frozenset({"B", "b", "c", "h", "<h", "=h"})
@@ -117,6 +123,55 @@ def encode_server_audio(pcm: Buffer) -> bytes:
 def encode_client_audio(pcm: Buffer) -> bytes:
     """0x01 + 640 bytes of 16 kHz s16le PCM. ValueError unless `pcm` is exactly 640 bytes of int16/raw."""
     return _encode_audio(_CLIENT_PREFIX, pcm, IN_FRAME_BYTES)
+
+
+def _decode_opus(data: Buffer | str, prefix: int) -> memoryview:
+    if isinstance(data, str):
+        raise ProtocolError(ErrorCode.BAD_HEADER, "expected a binary audio frame, got a text frame")
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    size = len(view)
+    if size == 0:
+        raise ProtocolError(ErrorCode.EMPTY_FRAME, "empty binary frame")
+    if view[0] != prefix:
+        raise ProtocolError(
+            ErrorCode.BAD_HEADER, f"binary frame starts with 0x{view[0]:02x}, expected 0x{prefix:02x} (Opus)"
+        )
+    if not 2 <= size <= MAX_OPUS_PACKET_BYTES + 1:
+        raise ProtocolError(
+            ErrorCode.BAD_LENGTH,
+            f"Opus frame has {size} bytes, expected prefix + 1..{MAX_OPUS_PACKET_BYTES} bytes of one packet",
+        )
+    return view[1:]
+
+
+def _encode_opus(prefix: bytes, packet: Buffer) -> bytes:
+    size = memoryview(packet).nbytes
+    if not 1 <= size <= MAX_OPUS_PACKET_BYTES:
+        raise ValueError(f"Opus packet has {size} bytes, expected 1..{MAX_OPUS_PACKET_BYTES}")
+    return prefix + packet
+
+
+def decode_client_opus(data: Buffer | str) -> memoryview:
+    """The Opus packet of a client Opus frame (0x03 + packet), without copying. Whether it decodes to
+    20 ms is not checked here: that takes a decoder."""
+    return _decode_opus(data, CLIENT_OPUS)
+
+
+def decode_server_opus(data: Buffer | str) -> memoryview:
+    """The Opus packet of a server Opus frame (0x04 + packet), without copying."""
+    return _decode_opus(data, SERVER_OPUS)
+
+
+def encode_client_opus(packet: Buffer) -> bytes:
+    """0x03 + one Opus packet (1..MAX_OPUS_PACKET_BYTES bytes). ValueError otherwise."""
+    return _encode_opus(_CLIENT_OPUS_PREFIX, packet)
+
+
+def encode_server_opus(packet: Buffer) -> bytes:
+    """0x04 + one Opus packet (1..MAX_OPUS_PACKET_BYTES bytes). ValueError otherwise."""
+    return _encode_opus(_SERVER_OPUS_PREFIX, packet)
 
 
 # --- control ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from procs.network.auth import Access
+from procs.network.codec import requested_codec
 
 WS_PATH = "/ws"
 READ_METHODS = ("GET", "HEAD")
@@ -66,6 +67,10 @@ class HttpRoutes:
             if denied is not None:
                 status, why = denied
                 return _response(status, f"{why}\n".encode(), "text/plain")
+            try:  # `?codec=`: refused here, before a slot is taken, so a client sees why in the handshake
+                requested_codec(request.path)
+            except ValueError as why:
+                return _response(400, f"{why}\n".encode(), "text/plain")
             refusal = self.websocket_refusal()
             return None if refusal is None else _response(503, f"{refusal}\n".encode(), "text/plain")
         if method not in READ_METHODS:

@@ -36,6 +36,7 @@ from procs.config import ServerConfig
 from procs.frames import read_out_frame, write_in_frame
 from procs.network.agent import AgentServer, health_reply
 from procs.network.auth import Access
+from procs.network.codec import SessionCodec, requested_codec
 from procs.network.http import Health, HttpRoutes
 from procs.network.metrics import ServerMetrics
 from procs.network.session import (
@@ -378,9 +379,13 @@ class NetworkServer:
 
     def _open(self, ws: ServerConnection, slot: int, gen: int) -> LiveSession:
         assert self.inference is not None
+        codec = requested_codec(ws.request.path if ws.request is not None else "")  # checked in the handshake
         start = session_start(uuid.uuid4().hex[:12], model=self.inference.model,
-                              demo_weights=self.inference.demo_weights, max_sessions=self.capacity)
-        return LiveSession(Session(start, slot, gen, now=time.monotonic(), rules=self.rules), ws)
+                              demo_weights=self.inference.demo_weights, max_sessions=self.capacity,
+                              codec=codec)
+        session = Session(start, slot, gen, now=time.monotonic(), rules=self.rules,
+                          codec=SessionCodec() if codec == "opus" else None)
+        return LiveSession(session, ws)
 
     async def _session(self, ws: ServerConnection) -> None:
         live = self.slots.admit(self.capacity, lambda slot, gen: self._open(ws, slot, gen))

@@ -46,6 +46,7 @@ from typing import Literal
 import numpy as np
 
 from procs.frames import ModelFrame
+from procs.network.codec import SessionCodec
 from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE
 from protocol import (
     ClientSessionEnd,
@@ -65,8 +66,10 @@ from protocol import (
     Transcript,
     Vad,
     decode_client,
+    decode_client_opus,
     encode_server_audio,
     encode_server_control,
+    encode_server_opus,
 )
 
 
@@ -244,8 +247,10 @@ class Session:
     """One client's session in one batch slot. See the module docstring for its events and actions."""
 
     def __init__(self, start: SessionStart, slot: int, gen: int, now: float,
-                 rules: SessionRules | None = None) -> None:
+                 rules: SessionRules | None = None, codec: SessionCodec | None = None) -> None:
+        """`codec`: an Opus session's codec state (its `start` names Opus); None: PCM both ways."""
         self.session_id = start.session_id
+        self.codec = codec
         self.slot, self.gen = slot, gen
         self.rules = rules or SessionRules()
         self.phase = Phase.OPEN
@@ -272,7 +277,10 @@ class Session:
         if self.phase is not Phase.OPEN:
             return []
         try:
-            decoded = decode_client(message)
+            if self.codec is not None and not isinstance(message, str):
+                decoded = decode_client_opus(message)  # framing only: the packet is decoded once admitted
+            else:
+                decoded = decode_client(message)
         except ProtocolError as error:
             return self._malformed(error, now_ns / 1e9)
         if isinstance(decoded, memoryview):
@@ -280,6 +288,11 @@ class Session:
             if not self._audio_rate.take(now):
                 self.counters.input_rate_limited += 1
                 return self._too_fast(now, "audio faster than real time")
+            if self.codec is not None:
+                try:  # to the same 640 bytes of PCM a PCM client sends: the rings never know
+                    decoded = self.codec.decode(decoded)
+                except ProtocolError as error:
+                    return self._malformed(error, now)
             self._last_audio = now
             seq = self.counters.frames_in
             self.counters.frames_in += 1
@@ -307,7 +320,8 @@ class Session:
             self.counters.output_dropped += 1
         self._audio.append(
             _QueuedAudio(
-                data=encode_server_audio(frame.pcm),
+                data=(encode_server_audio(frame.pcm) if self.codec is None
+                      else encode_server_opus(self.codec.encode(frame.pcm))),
                 t_in_ns=frame.t_in_ns if frame.block_pos == 0 else None,
                 queue_ms=frame.queue_us / 1e3,
                 step_ms=frame.step_us / 1e3,
@@ -381,6 +395,8 @@ class Session:
         if self.phase is Phase.OPEN:
             actions = self._end(reason, close=None)
         self.phase = Phase.CLOSED
+        if self.codec is not None:  # libopus state is freed with the connection, not at a later GC
+            self.codec.close()
         self._control.clear()
         self._audio.clear()
         self._goodbye = None
