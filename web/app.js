@@ -17,6 +17,7 @@ import {
   reconnectMessage,
   sessionEndMessage,
 } from './lib/messages.js';
+import { ProbeCollector, probeEnabled } from './lib/probe.js';
 import { webSocketUrl } from './lib/protocol.js';
 import { View } from './view.js';
 
@@ -73,7 +74,11 @@ class VoiceAgent {
     this.view.setStatus('Asking for the microphone…', 'starting');
     // Created synchronously, still inside the user's gesture (see AudioPipeline).
     const audio = new AudioPipeline({
-      onCaptureFrame: (frame) => this.connection?.sendAudio(frame),
+      onCaptureFrame: (frame) => {
+        probe?.sent();
+        this.connection?.sendAudio(frame);
+      },
+      onProbe: probe === null ? null : (message) => probe.add(message),
       onPlaybackStats: (stats) => {
         this.playback = stats;
       },
@@ -102,7 +107,10 @@ class VoiceAgent {
       backoff: new Backoff({ maxMs: RECONNECT_MAX_DELAY_MS }),
       handlers: {
         onState: (state, detail) => this.onConnectionState(state, detail),
-        onAudio: (frame) => this.audio?.playFrame(frame),
+        onAudio: (frame) => {
+          probe?.received();
+          this.audio?.playFrame(frame);
+        },
         onSessionStart: (message) => this.onSessionStart(message),
         onSessionEnd: (message) => this.view.setStatus(sessionEndMessage(message), 'connecting'),
         onDraining: (message) => this.view.setStatus(drainingMessage(message), 'live'),
@@ -260,12 +268,15 @@ class VoiceAgent {
   }
 }
 
+// The mouth-to-ear probe (?probe=1, lib/probe.js): null, and nothing recorded, unless asked for.
+const probe = probeEnabled(window.location.href) ? new ProbeCollector() : null;
 const view = new View(document);
 const agent = new VoiceAgent(view, window.location.href);
 view.startButton.addEventListener('click', () => agent.start());
 view.stopButton.addEventListener('click', () => agent.stop());
 // Leaving the page ends the session cleanly instead of leaving the server to notice a dead socket.
 window.addEventListener('pagehide', () => agent.connection?.stop());
+if (probe !== null) window.voiceAgentProbe = Object.freeze({ take: () => probe.take() });
 window.voiceAgent = Object.freeze({
   stats: () => agent.stats(),
   start: () => agent.start(),

@@ -38,10 +38,12 @@ export class AudioPipeline {
    *   onCaptureFrame: (frame: ArrayBuffer) => void,
    *   onPlaybackStats: (stats: object) => void,
    *   onFailure: (what: string) => void,
-   * }} handlers
+   *   onProbe?: ((message: object) => void) | null,
+   * }} handlers  onProbe: turns the worklets' mouth-to-ear probe on and receives its batches (lib/probe.js)
    */
-  constructor({ onCaptureFrame, onPlaybackStats, onFailure }) {
+  constructor({ onCaptureFrame, onPlaybackStats, onFailure, onProbe = null }) {
     this.onCaptureFrame = onCaptureFrame;
+    this.onProbe = onProbe;
     this.onPlaybackStats = onPlaybackStats;
     this.onFailure = onFailure;
     this.playbackContext = createPlaybackContext();
@@ -82,12 +84,13 @@ export class AudioPipeline {
       channelCount: 1,
       channelCountMode: 'explicit',
       channelInterpretation: 'speakers',
-      processorOptions: { targetRate: CLIENT_RATE },
+      processorOptions: { targetRate: CLIENT_RATE, probe: this.onProbe !== null },
     });
     this.captureNode.onprocessorerror = () => this.onFailure('capture');
     this.captureNode.port.onmessage = (event) => {
       if (event.data instanceof ArrayBuffer) this.onCaptureFrame(event.data);
       else if (event.data?.type === 'info') this.captureInfo = event.data;
+      else if (event.data?.type === 'probe') this.onProbe?.(event.data);
     };
     // A worklet is only run while something pulls on it: route it to the speakers through a muted gain.
     const mute = new GainNode(capture, { gain: 0 });
@@ -98,11 +101,12 @@ export class AudioPipeline {
       numberOfInputs: 0,
       numberOfOutputs: 1,
       outputChannelCount: [1],
-      processorOptions: { inputRate: SERVER_RATE, statsPerSecond: 4 },
+      processorOptions: { inputRate: SERVER_RATE, statsPerSecond: 4, probe: this.onProbe !== null },
     });
     this.playbackNode.onprocessorerror = () => this.onFailure('playback');
     this.playbackNode.port.onmessage = (event) => {
       if (event.data?.type === 'stats') this.onPlaybackStats(event.data);
+      else if (event.data?.type === 'probe') this.onProbe?.(event.data);
     };
     this.playbackNode.connect(playback.destination);
     this.resume();

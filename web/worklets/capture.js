@@ -6,8 +6,11 @@
 //
 // Messages in:  {type: 'pause'} / {type: 'resume'} (drops audio while paused), {type: 'reset'}.
 // Messages out: ArrayBuffer frames, and once at start {type: 'info', sampleRate, resamplerDelayMs}.
+//               With processorOptions.probe: {type: 'probe', kind: 'capture', ...} batches (lib/probe.js):
+//               the 16 kHz samples each render quantum produced for the frames, with its wall time.
 
 import { CLIENT_RATE, FrameAssembler } from '../lib/protocol.js';
+import { ProbeTrace } from '../lib/probe.js';
 import { StreamingResampler } from '../lib/resampler.js';
 
 class CaptureProcessor extends AudioWorkletProcessor {
@@ -22,6 +25,8 @@ class CaptureProcessor extends AudioWorkletProcessor {
     this.paused = false;
     this.assembler = new FrameAssembler((frame) => this.port.postMessage(frame, [frame]));
     this.port.onmessage = (event) => this.onControl(event.data);
+    // The mouth-to-ear probe (lib/probe.js): null unless the page asked for it.
+    this.probe = options?.processorOptions?.probe ? new ProbeTrace(this.port, 'capture', targetRate) : null;
     this.port.postMessage({
       type: 'info',
       sampleRate,
@@ -56,6 +61,9 @@ class CaptureProcessor extends AudioWorkletProcessor {
       this.resampled = new Float32Array(this.resampler.maxOutput(frames));
     }
     const count = this.resampler.process(mono, this.resampled);
+    // Recorded before the push: a sample is timed from when it enters its frame, so that the wait for the
+    // frame to fill (the budget's "worklet" row) is part of what the probe measures.
+    if (this.probe !== null) this.probe.call(currentFrame, this.resampled, count);
     this.assembler.push(this.resampled, count);
     return true;
   }

@@ -6,9 +6,12 @@
 //
 // Messages in:  ArrayBuffer frames; {type: 'reset'} (new session: empty the buffer, restart adaptation).
 // Messages out: {type: 'stats', ...JitterBuffer.stats(), framesReceived, badFrames, sampleRate} about four
-//               times a second.
+//               times a second. With processorOptions.probe: {type: 'probe', kind: 'playback', ...} batches
+//               (lib/probe.js): every render quantum's output samples with its wall time, and a note per
+//               frame pushed into the jitter buffer.
 
 import { JitterBuffer } from '../lib/jitter.js';
+import { ProbeTrace } from '../lib/probe.js';
 import { KIND_SERVER_AUDIO, SERVER_FRAME_SAMPLES, SERVER_RATE, decodeAudioFrame } from '../lib/protocol.js';
 import { StreamingResampler } from '../lib/resampler.js';
 
@@ -27,6 +30,8 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     this.framesReceived = 0;
     this.badFrames = 0;
     this.port.onmessage = (event) => this.onMessage(event.data);
+    // The mouth-to-ear probe (lib/probe.js): null unless the page asked for it.
+    this.probe = settings.probe ? new ProbeTrace(this.port, 'playback', outputRate) : null;
   }
 
   onMessage(data) {
@@ -45,6 +50,8 @@ class PlaybackProcessor extends AudioWorkletProcessor {
         }
         this.jitter.push(this.resampled, this.resampler.process(samples, this.resampled));
       }
+      // When each frame entered the buffer (and where, in pushed samples): its playout delay follows.
+      if (this.probe !== null) this.probe.note(this.jitter.pushedSamples);
     } else if (data?.type === 'reset') {
       this.jitter.reset();
       this.resampler?.reset();
@@ -58,6 +65,11 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     const channels = outputs[0];
     if (channels === undefined || channels.length === 0) return true;
     this.jitter.pull(channels[0]);
+    if (this.probe !== null) {
+      // aux: the read position in pushed samples (consumed + dropped), to time each pushed frame's playout.
+      const read = this.jitter.consumedSamples + this.jitter.droppedSamples;
+      this.probe.call(currentFrame, channels[0], channels[0].length, read);
+    }
     for (let c = 1; c < channels.length; c++) channels[c].set(channels[0]);
     this.sinceStats += channels[0].length;
     if (this.sinceStats >= this.statsInterval) {
