@@ -1,7 +1,8 @@
 """A minimal Prometheus text-format registry owned by the network process.
 
 Small enough to write by hand, and it keeps the registry an explicit object (no process-global default
-registry as in prometheus_client).
+registry as in prometheus_client). The one labelled family (sessions per quality warning) is a gauge set at
+scrape time; that and histograms are all this server needs, so prometheus_client is not worth a dependency.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+from typing import get_args
+
+from protocol.messages import QualityWarning
 
 # Fine below 5 ms, where the loopback goal (p99 < 2 ms) is judged; coarse above, where model steps live.
 LATENCY_BUCKETS = (
@@ -32,6 +36,14 @@ LATENCY_BUCKETS = (
     0.64,
     1.28,
 )
+# Input level per report window (dBFS, RMS): -45 is the "quiet" warning's line, above -6 loud speech.
+LEVEL_BUCKETS = (-90.0, -80.0, -70.0, -60.0, -50.0, -45.0, -40.0, -35.0, -30.0, -25.0, -20.0, -15.0, -10.0,
+                 -6.0, -3.0, 0.0)
+# SNR (dB): below 10 is the "noisy" warning; 30 and more is a quiet room.
+SNR_BUCKETS = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0)
+# What the page reports: its jitter buffer's delay and the round trip (seconds).
+PLAYOUT_BUCKETS = (0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5)
+RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.2, 0.4)
 
 
@@ -62,6 +74,23 @@ class SummedCounter(Counter):
         if v < self.value:
             raise ValueError(f"{self.name} would go down from {self.value} to {v}")
         self.value = v
+
+
+class LabelledGauge:
+    """One gauge per value of one label, all set at scrape time (`set_all`)."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, label: str, values: Sequence[str]) -> None:
+        self.name, self.help, self.label = name, help_text, label
+        self.values: dict[str, float] = dict.fromkeys(values, 0.0)
+
+    def set_all(self, values: dict[str, float]) -> None:
+        for key in self.values:
+            self.values[key] = values.get(key, 0.0)
+
+    def samples(self) -> list[str]:
+        return [f'{self.name}{{{self.label}="{key}"}} {_fmt(v)}' for key, v in self.values.items()]
 
 
 class Histogram:
@@ -118,6 +147,43 @@ class ServerMetrics:
             "Model audio frames never sent because the client did not take them in time",
         )
         self.protocol_errors = SummedCounter("voice_protocol_errors_total", "Malformed client messages")
+        # Audio quality (procs.network.quality).
+        self.input_frames_lost = SummedCounter(
+            "voice_input_frames_lost_total",
+            "Client audio frames that never came (still missing 1 s after they were due)",
+        )
+        self.latency_spikes = SummedCounter(
+            "voice_latency_spikes_total",
+            "Latency spikes: report windows whose p99 rose above a session's running median (consecutive "
+            "windows count once)",
+        )
+        self.client_underruns = SummedCounter(
+            "voice_client_underruns_total",
+            "Playback underruns the pages reported (gaps concealed with silence)",
+        )
+        self.client_late_frames = SummedCounter(
+            "voice_client_late_frames_total", "Model audio frames the pages reported discarding as too late"
+        )
+        self.client_concealed_seconds = SummedCounter(
+            "voice_client_concealed_seconds_total", "Silence the pages played in place of missing audio"
+        )
+        self.input_level_dbfs = Histogram(
+            "voice_input_level_dbfs", "Input RMS level per session and second (dBFS)", LEVEL_BUCKETS
+        )
+        self.snr_db = Histogram(
+            "voice_snr_db", "Estimated input SNR per session and second (speech over the noise floor, dB)",
+            SNR_BUCKETS,
+        )
+        self.client_playout_delay_seconds = Histogram(
+            "voice_client_playout_delay_seconds", "Jitter-buffer delay the pages reported", PLAYOUT_BUCKETS
+        )
+        self.client_rtt_seconds = Histogram(
+            "voice_client_rtt_seconds", "Ping round trips the pages reported", RTT_BUCKETS
+        )
+        self.sessions_warned = LabelledGauge(
+            "voice_sessions_quality_warning", "Sessions whose last quality report carries this warning",
+            "warning", get_args(QualityWarning),
+        )
         self.step_seconds = Histogram("voice_step_seconds", "Batched model step duration", STEP_BUCKETS)
         self.step_wait_seconds = Histogram(
             "voice_step_wait_seconds", "Time a ready 80 ms block waited for its step", LATENCY_BUCKETS

@@ -86,6 +86,7 @@ class LiveSession:
     ws: ServerConnection
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     rate_limited_logged: int = 0
+    warnings: tuple[str, ...] = ()  # the quality warnings of its last report (logged when they change)
 
     def ctx(self) -> str:
         return f"session={self.session.session_id} slot={self.session.slot}"
@@ -317,9 +318,9 @@ class NetworkServer:
         self.links.to_vad.send(close)
         c = session.counters
         log.info("%s: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d realigned=%d "
-                 "rate-limited=%d, output dropped=%d", live.ctx(), reason.value,
+                 "rate-limited=%d lost=%d, output dropped=%d, latency spikes=%d", live.ctx(), reason.value,
                  time.monotonic() - session.started, c.frames_in, c.frames_out, c.input_dropped,
-                 c.input_realigned, c.input_rate_limited, c.output_dropped)
+                 c.input_realigned, c.input_rate_limited, c.input_lost, c.output_dropped, c.latency_spikes)
         if self.draining and not len(self.slots):  # what a drain waits for (a drain sets it at its start)
             self.no_sessions.set()
 
@@ -365,6 +366,16 @@ class NetworkServer:
         m.input_frames_rate_limited.set_total(totals.input_rate_limited)
         m.output_frames_dropped.set_total(totals.output_dropped)
         m.protocol_errors.set_total(totals.malformed)
+        m.input_frames_lost.set_total(totals.input_lost)
+        m.latency_spikes.set_total(totals.latency_spikes)
+        m.client_underruns.set_total(totals.client_underruns)
+        m.client_late_frames.set_total(totals.client_late_frames)
+        m.client_concealed_seconds.set_total(totals.client_concealed_ms / 1e3)
+        warned: dict[str, float] = {}
+        for live in self.slots.live():
+            for warning in live.warnings:
+                warned[warning] = warned.get(warning, 0.0) + 1
+        m.sessions_warned.set_all(warned)
         return m.render()
 
     # ---- WebSocket sessions -----------------------------------------------------------------------------
@@ -417,7 +428,10 @@ class NetworkServer:
             live.wake.set()  # session_start
             sender = asyncio.create_task(self._sender(live), name=f"sender-{session.session_id}")
             async for message in ws:
+                client_stats = session.client_stats
                 self._apply(live, session.receive(message, time.monotonic_ns()))
+                if session.client_stats is not client_stats:  # a new `client_stats`: its figures
+                    self._observe_client_stats(live)
                 if session.counters.input_rate_limited > live.rate_limited_logged:
                     self._warn_rate_limited(live)
         except ConnectionClosed:
@@ -430,6 +444,32 @@ class NetworkServer:
             finally:
                 self.closing.discard(live)
                 self.ended.add(session.counters)
+
+    def _observe_client_stats(self, live: LiveSession) -> None:
+        stats = live.session.client_stats
+        assert stats is not None
+        self.metrics.client_playout_delay_seconds.observe(stats.playout_delay_ms / 1e3)
+        if stats.rtt_ms is not None:
+            self.metrics.client_rtt_seconds.observe(stats.rtt_ms / 1e3)
+
+    def _observe_quality(self, live: LiveSession) -> list[Action]:
+        """A session's new quality report: into the histograms, and its warnings into the log when they
+        change."""
+        report = live.session.take_quality()
+        if report is None:
+            return []
+        quality = report.quality
+        if report.window_frames:
+            self.metrics.input_level_dbfs.observe(quality.level_dbfs)
+        if quality.snr_db is not None:
+            self.metrics.snr_db.observe(quality.snr_db)
+        if quality.warnings != live.warnings:
+            log.info("%s: audio quality warnings: %s (level %.0f dBFS, SNR %s dB, loss %.1f %%, spikes %d)",
+                     live.ctx(), ", ".join(quality.warnings) or "none", quality.level_dbfs,
+                     "?" if quality.snr_db is None else f"{quality.snr_db:.0f}", quality.input_loss_pct,
+                     quality.spikes)
+            live.warnings = quality.warnings
+        return []
 
     def _warn_rate_limited(self, live: LiveSession) -> None:
         refused = live.session.counters.input_rate_limited
@@ -467,6 +507,7 @@ class NetworkServer:
             now = time.monotonic()
             for live in self.slots.live():
                 self._apply_guarded(live, live.session.tick, now)
+                self._apply_guarded(live, self._observe_quality, live)
 
 
 def why_closed(ws: ServerConnection) -> EndReason:

@@ -43,10 +43,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgspec
 import numpy as np
 
 from procs.frames import ModelFrame
 from procs.network.codec import SessionCodec
+from procs.network.quality import QualityMonitor, QualityReport
 from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE
 from protocol import (
     ClientSessionEnd,
@@ -163,6 +165,12 @@ class SessionCounters:
     input_realigned: int = 0  # client frames dropped or repeated to keep the session on the step clock
     input_rate_limited: int = 0  # client frames refused: they came far faster than real time
     output_dropped: int = 0  # model frames never sent: the client did not take them in time
+    input_lost: int = 0  # client frames that never came (still missing 1 s after due: quality.py)
+    latency_spikes: int = 0  # latency spikes (quality.py)
+    # What the page reported (`client_stats`), kept monotone and bounded by the session's age.
+    client_underruns: int = 0
+    client_late_frames: int = 0
+    client_concealed_ms: float = 0.0
 
     def add(self, other: SessionCounters) -> None:
         for name in vars(self):
@@ -261,6 +269,8 @@ class Session:
         self.end_reason: EndReason | None = None
         self.counters = SessionCounters()
         self.latency = LatencyWindow()
+        self.quality = QualityMonitor()
+        self._quality: QualityReport | None = None  # the newest report, until the I/O layer takes it
         self._control: deque[str] = deque([encode_server_control(start)])
         self._audio: deque[_QueuedAudio] = deque()
         self._close_sent = False
@@ -296,6 +306,7 @@ class Session:
             self._last_audio = now
             seq = self.counters.frames_in
             self.counters.frames_in += 1
+            self.quality.frame(np.frombuffer(decoded, dtype="<i2"), seq, now)
             return [PublishAudio(decoded, seq, now_ns)]
         if not isinstance(decoded, ClientSessionEnd) and not self._control_rate.take(now_ns / 1e9):
             return self._too_fast(now_ns / 1e9, "control messages too fast")
@@ -306,6 +317,10 @@ class Session:
                 pass
             case ClientStats():
                 self.client_stats = decoded  # the page's view of playback, for metrics and the quality report
+                self.quality.client_stats(decoded, now_ns / 1e9 - self.started)
+                q, c = self.quality, self.counters
+                c.client_underruns, c.client_late_frames = q.client_underruns, q.client_late_frames
+                c.client_concealed_ms = q.client_concealed_ms
             case ClientSessionEnd():
                 return self._end_saying_goodbye(EndReason.CLIENT_REQUEST, 1000, "session ended")
         return []
@@ -332,6 +347,7 @@ class Session:
 
     def voice_activity(self, event: Literal["start", "end"], t_ms: float) -> list[Action]:
         if self.phase is Phase.OPEN:
+            self.quality.voice_activity(event, t_ms)  # speech vs. silence: the SNR estimate's split
             self._say(Vad(event=event, t_ms=t_ms))
         return []
 
@@ -369,8 +385,12 @@ class Session:
                 self._next_report = now + self.rules.latency_period_s
             c = self.counters
             report = self.latency.flush(c.input_dropped, c.input_realigned, self.rules.latency_period_s)
+            quality = self.quality.report(now, dropped=c.input_dropped, frames_out=c.frames_out,
+                                          output_dropped=c.output_dropped)
+            c.input_lost, c.latency_spikes = self.quality.arrivals.lost, self.quality.spikes
+            self._quality = quality
             if report is not None:
-                self._say(report)
+                self._say(msgspec.structs.replace(report, quality=quality.quality))
         return []
 
     def drain(self, deadline_s: float) -> list[Action]:
@@ -402,6 +422,11 @@ class Session:
         self._goodbye = None
         return actions
 
+    def take_quality(self) -> QualityReport | None:
+        """The quality report made since the last call, once (for the metrics and the log)."""
+        report, self._quality = self._quality, None
+        return report
+
     # ---- what to send -----------------------------------------------------------------------------------
     def wants_to_send(self) -> bool:
         if self.phase is Phase.CLOSED:
@@ -426,6 +451,7 @@ class Session:
             if item.t_in_ns is not None:
                 latency_s = (now_ns - item.t_in_ns) / 1e9
                 self.latency.add(latency_s * 1e3, item.queue_ms, item.step_ms, item.resample_ms)
+                self.quality.block_latency(latency_s * 1e3)
             return AudioOut(item.data, latency_s)
         if self._goodbye is not None:  # last before the close, with exact counts
             reason, self._goodbye = self._goodbye, None
