@@ -23,6 +23,7 @@ from procs.network.auth import Access
 from procs.network.codec import requested_codec
 
 WS_PATH = "/ws"
+MOSHI_PATH = "/api/chat"  # kyutai's moshi.server wire, the same admission (procs/network/moshi_api.py)
 READ_METHODS = ("GET", "HEAD")
 
 
@@ -59,7 +60,7 @@ class HttpRoutes:
         """`now`: Unix time, for token expiry."""
         path = request.path.split("?", 1)[0]
         method = request.method
-        if path == WS_PATH:
+        if path in (WS_PATH, MOSHI_PATH):
             if method != "GET":
                 return _response(405, b"method not allowed\n", "text/plain", allow="GET")
             denied = self.access.check(request.path, request.headers.get("Origin"),

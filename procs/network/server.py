@@ -37,12 +37,15 @@ from procs.frames import read_out_frame, write_in_frame
 from procs.network.agent import AgentServer, health_reply
 from procs.network.auth import Access
 from procs.network.codec import SessionCodec, requested_codec
-from procs.network.http import Health, HttpRoutes
+from procs.network.http import MOSHI_PATH, Health, HttpRoutes
 from procs.network.metrics import ServerMetrics
+from procs.network.moshi_api import MoshiAdapter, moshi_params
+from procs.network.moshi_api import capacity_refusal as moshi_capacity_refusal
 from procs.network.session import (
     Action,
     AudioOut,
     Close,
+    Outgoing,
     PublishAudio,
     Release,
     Session,
@@ -87,9 +90,20 @@ class LiveSession:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     rate_limited_logged: int = 0
     warnings: tuple[str, ...] = ()  # the quality warnings of its last report (logged when they change)
+    adapter: MoshiAdapter | None = None  # moshi.server's wire (`/api/chat`); None: ours (`/ws`)
 
     def ctx(self) -> str:
         return f"session={self.session.session_id} slot={self.session.slot}"
+
+    # The session's own I/O events, or those of the adapter that translates another wire into them.
+    def receive(self, message: str | bytes, now_ns: int) -> list[Action]:
+        return (self.adapter or self.session).receive(message, now_ns)
+
+    def next_outgoing(self, now_ns: int) -> Outgoing | None:
+        return (self.adapter or self.session).next_outgoing(now_ns)
+
+    def wants_to_send(self) -> bool:
+        return (self.adapter or self.session).wants_to_send()
 
 
 def tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
@@ -305,7 +319,7 @@ class NetworkServer:
                         ring.publish(write_in_frame(buf, seq, t_ns, gen, pcm))
                 case Release(reason=reason):
                     self._release(live, reason)
-        if live.session.wants_to_send():
+        if live.wants_to_send():
             live.wake.set()
 
     def _release(self, live: LiveSession, reason: EndReason) -> None:
@@ -396,7 +410,10 @@ class NetworkServer:
                               codec=codec)
         session = Session(start, slot, gen, now=time.monotonic(), rules=self.rules,
                           codec=SessionCodec() if codec == "opus" else None)
-        return LiveSession(session, ws)
+        live = LiveSession(session, ws)
+        if is_moshi(ws):
+            live.adapter = MoshiAdapter(session, moshi_params(ws.request.path))  # type: ignore[union-attr]
+        return live
 
     async def _session(self, ws: ServerConnection) -> None:
         live = self.slots.admit(self.capacity, lambda slot, gen: self._open(ws, slot, gen))
@@ -404,7 +421,8 @@ class NetworkServer:
             self.metrics.sessions_rejected.inc()
             log.info("refused %s: at capacity (%d sessions)", ws.remote_address, len(self.slots))
             with contextlib.suppress(ConnectionClosed):
-                await ws.send(capacity_refusal())
+                refusal = moshi_capacity_refusal(CAPACITY_MESSAGE) if is_moshi(ws) else capacity_refusal()
+                await ws.send(refusal)
                 await ws.close(CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE)
             return
         session = live.session
@@ -420,7 +438,11 @@ class NetworkServer:
             open_msg = SessionOpen(slot=session.slot, gen=session.gen, session_id=session.session_id)
             self.links.to_inference.send(open_msg)
             self.links.to_vad.send(open_msg)
-            log.info("%s: open from %s", live.ctx(), ws.remote_address)
+            if live.adapter is None:
+                log.info("%s: open from %s", live.ctx(), ws.remote_address)
+            else:  # the sampling settings a moshi client asks for are not honoured: say which were asked
+                log.info("%s: open from %s on moshi's /api/chat (ignored settings: %s)", live.ctx(),
+                         ws.remote_address, live.adapter.params.given() or "none")
             if self.stop_now.is_set():  # admitted as the stop began: it missed the goodbye
                 self._apply(live, session.shutdown())
             elif self.draining:  # admitted as the drain began: it missed the notice
@@ -429,7 +451,7 @@ class NetworkServer:
             sender = asyncio.create_task(self._sender(live), name=f"sender-{session.session_id}")
             async for message in ws:
                 client_stats = session.client_stats
-                self._apply(live, session.receive(message, time.monotonic_ns()))
+                self._apply(live, live.receive(message, time.monotonic_ns()))
                 if session.client_stats is not client_stats:  # a new `client_stats`: its figures
                     self._observe_client_stats(live)
                 if session.counters.input_rate_limited > live.rate_limited_logged:
@@ -481,10 +503,10 @@ class NetworkServer:
 
     async def _sender(self, live: LiveSession) -> None:
         """The one task that writes to this client, in the order its session says."""
-        session, ws = live.session, live.ws
+        ws = live.ws
         try:
             while True:
-                item = session.next_outgoing(time.monotonic_ns())
+                item = live.next_outgoing(time.monotonic_ns())
                 if item is None:
                     await live.wake.wait()
                     live.wake.clear()
@@ -508,6 +530,11 @@ class NetworkServer:
             for live in self.slots.live():
                 self._apply_guarded(live, live.session.tick, now)
                 self._apply_guarded(live, self._observe_quality, live)
+
+
+def is_moshi(ws: ServerConnection) -> bool:
+    """A connection on moshi.server's `/api/chat` (procs/network/moshi_api.py) rather than our `/ws`."""
+    return ws.request is not None and ws.request.path.split("?", 1)[0] == MOSHI_PATH
 
 
 def why_closed(ws: ServerConnection) -> EndReason:
