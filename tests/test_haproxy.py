@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -575,3 +576,21 @@ def test_agent_port_survives_a_network_process_restart(
     except BaseException:
         print("HAProxy log:\n" + haproxy.log() + "\nserver log:\n" + server.log())
         raise
+
+
+def test_the_agent_takes_resets_and_silent_checkers_without_an_error() -> None:
+    """Scanners and TCP checks that reset the connection at once, or never read, are the agent's everyday
+    traffic: each is dropped quietly (no traceback in the log) and the next checker gets its line."""
+    with ServerProcess("--engine", "loopback", "--agent-port", "0") as server:
+        assert server.agent_port is not None
+        silent = [socket.create_connection(("127.0.0.1", server.agent_port)) for _ in range(20)]
+        for _ in range(100):
+            with socket.socket() as reset:
+                reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset.connect(("127.0.0.1", server.agent_port))
+        with socket.create_connection(("127.0.0.1", server.agent_port), timeout=5) as checker:
+            assert checker.makefile("rb").readline() == b"up 100%\n"
+        for sock in silent:
+            sock.close()
+        log = server.log()
+    assert "Traceback" not in log and "Unhandled exception" not in log

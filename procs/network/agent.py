@@ -85,20 +85,21 @@ class AgentServer:
         task = asyncio.current_task()
         assert task is not None
         self.connections.add(task)
+        peer = _peer(writer)
         try:
             line = self.reply()
             if line != self.last_reply:  # HAProxy asks every 200 ms: log changes, not every answer
                 log.info("agent check: now answering %r (was %r), to %s", line.strip(),
-                         self.last_reply.strip(), writer.get_extra_info("peername"))
+                         self.last_reply.strip(), peer)
                 self.last_reply = line
             writer.write(line.encode())
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT_S)
         except (OSError, TimeoutError) as e:  # the checker went away, or did not read: its next try will
-            log.debug("agent check to %s: %r", writer.get_extra_info("peername"), e)
+            log.debug("agent check to %s: %r", peer, e)
             writer.transport.abort()
         except Exception:
-            log.exception("agent check to %s failed", writer.get_extra_info("peername"))
+            log.exception("agent check to %s failed", peer)
             writer.transport.abort()
         finally:
             self.connections.discard(task)
@@ -115,3 +116,12 @@ class AgentServer:
             task.cancel()
         log.info("agent check on port %d closed (last answer %r)", self.port, self.last_reply.strip())
         self.server = None
+
+
+def _peer(writer: asyncio.StreamWriter) -> object:
+    """The checker's address, read once: under uvloop a transport its peer has already reset raises
+    AttributeError from get_extra_info instead of returning a default."""
+    try:
+        return writer.get_extra_info("peername")
+    except AttributeError:
+        return None
