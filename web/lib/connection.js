@@ -10,6 +10,7 @@
 
 import { Backoff } from './backoff.js';
 import { RttTracker } from './latency.js';
+import { OpusLink, opusRequested, withoutCodec } from './opus.js';
 import {
   CLIENT_FRAME_BYTES,
   CLOSE,
@@ -47,7 +48,9 @@ export class AgentConnection {
    *   now?: () => number,
    *   timers?: {setTimeout: Function, clearTimeout: Function,
    *     setInterval: Function, clearInterval: Function},
-   * } & Partial<typeof CONNECTION_DEFAULTS>} options
+   *   webCodecs?: object,
+   * } & Partial<typeof CONNECTION_DEFAULTS>} options  A `url` with ?codec=opus asks for Opus (lib/opus.js);
+   *   `webCodecs` replaces the browser's AudioEncoder/AudioDecoder/EncodedAudioChunk/AudioData (tests).
    */
   constructor(options) {
     const {
@@ -57,6 +60,7 @@ export class AgentConnection {
       backoff = new Backoff(),
       now = () => performance.now(),
       timers = globalThis,
+      webCodecs = {},
       ...rest
     } = options;
     this.url = url;
@@ -87,6 +91,17 @@ export class AgentConnection {
     /** The `error` message received on the current socket, if any: it explains that socket's close. */
     this.socketError = null;
     this.lastClose = null;
+    /** What the current session speaks ("pcm_s16le" or "opus", from session_start); '' between sessions. */
+    this.codec = '';
+    // Opus when the URL asks for it and the browser can (checked once, before the first connect).
+    this.opus = opusRequested(url)
+      ? new OpusLink({
+          onPacket: (frame) => this.socket?.readyState === OPEN && this.socket.send(frame),
+          onFrame: (frame) => this.deliverAudio(frame),
+          onError: () => this.opusFailed(),
+          ...webCodecs,
+        })
+      : null;
   }
 
   get connected() {
@@ -120,6 +135,8 @@ export class AgentConnection {
     }
     this.sessionId = '';
     this.session = null;
+    this.codec = '';
+    this.opus?.end();
     this.setState('stopped', {});
   }
 
@@ -134,19 +151,39 @@ export class AgentConnection {
       this.framesDropped++;
       return false;
     }
-    socket.send(frame);
+    if (this.opus?.active) this.opus.encode(frame); // its packet goes out when the encoder gives it
+    else socket.send(frame);
     this.framesSent++;
     return true;
   }
 
+  deliverAudio(frame) {
+    this.framesReceived++;
+    this.handlers.onAudio?.(frame);
+  }
+
+  /** The browser's codec failed mid-session: reconnect with PCM (what a browser without WebCodecs does). */
+  opusFailed() {
+    if (this.opus === null) return;
+    this.opus.supported = false;
+    this.opus.end();
+    if (this.socket !== null) this.abandon(this.socket, 'opus codec failed');
+  }
+
   connect() {
+    if (this.opus !== null && this.opus.supported === null) {
+      this.opus.detect().then(() => {
+        if (this.state !== 'stopped' && this.socket === null) this.connect();
+      });
+      return;
+    }
     this.attempts++;
     if (this.attempts > 1) this.reconnects++;
     this.socketError = null;
     this.setState('connecting', { attempt: this.attempts });
     let socket;
     try {
-      socket = new this.WebSocketImpl(this.url);
+      socket = new this.WebSocketImpl(this.opus?.supported === false ? withoutCodec(this.url) : this.url);
     } catch (error) {
       this.scheduleReconnect({ code: null, reason: String(error), wasClean: false });
       return;
@@ -196,10 +233,8 @@ export class AgentConnection {
     if (socket !== this.socket) return;
     this.lastHeardMs = this.now();
     if (typeof data !== 'string') {
-      if (isServerAudioFrame(data)) {
-        this.framesReceived++;
-        this.handlers.onAudio?.(data);
-      }
+      if (this.opus?.active) this.opus.decode(data);
+      else if (isServerAudioFrame(data)) this.deliverAudio(data);
       return;
     }
     const message = parseControlMessage(data);
@@ -216,6 +251,9 @@ export class AgentConnection {
       case 'session_start':
         this.session = message;
         this.sessionId = String(message.session_id ?? '');
+        this.codec = String(message.input?.encoding ?? 'pcm_s16le');
+        if (this.codec === 'opus' && this.opus !== null) this.opus.begin();
+        else this.opus?.end();
         // The server accepted us: the next failure starts its back-off from the beginning again.
         this.backoff.reset();
         this.setState('live', { session: message });
@@ -276,6 +314,8 @@ export class AgentConnection {
     this.socket = null;
     this.sessionId = '';
     this.session = null;
+    this.codec = '';
+    this.opus?.end();
     const capacity = close.code === CLOSE.TRY_AGAIN_LATER || this.socketError?.code === 'capacity';
     const shutdown = close.code === CLOSE.GOING_AWAY || this.socketError?.code === 'shutdown';
     const delayMs = this.backoff.next();

@@ -160,5 +160,7 @@ export function webSocketUrl(pageUrl, path = '/ws') {
   // A server that wants a token gets the page's own (?token=...): browsers cannot set WebSocket headers.
   const token = page.searchParams.get('token');
   if (token) url.searchParams.set('token', token);
+  // ?codec=opus asks the server for Opus (lib/opus.js; the connection drops it where WebCodecs is missing).
+  if (page.searchParams.get('codec') === 'opus') url.searchParams.set('codec', 'opus');
   return url.toString();
 }
