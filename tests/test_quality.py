@@ -150,11 +150,12 @@ def test_jitter_and_a_late_first_frame_are_not_loss() -> None:
 def test_spike_rule() -> None:
     history = [10.0] * 100
     assert not is_spike([10.0] * 12, history)
-    assert not is_spike([10.0] * 11 + [49.0], history)  # one outlier of 12: p99 stays under 50 ms
-    assert is_spike([10.0] * 10 + [60.0, 60.0], history)
-    assert not is_spike([10.0] * 10 + [60.0, 60.0], [10.0] * 10)  # too little history to judge
+    assert not is_spike([10.0] * 11 + [500.0], history)  # one late block or frame is a hiccup
+    assert not is_spike([10.0] * 10 + [59.0, 59.0], history)  # within median + 50 ms
+    assert is_spike([10.0] * 10 + [61.0, 61.0], history)
+    assert not is_spike([10.0] * 10 + [61.0, 61.0], [10.0] * 10)  # too little history to judge
     slow = [100.0] * 100  # a slow session: twice its median
-    assert not is_spike([180.0] * 12, slow) and is_spike([210.0] * 12, slow)
+    assert not is_spike([190.0] * 12, slow) and is_spike([210.0] * 12, slow)
     series = SpikeSeries()
     for _ in range(5):
         for _ in range(12):

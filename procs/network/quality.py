@@ -30,7 +30,8 @@ Definitions (the README's "Wire protocol" repeats the thresholds):
   that comes up to 1 s late is jitter, not loss; one still missing after that counts (and stays counted:
   the inference process drops a backlog beyond 240 ms anyway). (2) frames that came too late for their
   block: the inference process's `dropped` count (`SessionCounters.input_dropped`).
-* **Latency spikes** (`spikes`): a report window is spiking when the p99 of a series in it is above
+* **Latency spikes** (`spikes`): a report window is spiking when the p99 of a series in it, and at least
+  `SPIKE_MIN_OVER` of its samples, are above
   max(`SPIKE_RATIO` x m, m + `SPIKE_MARGIN_MS`), m the series' running median over the `SPIKE_HISTORY` samples
   before the window. Two series: the server-added latency of each answered block (a stalled step) and each
   input frame's arrival lateness (its offset above the lowest offset of the frames that came in the
@@ -83,7 +84,8 @@ QUIET_MIN_FRAMES = 25
 # Loss and spikes.
 LOSS_WINDOW_S = 1.0
 SPIKE_RATIO = 2.0
-SPIKE_MARGIN_MS = 40.0
+SPIKE_MARGIN_MS = 50.0
+SPIKE_MIN_OVER = 2  # samples above the threshold: one late frame or block is a hiccup, not a spike
 SPIKE_HISTORY = 3000  # samples per series (60 s of frame lateness, 4 min of block latencies)
 SPIKE_MIN_HISTORY = 25
 
@@ -133,7 +135,10 @@ def is_spike(window_ms: list[float] | np.ndarray, history_ms: deque[float] | lis
     if len(window_ms) == 0 or len(history_ms) < SPIKE_MIN_HISTORY:
         return False
     median = float(np.median(np.fromiter(history_ms, dtype=np.float64, count=len(history_ms))))
-    return float(np.percentile(window_ms, 99)) > spike_threshold_ms(median)
+    threshold = spike_threshold_ms(median)
+    window = np.asarray(window_ms, dtype=np.float64)
+    over = int(np.count_nonzero(window > threshold))
+    return over >= SPIKE_MIN_OVER and float(np.percentile(window, 99)) > threshold
 
 
 class SpikeSeries:
