@@ -86,3 +86,26 @@ def test_liveness_is_200_whatever_readiness_says(status: str) -> None:
     response = routes(status).respond(request("/livez"))
     assert response.status_code == 200 and json.loads(response.body) == {"status": "alive"}
     assert routes(status).respond(request("/health")).status_code == (200 if status == "ok" else 503)
+
+
+@pytest.mark.parametrize("name", ["NotoSansTelugu-Regular.ttf", "NotoSansTelugu-Bold.ttf"])
+def test_the_served_telugu_font_is_font_ttf_and_cached(name: str) -> None:
+    response = routes().respond(request(f"/fonts/{name}"))
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "font/ttf"  # not text/..., no charset
+    assert response.body == (ROOT / "web" / "fonts" / name).read_bytes()
+    assert response.body[:4] == b"\x00\x01\x00\x00"  # a TrueType file
+    assert response.headers["Cache-Control"] == "public, max-age=86400"
+    head = routes().respond(request(f"/fonts/{name}", "HEAD"))
+    assert head.headers["Content-Type"] == "font/ttf" and head.body == b""
+
+
+def test_fonts_and_scripts_get_their_types_whatever_the_hosts_mime_types_say(tmp_path: Path) -> None:
+    for name in ("a.ttf", "a.woff2", "a.woff", "a.otf", "a.js", "a.mjs", "OFL.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    served = HttpRoutes(tmp_path, lambda: health(), lambda: "", lambda: None)
+    types = {name: served.respond(request(f"/{name}")).headers["Content-Type"]
+             for name in ("a.ttf", "a.woff2", "a.woff", "a.otf", "a.js", "a.mjs", "OFL.txt")}
+    assert types == {"a.ttf": "font/ttf", "a.woff2": "font/woff2", "a.woff": "font/woff", "a.otf": "font/otf",
+                     "a.js": "text/javascript; charset=utf-8", "a.mjs": "text/javascript; charset=utf-8",
+                     "OFL.txt": "text/plain; charset=utf-8"}

@@ -10,13 +10,17 @@ import { Backoff } from './lib/backoff.js';
 import { AgentConnection } from './lib/connection.js';
 import { estimateMouthToEar } from './lib/latency.js';
 import {
-  DEMO_WEIGHTS_NOTICE,
-  drainingMessage,
-  liveMessage,
-  microphoneErrorMessage,
-  reconnectMessage,
-  sessionEndMessage,
-} from './lib/messages.js';
+  audioFailureText,
+  drainingText,
+  language,
+  liveText,
+  microphoneErrorText,
+  reconnectText,
+  sessionEndText,
+  storedLanguage,
+  storeLanguage,
+  t,
+} from './i18n.js';
 import { ProbeCollector, probeEnabled } from './lib/probe.js';
 import { webSocketUrl } from './lib/protocol.js';
 import { View } from './view.js';
@@ -55,7 +59,8 @@ class VoiceAgent {
     this.sessions = 0;
     this.speaking = false;
     this.transcript = '';
-    this.lastError = '';
+    // The latest problem shown: a function giving its text in the interface language ('' before any).
+    this.lastError = null;
   }
 
   /** Start capture, playback and the session. Must run inside the click that asks for it. */
@@ -67,11 +72,11 @@ class VoiceAgent {
     this.session = null;
     this.sessions = 0;
     this.transcript = '';
-    this.lastError = '';
+    this.lastError = null;
     this.view.clearTranscript();
-    this.view.setDemo(null);
+    this.view.setDemo(false);
     this.view.setRunning(true);
-    this.view.setStatus('Asking for the microphone…', 'starting');
+    this.view.setStatus(() => t('status.asking'), 'starting');
     // Created synchronously, still inside the user's gesture (see AudioPipeline).
     const audio = new AudioPipeline({
       onCaptureFrame: (frame) => {
@@ -95,7 +100,7 @@ class VoiceAgent {
       await audio.open();
     } catch (error) {
       if (this.audio !== audio) return; // stopped while the permission prompt was up
-      this.lastError = microphoneErrorMessage(error);
+      this.lastError = () => microphoneErrorText(error);
       await this.teardown();
       this.view.setStatus(this.lastError, 'error');
       return;
@@ -112,15 +117,16 @@ class VoiceAgent {
           this.audio?.playFrame(frame);
         },
         onSessionStart: (message) => this.onSessionStart(message),
-        onSessionEnd: (message) => this.view.setStatus(sessionEndMessage(message), 'connecting'),
-        onDraining: (message) => this.view.setStatus(drainingMessage(message), 'live'),
+        onSessionEnd: (message) => this.view.setStatus(() => sessionEndText(message), 'connecting'),
+        onDraining: (message) => this.view.setStatus(() => drainingText(message), 'live'),
         onLatency: (message) => {
           this.latency = message;
         },
         onVad: (message) => this.setSpeaking(message.event === 'start'),
         onTranscript: (message) => this.onTranscript(message),
         onServerError: (message) => {
-          this.lastError = `${message.code}: ${message.msg}`;
+          const text = `${message.code}: ${message.msg}`; // the server's own words (English)
+          this.lastError = () => text;
         },
       },
     });
@@ -131,7 +137,7 @@ class VoiceAgent {
   async stop() {
     if (!this.running) return;
     await this.teardown();
-    this.view.setStatus('Stopped. Press Start to talk again.', 'stopped');
+    this.view.setStatus(() => t('status.stopped'), 'stopped');
   }
 
   async teardown() {
@@ -150,7 +156,7 @@ class VoiceAgent {
   /** A worklet threw: nothing will be heard or sent, so stop and say so. */
   async onAudioFailure(what) {
     if (!this.running) return;
-    this.lastError = `The ${what} audio processing failed. Press Start to try again.`;
+    this.lastError = () => audioFailureText(what);
     await this.teardown();
     this.view.setStatus(this.lastError, 'error');
   }
@@ -158,16 +164,20 @@ class VoiceAgent {
   onConnectionState(state, detail) {
     if (!this.running) return;
     if (state === 'connecting') {
-      const text = detail.attempt > 1 ? `Reconnecting… (attempt ${detail.attempt})` : 'Connecting…';
-      this.view.setStatus(text, detail.attempt > 1 ? 'reconnecting' : 'connecting');
+      const attempt = detail.attempt;
+      const text = () => (attempt > 1 ? t('status.reconnectAttempt', { attempt }) : t('status.connecting'));
+      this.view.setStatus(text, attempt > 1 ? 'reconnecting' : 'connecting');
     } else if (state === 'open') {
-      this.view.setStatus('Connected — waiting for the server to start the session…', 'connecting');
+      this.view.setStatus(() => t('status.open'), 'connecting');
     } else if (state === 'live') {
-      const hint = this.audio?.suspended ? ' Click anywhere on the page to turn the sound on.' : '';
-      this.view.setStatus(liveMessage(detail.session) + hint, 'live');
+      const suspended = this.audio?.suspended;
+      const text = () =>
+        suspended ? `${liveText(detail.session)} ${t('status.soundHint')}` : liveText(detail.session);
+      this.view.setStatus(text, 'live');
     } else if (state === 'reconnecting') {
       this.setSpeaking(false);
-      this.lastError = reconnectMessage(detail, this.session?.max_sessions ?? null);
+      const maxSessions = this.session?.max_sessions ?? null;
+      this.lastError = () => reconnectText(detail, maxSessions);
       this.view.setStatus(this.lastError, 'reconnecting');
     }
   }
@@ -176,7 +186,7 @@ class VoiceAgent {
     this.session = message;
     this.sessions++;
     if (this.sessions > 1) this.view.transcriptBreak();
-    this.view.setDemo(message.demo_weights ? DEMO_WEIGHTS_NOTICE : null);
+    this.view.setDemo(Boolean(message.demo_weights));
   }
 
   onTranscript(message) {
@@ -222,6 +232,7 @@ class VoiceAgent {
       serverBreakdown: latency?.breakdown ?? null,
       serverP99Ms: latency?.p99_ms ?? null,
       serverDroppedFrames: latency?.dropped_frames ?? null,
+      quality: latency?.quality ?? null,
       bufferMs,
       bufferTargetMs: this.playback.targetMs,
       underruns: this.playback.underruns,
@@ -260,7 +271,9 @@ class VoiceAgent {
       speaking: this.speaking,
       reconnects: s.reconnects,
       transcript: this.transcript,
-      lastError: this.lastError,
+      lastError: this.lastError ? this.lastError() : '',
+      quality: s.quality,
+      language: language(),
       demoWeights: Boolean(this.session?.demo_weights),
       captureRate: this.rates?.capture ?? null,
       playbackRate: this.rates?.playback ?? null,
@@ -270,8 +283,23 @@ class VoiceAgent {
 
 // The mouth-to-ear probe (?probe=1, lib/probe.js): null, and nothing recorded, unless asked for.
 const probe = probeEnabled(window.location.href) ? new ProbeCollector() : null;
+// localStorage itself may be refused (a sandboxed frame): the choice then lasts for this visit only.
+const storage = (() => {
+  try {
+    return window.localStorage;
+  } catch {
+    return null;
+  }
+})();
 const view = new View(document);
+view.applyLanguage(storedLanguage(storage));
 const agent = new VoiceAgent(view, window.location.href);
+// Telugu by default; the toggle switches every interface text and remembers the choice for the next visit.
+view.langToggle.addEventListener('click', () => {
+  const next = language() === 'te' ? 'en' : 'te';
+  storeLanguage(storage, next);
+  view.applyLanguage(next);
+});
 view.startButton.addEventListener('click', () => agent.start());
 view.stopButton.addEventListener('click', () => agent.stop());
 // Leaving the page ends the session cleanly instead of leaving the server to notice a dead socket.

@@ -1,11 +1,31 @@
 // DOM updates for the page. Writes text and attributes only (no layout reads), and only when a value
-// changed, so the once-a-few-times-a-second refresh costs next to nothing.
+// changed, so the once-a-few-times-a-second refresh costs next to nothing. Every interface text comes from
+// i18n.js; `applyLanguage` re-renders all of it in the other language.
 
+import { language, otherLanguage, setLanguage, t, warningText } from './i18n.js';
 import { formatTotal } from './lib/latency.js';
 
+const known = (value) => typeof value === 'number' && Number.isFinite(value);
+
 function ms(value, digits = 0) {
-  return typeof value === 'number' && Number.isFinite(value) ? `${value.toFixed(digits)} ms` : '—';
+  return known(value) ? `${value.toFixed(digits)} ms` : '—';
 }
+
+function fixed(value, digits, unit) {
+  return known(value) ? `${value.toFixed(digits)} ${unit}` : '—';
+}
+
+function count(value) {
+  return known(value) ? String(Math.round(value)) : '—';
+}
+
+/** A status or notice: a fixed text, or a function giving it in the interface language now. */
+function textOf(message) {
+  return typeof message === 'function' ? message() : (message ?? '');
+}
+
+// The level meter's scale, dBFS: anything quieter reads as empty.
+const METER_FLOOR_DB = -60;
 
 export class View {
   /** @param {Document} doc */
@@ -14,11 +34,13 @@ export class View {
     this.doc = doc;
     this.startButton = byId('start');
     this.stopButton = byId('stop');
+    this.langToggle = byId('lang-toggle');
     this.status = byId('status');
     this.demoBanner = byId('demo-banner');
     this.speaking = byId('speaking');
     this.speakingLabel = byId('speaking-label');
     this.transcript = byId('transcript');
+    this.transcriptEmpty = byId('transcript-empty');
     this.fields = {
       rtt: byId('lat-rtt'),
       rttDetail: byId('lat-rtt-detail'),
@@ -33,12 +55,54 @@ export class View {
       reconnects: byId('info-reconnects'),
       rates: byId('info-rates'),
     };
+    this.quality = {
+      meter: byId('q-level-meter'),
+      level: byId('q-level'),
+      levelDetail: byId('q-level-detail'),
+      snr: byId('q-snr'),
+      loss: byId('q-loss'),
+      spikes: byId('q-spikes'),
+      drops: byId('q-drops'),
+      summary: byId('q-summary'),
+      warnings: byId('q-warnings'),
+    };
     this.parts = byId('lat-parts');
     this.partsKey = '';
+    this.warningsKey = '';
+    this.statusMessage = () => t('status.idle');
+    this.demoNotice = false;
+    this.isSpeaking = false;
+    this.lastSnapshot = null;
   }
 
   setText(element, text) {
     if (element.textContent !== text) element.textContent = text;
+  }
+
+  /** Show every interface text in `lang` ('te' or 'en'), and mark the document with it. */
+  applyLanguage(lang) {
+    setLanguage(lang);
+    const doc = this.doc;
+    doc.documentElement.lang = lang;
+    for (const element of doc.querySelectorAll('[data-i18n]')) {
+      this.setText(element, t(element.dataset.i18n));
+    }
+    for (const element of doc.querySelectorAll('[data-i18n-aria-label]')) {
+      element.setAttribute('aria-label', t(element.dataset.i18nAriaLabel));
+    }
+    // The toggle offers the other language, in that language.
+    const other = otherLanguage(lang);
+    this.langToggle.lang = other;
+    this.setText(this.langToggle, t('lang.name', {}, other));
+    this.langToggle.title = t('lang.offer', {}, other);
+    this.setText(this.status, textOf(this.statusMessage));
+    this.setText(this.demoBanner, this.demoNotice ? t('demo.notice') : '');
+    this.setText(this.speakingLabel, t(this.isSpeaking ? 'speaking.yes' : 'speaking.no'));
+    this.renderMetrics(this.lastSnapshot);
+  }
+
+  get language() {
+    return language();
   }
 
   setRunning(running) {
@@ -51,28 +115,33 @@ export class View {
   }
 
   /**
-   * @param {string} text
+   * @param {string|(() => string)} message the text, or a function giving it in the interface language
    * @param {'idle'|'starting'|'connecting'|'live'|'reconnecting'|'error'|'stopped'} state
    */
-  setStatus(text, state) {
-    this.setText(this.status, text);
+  setStatus(message, state) {
+    this.statusMessage = message;
+    this.setText(this.status, textOf(message));
     this.status.dataset.state = state;
   }
 
-  setDemo(notice) {
-    this.demoBanner.hidden = !notice;
-    this.setText(this.demoBanner, notice ?? '');
+  /** @param {boolean} demo whether the server runs the demo checkpoint (random weights) */
+  setDemo(demo) {
+    this.demoNotice = Boolean(demo);
+    this.demoBanner.hidden = !this.demoNotice;
+    this.setText(this.demoBanner, this.demoNotice ? t('demo.notice') : '');
   }
 
   setSpeaking(speaking) {
     const value = speaking ? 'true' : 'false';
     if (this.speaking.dataset.speaking === value) return;
+    this.isSpeaking = speaking;
     this.speaking.dataset.speaking = value;
-    this.setText(this.speakingLabel, speaking ? 'You: speaking' : 'You: silent');
+    this.setText(this.speakingLabel, t(speaking ? 'speaking.yes' : 'speaking.no'));
   }
 
   appendTranscript(text) {
     const box = this.transcript;
+    this.transcriptEmpty.hidden = true;
     // Follow the text only if the reader has not scrolled up to read something earlier.
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 24;
     box.append(text);
@@ -90,43 +159,56 @@ export class View {
 
   clearTranscript() {
     this.transcript.replaceChildren();
+    this.transcriptEmpty.hidden = false;
   }
 
-  /** Refresh the latency monitor and session details from a plain snapshot (see VoiceAgent.snapshot). */
+  /** Refresh the latency monitor, the quality panel and the session details from a plain snapshot (see
+   * VoiceAgent.snapshot); null: nothing known yet. */
   renderMetrics(s) {
+    this.lastSnapshot = s;
     const f = this.fields;
-    this.setText(f.rtt, ms(s.rttMs));
+    this.setText(f.rtt, ms(s?.rttMs));
     const rttDetail =
-      s.rttMinMs === null
-        ? 'ping/pong once a second'
-        : `smoothed · min ${ms(s.rttMinMs)} · last ${ms(s.rttLastMs)}`;
+      s?.rttMinMs == null
+        ? t('latency.rttWaiting')
+        : t('latency.rttDetail', { min: ms(s.rttMinMs), last: ms(s.rttLastMs) });
     this.setText(f.rttDetail, rttDetail);
-    this.setText(f.server, ms(s.serverMs, 1));
-    const b = s.serverBreakdown;
+    this.setText(f.server, ms(s?.serverMs, 1));
+    const b = s?.serverBreakdown;
     this.setText(
       f.serverParts,
-      `queue ${ms(b?.queue_ms, 1)} · step ${ms(b?.step_ms, 1)} · resample ${ms(b?.resample_ms, 1)} · ` +
-        `transport ${ms(b?.transport_ms, 1)} · p99 ${ms(s.serverP99Ms, 1)} · ` +
-        `dropped ${s.serverDroppedFrames ?? '—'}`,
+      t('latency.serverParts', {
+        queue: ms(b?.queue_ms, 1),
+        step: ms(b?.step_ms, 1),
+        resample: ms(b?.resample_ms, 1),
+        transport: ms(b?.transport_ms, 1),
+        p99: ms(s?.serverP99Ms, 1),
+        dropped: s?.serverDroppedFrames ?? '—',
+      }),
     );
-    this.setText(f.buffer, ms(s.bufferMs));
+    this.setText(f.buffer, ms(s?.bufferMs));
     this.setText(
       f.bufferDetail,
-      `target ${ms(s.bufferTargetMs)} · underruns ${s.underruns} · played ${s.framesPlayed} frames`,
+      t('latency.bufferDetail', {
+        target: ms(s?.bufferTargetMs),
+        underruns: s?.underruns ?? '—',
+        played: s?.framesPlayed ?? '—',
+      }),
     );
-    const estimate = s.estimate;
+    const estimate = s?.estimate;
     this.setText(f.total, estimate ? formatTotal(estimate) : '—');
     this.renderParts(estimate);
-    this.setText(f.session, s.sessionId || '—');
-    this.setText(f.model, s.model || '—');
-    this.setText(f.frames, `${s.framesSent} / ${s.framesReceived} / ${s.framesPlayed}`);
-    this.setText(f.reconnects, String(s.reconnects));
-    this.setText(f.rates, s.rates ? `${s.rates.capture} Hz / ${s.rates.playback} Hz` : '—');
+    this.setText(f.session, s?.sessionId || '—');
+    this.setText(f.model, s?.model || '—');
+    this.setText(f.frames, s ? `${s.framesSent} / ${s.framesReceived} / ${s.framesPlayed}` : '—');
+    this.setText(f.reconnects, String(s?.reconnects ?? 0));
+    this.setText(f.rates, s?.rates ? `${s.rates.capture} Hz / ${s.rates.playback} Hz` : '—');
+    this.renderQuality(s?.quality ?? null);
   }
 
   renderParts(estimate) {
     const items = (estimate?.parts ?? []).map(
-      (part) => `${part.label} ${part.ms === null ? '?' : Math.round(part.ms)} ms`,
+      (part) => `${t(`part.${part.key}`)} ${part.ms === null ? '?' : Math.round(part.ms)} ms`,
     );
     const key = items.join('|');
     if (key === this.partsKey) return;
@@ -134,6 +216,42 @@ export class View {
     this.parts.replaceChildren(
       ...items.map((text) => {
         const li = this.doc.createElement('li');
+        li.textContent = text;
+        return li;
+      }),
+    );
+  }
+
+  /** The quality panel from the server's `latency.quality` (SessionQuality); null: "—" everywhere. */
+  renderQuality(quality) {
+    const q = this.quality;
+    const level = quality?.level_dbfs;
+    q.meter.value = known(level) ? Math.max(METER_FLOOR_DB, Math.min(0, level)) : METER_FLOOR_DB;
+    this.setText(q.level, fixed(level, 0, 'dBFS'));
+    this.setText(
+      q.levelDetail,
+      quality
+        ? t('quality.levelDetail', {
+            peak: fixed(quality.peak_dbfs, 0, 'dBFS'),
+            clipped: fixed(quality.clipped_pct, 1, '%'),
+          })
+        : '—',
+    );
+    this.setText(q.snr, fixed(quality?.snr_db, 0, 'dB'));
+    this.setText(q.loss, fixed(quality?.input_loss_pct, 1, '%'));
+    this.setText(q.spikes, count(quality?.spikes));
+    this.setText(q.drops, count(quality?.output_dropped));
+    const warnings = Array.isArray(quality?.warnings) ? quality.warnings : [];
+    this.setText(q.summary, !quality ? '—' : warnings.length === 0 ? t('quality.ok') : '');
+    q.summary.hidden = Boolean(quality) && warnings.length > 0;
+    const items = warnings.map((warning) => [String(warning), warningText(warning)]);
+    const key = `${language()}|${items.map(([name]) => name).join('|')}`;
+    if (key === this.warningsKey) return;
+    this.warningsKey = key;
+    q.warnings.replaceChildren(
+      ...items.map(([name, text]) => {
+        const li = this.doc.createElement('li');
+        li.dataset.warning = name;
         li.textContent = text;
         return li;
       }),

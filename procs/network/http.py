@@ -25,6 +25,9 @@ from procs.network.codec import requested_codec
 WS_PATH = "/ws"
 MOSHI_PATH = "/api/chat"  # kyutai's moshi.server wire, the same admission (procs/network/moshi_api.py)
 READ_METHODS = ("GET", "HEAD")
+# Scripts must be JavaScript for module loading; fonts (the page's Noto Sans Telugu) get their font/* types.
+FIXED_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".ttf": "font/ttf", ".otf": "font/otf",
+               ".woff": "font/woff", ".woff2": "font/woff2"}
 
 
 class Health(msgspec.Struct, frozen=True):
@@ -98,10 +101,11 @@ class HttpRoutes:
         target = (self.web_dir / rel).resolve()
         if not target.is_relative_to(self.web_dir) or not target.is_file():
             return _response(404, b"not found\n", "text/plain")
-        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-        if target.suffix in (".js", ".mjs"):
-            ctype = "text/javascript"
-        return _response(200, target.read_bytes(), ctype, cache="no-cache")
+        # Types that matter to a browser are fixed here, not left to the host's mime.types.
+        ctype = FIXED_TYPES.get(target.suffix) or mimetypes.guess_type(target.name)[0]
+        # Fonts change only with the package they came from: a day's caching spares phones 400 kB a visit.
+        cache = "public, max-age=86400" if ctype and ctype.startswith("font/") else "no-cache"
+        return _response(200, target.read_bytes(), ctype or "application/octet-stream", cache=cache)
 
 
 def _response(status: int, body: bytes, ctype: str, cache: str = "no-store", allow: str | None = None
