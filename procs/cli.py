@@ -51,14 +51,17 @@ def require_moshi(command: str) -> int | None:
 
 
 def serve(argv: list[str]) -> int:
-    engine = _flag_value(argv, "--engine") or os.environ.get("VOICE_ENGINE", "moshi")
-    if engine.lower() != "loopback" and "-h" not in argv and "--help" not in argv:
+    from procs.config import parse_config
+
+    prog = "voice-agent serve"
+    cfg = parse_config(argv, prog=prog)  # flags and VOICE_* checked (and --help answered) before anything
+    if cfg.engine != "loopback":
         status = require_moshi("serve")
         if status is not None:
             return status
     import supervisor
 
-    return supervisor.main(argv, prog="voice-agent serve")
+    return supervisor.main(argv, prog=prog)
 
 
 def build_demo(argv: list[str]) -> int:
@@ -98,15 +101,6 @@ def token(argv: list[str]) -> int:
     return 0
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: voice-agent COMMAND [ARGS]", "", "commands:"]
@@ -119,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     handlers: dict[str, Callable[[list[str]], int]] = {
         "serve": serve, "client": client, "build-demo": build_demo, "token": token,
     }
-    if not args or args[0] in ("-h", "--help"):
+    if not args:
+        print(usage(), file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help"):
         print(usage())
-        return 0 if args else 2
+        return 0
     handler = handlers.get(args[0])
     if handler is None:
         print(f"voice-agent: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)

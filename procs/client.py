@@ -35,6 +35,7 @@ from protocol import (
 
 T = TypeVar("T")
 FRAME_S = 0.02
+CLOSE_WAIT_S = 10.0  # after the session ends, how long the server has to close it
 FRAMES_PER_BLOCK = 4  # one model step (80 ms) takes four 20 ms frames and gives four back
 
 
@@ -125,6 +126,7 @@ async def stream_client(
     back is decoded to 960-byte frames; a packet that does not decode lands in `bad_frames`.
     """
     run = ClientRun()
+    unclosed = False
     n_frames = len(pcm16) // IN_FRAME_SAMPLES
     chunks = [pcm16[i * IN_FRAME_SAMPLES : (i + 1) * IN_FRAME_SAMPLES].tobytes() for i in range(n_frames)]
     decoder: OpusDecoder | None = None
@@ -186,12 +188,16 @@ async def stream_client(
                 await asyncio.wait_for(enough_back.wait(), timeout=tail_s)
             if end_session:
                 await ws.send(encode_client_control(ClientSessionEnd()))
-            await asyncio.wait_for(receiver, timeout=10)
+            await asyncio.wait_for(receiver, timeout=CLOSE_WAIT_S)
         except ConnectionClosed:
             pass
+        except TimeoutError:  # the server never closed: what was seen is still the run's (no close code)
+            unclosed = True
         finally:
             receiver.cancel()
         run.close_code, run.close_reason = ws.close_code, ws.close_reason or ""
+    if unclosed:
+        run.close_code, run.close_reason = None, f"the server did not close within {CLOSE_WAIT_S:.0f} s"
     return run
 
 

@@ -315,6 +315,8 @@ def check_config(cfg: ServerConfig) -> str | None:
         return "--random-model builds a model in memory: it takes no --checkpoint, --hf-repo or weights"
     if cfg.engine == "loopback" and (cfg.checkpoint or cfg.hf_repo or cfg.random_model):
         return "--engine loopback runs no model: drop --checkpoint, --hf-repo and --random-model"
+    if cfg.agent_port and cfg.agent_port == cfg.port:
+        return f"--agent-port {cfg.agent_port} is the server's own --port: the agent needs a port of its own"
     if (cfg.ssl_cert is None) != (cfg.ssl_key is None):
         return "--ssl-cert and --ssl-key go together (or --ssl DIR holding cert.pem and key.pem)"
     for path in (cfg.ssl_cert, cfg.ssl_key):

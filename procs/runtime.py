@@ -92,7 +92,13 @@ def setup_child(level: str, on_term: Callable[[], None],
 def run_process(role: str, *args: object) -> None:
     """Spawn target: import `procs.<role>.main` in the child and run its `main(*args)`. The supervisor names
     its children this way so that it never imports what they need (torch, moshi, onnxruntime) itself."""
-    importlib.import_module(f"procs.{role}.main").main(*args)
+    try:
+        importlib.import_module(f"procs.{role}.main").main(*args)
+    except Exception:
+        # Through logging, so a crash is one record in the configured format (a JSON line with
+        # --log-format json), not multiprocessing's raw traceback on stderr; the supervisor sees status 1.
+        logging.getLogger(role).exception("%s crashed", role)
+        sys.exit(1)
 
 
 class LogThrottle:

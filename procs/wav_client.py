@@ -2,7 +2,8 @@
 
     voice-agent client --url ws://HOST:8998/ws --wav question.wav --out reply.wav
 
-Reads a PCM WAV at any rate and channel count, resamples it to 16 kHz mono (libsoxr, through `soxr`),
+Reads a WAV (or anything libsndfile reads) at any rate and channel count, resamples it to 16 kHz mono
+(libsoxr, through `soxr`),
 streams it at real-time pace through the wire protocol exactly as the page does, and writes what the server
 says back (24 kHz mono, 16-bit) to `--out`. It prints the time to the first answer frame, the round-trip
 latency percentiles of the 80 ms blocks (the 4th frame of a block sent -> its first answer frame received)
@@ -25,11 +26,13 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+import soundfile
 import soxr
 from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.uri import parse_uri
 
 from procs.client import ClientRun, stream_client
-from protocol import IN_RATE, OUT_RATE, Error, Latency
+from protocol import IN_FRAME_SAMPLES, IN_RATE, OUT_RATE, Error, Latency
 
 NORMAL_CLOSES = (1000, 1001)
 
@@ -39,29 +42,16 @@ class WavError(ValueError):
 
 
 def read_wav_16k(path: Path) -> np.ndarray:
-    """A PCM WAV (8/16/24/32-bit integer, any rate, any channels) as 16 kHz mono int16."""
+    """An audio file (WAV of any sample format, including WAVE_FORMAT_EXTENSIBLE and float; FLAC, Ogg;
+    whatever libsndfile reads), any rate and channel count, as 16 kHz mono int16."""
     try:
-        with wave.open(str(path), "rb") as wav:
-            width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
-            raw = wav.readframes(wav.getnframes())
-    except (wave.Error, EOFError) as error:  # e.g. float WAVs (format 3), which `wave` does not read
-        raise WavError(f"{path}: not a PCM WAV file this client reads ({error}); convert it, e.g. "
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+        raise WavError(f"{path}: not an audio file this client reads ({error}); convert it, e.g. "
                        f"`sox {path} -b 16 out.wav`") from None
-    if width == 1:
-        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 3:
-        bytes3 = np.frombuffer(raw, np.uint8).reshape(-1, 3)
-        as_int = (bytes3[:, 0].astype(np.int32) | (bytes3[:, 1].astype(np.int32) << 8)
-                  | (bytes3[:, 2].astype(np.int8).astype(np.int32) << 16))
-        samples = as_int.astype(np.float32) / 2**23
-    elif width in (2, 4):
-        dtype = np.int16 if width == 2 else np.int32
-        samples = np.frombuffer(raw, dtype).astype(np.float32) / float(2 ** (8 * width - 1))
-    else:
-        raise WavError(f"{path}: {8 * width}-bit samples are not supported")
-    if len(samples) == 0:
-        raise WavError(f"{path}: no audio in it")
-    mono = samples.reshape(-1, channels).mean(axis=1)
+    if len(samples) < IN_FRAME_SAMPLES * rate // IN_RATE:
+        raise WavError(f"{path}: shorter than one 20 ms frame")
+    mono = samples.mean(axis=1)
     if rate != IN_RATE:
         mono = soxr.resample(mono, rate, IN_RATE, quality="HQ")
     return (np.clip(mono, -1.0, 1.0) * 32767.0).round().astype(np.int16)
@@ -99,13 +89,18 @@ class ClientReport:
     close_reason: str = ""
     refused: str | None = None  # the handshake failed: why
 
+    frames_in_file: int = 0  # what there was to send
+
     @property
     def ok(self) -> bool:
+        """Everything was sent and answered, and the session ended normally (a drain's 1001 too, once all
+        was sent), with no session-ending error."""
         return (self.refused is None and self.close_code in NORMAL_CLOSES and self.frames_received > 0
+                and self.frames_sent >= self.frames_in_file
                 and not any(e.get("fatal") for e in self.errors))
 
 
-def summarize(url: str, run: ClientRun) -> ClientReport:
+def summarize(url: str, run: ClientRun, frames_in_file: int) -> ClientReport:
     round_trips = run.block_latencies_ms()
     server = run.of_type(Latency)
     first = run.frames[0][0] - run.t_first_send if run.frames and run.send_times else None
@@ -120,6 +115,7 @@ def summarize(url: str, run: ClientRun) -> ClientReport:
         errors=[msgspec.to_builtins(e) for e in run.of_type(Error)],
         close_code=run.close_code,
         close_reason=run.close_reason,
+        frames_in_file=frames_in_file,
     )
 
 
@@ -147,7 +143,7 @@ def render(report: ClientReport) -> str:
     if report.server_latency_ms is not None:
         lat = report.server_latency_ms
         lines.append(f"server processing (its `latency` messages): p50 {lat.p50} ms, p99 {lat.p99} ms")
-    lines += [f"error: {e.get('code')}: {e.get('message')}" for e in report.errors]
+    lines += [f"error: {e.get('code')}: {e.get('msg')}" for e in report.errors]
     lines.append(f"closed: {report.close_code} {report.close_reason}".rstrip())
     return "\n".join(lines)
 
@@ -184,26 +180,26 @@ async def talk(url: str, pcm: np.ndarray, tail_s: float, context: ssl.SSLContext
     kwargs = {} if context is None else {"ssl": context}
     try:
         run = await stream_client(url, pcm, tail_s=tail_s, **kwargs)
-    except (InvalidHandshake, OSError, TimeoutError) as error:  # refused (HTTP 4xx/5xx), unreachable
+    except (InvalidHandshake, OSError, TimeoutError) as error:  # refused (HTTP 4xx/5xx), unreachable, TLS
         refused = ClientReport(url=url, seconds_sent=0.0, frames_sent=0, frames_received=0,
                                first_audio_s=None, latency_ms=None, server_latency_ms=None,
                                refused=str(error) or type(error).__name__)
         return refused, np.zeros(0, np.int16)
-    return summarize(url, run), run.pcm()
+    return summarize(url, run, len(pcm) // IN_FRAME_SAMPLES), run.pcm()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    try:  # every mistake in the command line is found before the session, not after it
         pcm = read_wav_16k(args.wav)
-    except (WavError, OSError) as error:
-        parser.error(str(error))
-    try:
+        parse_uri(args.url)
         context = tls_context(args.url, args.ca_file, args.insecure)
-        report, answer = asyncio.run(talk(args.url, pcm, args.tail, context))
-    except InvalidURI as error:
+    except (WavError, InvalidURI, ValueError, OSError, ssl.SSLError) as error:
         parser.error(str(error))
+    if args.out is not None and not args.out.parent.is_dir():
+        parser.error(f"--out: no such directory: {args.out.parent}")
+    report, answer = asyncio.run(talk(args.url, pcm, args.tail, context))
     if args.out is not None and report.refused is None:
         write_wav_24k(args.out, answer)
     if args.json:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs.launcher import ServerProcess
+from procs.launcher import ServerProcess, poll_until
 from procs.network.auth import Access
 from procs.wav_client import read_wav_16k
 
@@ -61,7 +61,9 @@ def loopback_server() -> ServerProcess:
 # ---- the command itself --------------------------------------------------------------------------------
 def test_usage_and_unknown_commands_exit_2() -> None:
     bare = voice_agent()
-    assert bare.returncode == 2 and "serve" in bare.stdout and "client" in bare.stdout
+    assert bare.returncode == 2 and "serve" in bare.stderr and "client" in bare.stderr
+    helped = voice_agent("--help")
+    assert helped.returncode == 0 and "build-demo" in helped.stdout
     unknown = voice_agent("launch")
     assert unknown.returncode == 2 and "unknown command 'launch'" in unknown.stderr
 
@@ -155,7 +157,8 @@ def test_client_reports_a_refusal_and_exits_1(tmp_path: Path) -> None:
 def test_client_refuses_a_file_that_is_not_a_wav(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not audio")
     result = voice_agent("client", "--url", "ws://127.0.0.1:9/ws", "--wav", str(tmp_path / "notes.txt"))
-    assert result.returncode == 2 and "not a PCM WAV" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "not an audio file" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # ---- JSON logs -----------------------------------------------------------------------------------------
@@ -207,3 +210,43 @@ def test_an_installed_package_serves_its_own_copy_of_the_page(wheel: Path, tmp_p
                            env={**os.environ, "PYTHONPATH": str(target)}, timeout=60)
     web_dir = Path(found.stdout.strip())
     assert web_dir == target / "procs" / "web" and (web_dir / "index.html").is_file()
+
+
+def test_read_wav_takes_extensible_24_bit_and_float_files(tmp_path: Path) -> None:
+    """sox writes 24-bit and multichannel WAVs as WAVE_FORMAT_EXTENSIBLE, which Python 3.11's `wave`
+    cannot read; libsndfile reads them, and float WAVs."""
+    flavours = {"x24.wav": ["-b", "24", "-c", "3"], "f32.wav": ["-e", "floating-point", "-b", "32"]}
+    for name, options in flavours.items():
+        subprocess.run(["sox", "-n", "-r", "48000", *options, str(tmp_path / name),
+                        "synth", "1", "sine", "500", "vol", "0.3"], check=True, timeout=60)
+        pcm = read_wav_16k(tmp_path / name)
+        assert abs(len(pcm) - 16_000) <= 2 and abs(dominant_hz(pcm, 16_000) - 500) < 5
+
+
+def test_client_usage_mistakes_exit_2_before_any_session(tmp_path: Path) -> None:
+    write_wav(tmp_path / "in.wav", tone(300, 0.4, 16_000), 16_000)
+    wav = str(tmp_path / "in.wav")
+    for args in (["--url", "ws://[::1/ws", "--wav", wav],
+                 ["--url", "ws://127.0.0.1:99999/ws", "--wav", wav],
+                 ["--url", "http://127.0.0.1:1/ws", "--wav", wav],
+                 ["--url", "wss://127.0.0.1:1/ws", "--wav", wav, "--ca-file", str(tmp_path / "none.pem")],
+                 ["--url", "ws://127.0.0.1:1/ws", "--wav", wav, "--out", str(tmp_path / "no" / "out.wav")]):
+        result = voice_agent("client", *args)
+        assert result.returncode == 2 and "usage:" in result.stderr, args
+        assert "Traceback" not in result.stderr, args
+
+
+def test_client_prints_the_servers_error(tmp_path: Path) -> None:
+    """A full server accepts, says `error` capacity and closes 1013: the client prints the message."""
+    write_wav(tmp_path / "in.wav", tone(300, 0.4, 16_000), 16_000)
+    with ServerProcess("--engine", "loopback", "--max-sessions", "1") as server:
+        hold = ["client", "--url", server.ws_url, "--wav", str(tmp_path / "in.wav"), "--tail", "30"]
+        holder = subprocess.Popen([sys.executable, "-m", "procs", *hold], stdout=subprocess.PIPE, text=True)
+        try:
+            assert poll_until(lambda: server.health()[1].get("sessions_active") == 1, 30) is not None
+            result = voice_agent("client", "--url", server.ws_url, "--wav", str(tmp_path / "in.wav"))
+        finally:
+            holder.terminate()
+            holder.wait(30)
+    assert result.returncode == 1
+    assert "error: capacity: Server at capacity" in result.stdout and "closed: 1013" in result.stdout

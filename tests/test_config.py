@@ -67,6 +67,7 @@ def test_moshi_servers_flags_mean_what_they_mean_there() -> None:
         ["--random-model", "moshi-7b", "--hf-repo", "a/b"],
         ["--engine", "loopback", "--checkpoint", "/x"],
         ["--log-format", "xml"],
+        ["--port", "8998", "--agent-port", "8998"],
         ["--ssl-cert", "/nonexistent/cert.pem", "--ssl-key", "/nonexistent/key.pem"],
     ],
 )
