@@ -23,6 +23,7 @@ import {
 } from './i18n.js';
 import { ProbeCollector, probeEnabled } from './lib/probe.js';
 import { webSocketUrl } from './lib/protocol.js';
+import { ClientStatsReporter, readQuality } from './lib/stats.js';
 import { View } from './view.js';
 
 const REFRESH_MS = 250;
@@ -184,6 +185,9 @@ class VoiceAgent {
 
   onSessionStart(message) {
     this.session = message;
+    // `client_stats` once a second, counted from this session's start.
+    this.clientStats ??= new ClientStatsReporter();
+    this.clientStats.startSession(this.playback, performance.now());
     this.sessions++;
     if (this.sessions > 1) this.view.transcriptBreak();
     this.view.setDemo(Boolean(message.demo_weights));
@@ -232,6 +236,7 @@ class VoiceAgent {
       serverBreakdown: latency?.breakdown ?? null,
       serverP99Ms: latency?.p99_ms ?? null,
       serverDroppedFrames: latency?.dropped_frames ?? null,
+      quality: readQuality(latency), // the server's per-session audio quality, checked field by field
       quality: latency?.quality ?? null,
       bufferMs,
       bufferTargetMs: this.playback.targetMs,
@@ -248,6 +253,9 @@ class VoiceAgent {
   }
 
   render() {
+    const rttMs = this.connection?.rtt?.lastMs ?? null;
+    const stats = this.clientStats?.poll(performance.now(), this.playback, rttMs);
+    if (stats) this.connection?.sendControl(stats);
     this.view.renderMetrics(this.snapshot());
   }
 

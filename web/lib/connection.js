@@ -140,6 +140,13 @@ export class AgentConnection {
     this.setState('stopped', {});
   }
 
+  /** Send a control message (JSON text) while the session is live. Returns whether it was sent. */
+  sendControl(text) {
+    if (!this.connected || this.state !== 'live') return false;
+    this.socket.send(text);
+    return true;
+  }
+
   /**
    * Send one client audio frame if the socket can take it now. Returns whether it was sent.
    * The frame is dropped when the socket is not open or is already backed up.

@@ -92,6 +92,9 @@ export class JitterBuffer {
     this.consumedSamples = 0;
     this.droppedSamples = 0;
     this.pushedSamples = 0;
+    // Silence played in place of missing audio once playback had begun (what an underrun costs the ear).
+    this.concealedSamples = 0;
+    this.started = false;
   }
 
   resetWindow() {
@@ -137,11 +140,13 @@ export class JitterBuffer {
     if (!this.playing) this.measureDryness(n);
     if (!this.playing && this.available >= this.target) {
       this.playing = true;
+      this.started = true;
       this.rate = 1;
     }
     let written = 0;
     if (this.playing) written = this.play(out);
     if (written < n) out.fill(0, written);
+    if (this.started) this.concealedSamples += n - written;
     if (this.playing) {
       this.observeDepth(n);
       this.considerShrinking(n);
@@ -291,6 +296,7 @@ export class JitterBuffer {
       underruns: this.underruns,
       framesPlayed: this.framesPlayed,
       droppedMs: this.droppedMs,
+      concealedMs: this.concealedSamples / this.samplesPerMs,
       playing: this.playing,
       rate: this.rate,
     };
