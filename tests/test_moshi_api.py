@@ -9,6 +9,7 @@ engine (what goes in comes out) and the demo checkpoint, several sessions at onc
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +30,7 @@ from procs.launcher import ServerProcess  # noqa: E402
 from procs.network.auth import Access  # noqa: E402
 from procs.network.http import Health, HttpRoutes  # noqa: E402
 from procs.network.moshi_api import HANDSHAKE, MoshiAdapter, moshi_params  # noqa: E402
-from procs.network.session import AudioOut, Close, PublishAudio, Release, Session  # noqa: E402
+from procs.network.session import AudioOut, Close, PublishAudio, Release, Session, SessionRules  # noqa: E402
 from protocol import SessionEnd, session_start  # noqa: E402
 
 RATE = 24_000
@@ -181,6 +182,19 @@ def test_adapter_sends_text_and_fatal_errors_only() -> None:
     assert actions == [Release(adapter.session.end_reason)]
     assert adapter.next_outgoing(0) == b"\x05no audio for 30 s: the session is closed"
     assert adapter.next_outgoing(0) == Close(1000, "idle timeout")
+
+
+def test_adapter_says_why_a_shutdown_or_a_time_limit_ends_it_once() -> None:
+    adapter = new_adapter()
+    adapter.session.shutdown()
+    assert [adapter.next_outgoing(0) for _ in range(3)] == [
+        HANDSHAKE, b"\x05session over: server_shutdown", Close(1001, "server shutting down")]
+    start = session_start("s2", model="m", demo_weights=False, max_sessions=4)
+    limited = MoshiAdapter(Session(start, 0, 1, now=0.0, rules=SessionRules(max_session_s=5.0)))
+    limited.receive(ogg_stream(speech(0.2)[1])[0], 0)
+    limited.session.tick(5.0)
+    assert [limited.next_outgoing(0) for _ in range(3)] == [
+        HANDSHAKE, b"\x05sessions last at most 5 s on this server", Close(1000, "session time limit")]
 
 
 def test_adapter_ends_a_broken_ogg_stream_once_with_1008() -> None:
@@ -380,3 +394,41 @@ def urllib_get(url: str) -> tuple[int, str]:
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
 
+
+
+def test_a_drain_refuses_new_moshi_clients_and_ends_live_ones_with_their_reason() -> None:
+    server = ServerProcess("--engine", "loopback", "--max-sessions", "2", "--drain-timeout", "1")
+    pcm24 = speech(10.0)[1]
+
+    async def scenario() -> tuple[int, list[bytes], int | None, int]:
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_base(server) + "/api/chat") as live:
+            assert (await live.receive()).data == HANDSHAKE
+            pages = ogg_stream(pcm24)
+
+            async def talk() -> None:
+                for page in pages:
+                    if live.closed:
+                        return
+                    await live.send_bytes(page)
+                    await asyncio.sleep(0.04)  # the client's pace: one page per 40 ms
+
+            talker = asyncio.create_task(talk())
+            server.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while (await asyncio.to_thread(health, server)).get("status") != "draining":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)  # polls /health; the deadline is the bound
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(ws_base(server) + "/api/chat")
+            errors = [m.data async for m in live
+                      if m.type == aiohttp.WSMsgType.BINARY and m.data[:1] == b"\x05"]
+            talker.cancel()
+            # One SIGTERM: the drain runs out, the goodbye goes, the supervisor exits by itself.
+            exit_code = await asyncio.to_thread(server.proc.wait, 20)
+            return refused.value.status, errors, live.close_code, exit_code
+
+    with server:
+        status, errors, code, exit_code = asyncio.run(scenario())
+    assert status == 503
+    assert errors == [b"\x05session over: server_shutdown"] and code == 1001
+    assert exit_code == 0, server.log()[-3000:]

@@ -18,8 +18,9 @@ and how it maps onto our `Session`:
   rings, the VAD and the model never know which wire a session came in on.
 * Outgoing, what `Session.next_outgoing` hands over is translated: model audio (`0x02` + 960 bytes of 24
   kHz PCM) goes into the session's Ogg/Opus writer, `0x01` + what it releases goes out; `session_start` is the
-  `0x00`, `transcript` the `0x02`, a fatal `error` the `0x05`; our other control messages (`latency`, `vad`,
-  `pong`, `draining`, `session_end`) have no moshi equivalent and are not sent. The close is the session's.
+  `0x00`, `transcript` the `0x02`, a fatal `error` (or a `session_end` with none before it: a shutdown) the
+  `0x05`; our other control messages (`latency`, `vad`, `pong`, `draining`) have no moshi equivalent and are
+  not sent. The close is the session's.
 * How it ends: moshi.server serves until the client closes the WebSocket; there is no goodbye message. Ours
   too (the session ends `client_closed`); a close the server decides (idle timeout, time limit, shutdown)
   comes after a `0x05` with the reason, with the same close code as on `/ws`.
@@ -56,6 +57,7 @@ from protocol import (
     EndReason,
     Error,
     ProtocolError,
+    SessionEnd,
     SessionStart,
     Transcript,
     decode_server_control,
@@ -142,6 +144,7 @@ class MoshiAdapter:
         self._broken_sent = 0  # 1: the `0x05` went out; 2: the close too
         # Latency of a model frame the writer is still holding: (seconds when pulled, when pulled in ns).
         self._pending_latency: tuple[float, int] | None = None
+        self._said_why = False  # a fatal error went out: the `session_end` after it adds nothing
         self.samples_in = 0  # 24 kHz samples decoded from the client's stream
         self.bytes_out = 0  # Ogg bytes sent to the client
 
@@ -234,7 +237,10 @@ class MoshiAdapter:
             case Transcript(text=piece):
                 return bytes([KIND_TEXT]) + piece.encode()
             case Error(fatal=True, msg=why):
+                self._said_why = True
                 return error_message(why)
+            case SessionEnd(reason=reason) if not self._said_why:  # a goodbye with no error before it
+                return error_message(f"session over: {reason}")
         return None
 
 
