@@ -34,7 +34,7 @@ MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name not in NOT_OBJECTS)
 K8S_VERSIONS = ("1.30.0", "1.34.0")
 # After the drain: goodbyes (2 x GOODBYE_S), the supervisor stopping its children, CUDA freeing memory.
 STOP_MARGIN_S = 30
-MIN_STARTUP_S = 600  # a first start downloads and loads the 7B model
+MIN_STARTUP_S = 600  # a cold start on a busy node; the model itself loads under readiness, not this probe
 
 
 def _capacity() -> ModuleType:
@@ -210,7 +210,7 @@ def test_probes_use_the_servers_routes() -> None:
     assert _get(_routes("ok"), "/metrics") == 200
 
 
-def test_startup_probe_allows_a_model_download() -> None:
+def test_startup_probe_allows_a_slow_start() -> None:
     probe = CONTAINER["startupProbe"]
     assert probe["failureThreshold"] * probe["periodSeconds"] >= MIN_STARTUP_S
 
