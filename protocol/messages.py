@@ -190,8 +190,8 @@ class ClientStats(_Control, tag="client_stats", kw_only=True):
 
     underruns: Count  # playback ran dry: gaps concealed with silence
     concealed_ms: Millis  # total silence played in place of missing audio
-    late_frames: Count  # server frames that came after their play time (dropped by the jitter buffer)
-    playout_delay_ms: Millis  # audio queued in the jitter buffer now (what it adds to mouth-to-ear)
+    late_frames: Count  # server audio the jitter buffer threw away as too late to play (20 ms frames' worth)
+    playout_delay_ms: Millis  # the jitter buffer's mean depth (what it adds to mouth-to-ear)
     rtt_ms: Millis | None = None  # last ping -> pong round trip
 
 
