@@ -46,7 +46,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import soxr
-import sphn
+
+try:
+    import sphn
+except ImportError:  # until sphn is a main dependency: /ws works without it, /api/chat sessions cannot start
+    sphn = None
 
 from procs.audio.resample import float_to_int16, int16_to_float
 from procs.network.session import Action, AudioOut, Close, Outgoing, Session
@@ -134,6 +138,8 @@ class MoshiAdapter:
     `receive` and `next_outgoing` where a `/ws` connection calls the session's own."""
 
     def __init__(self, session: Session, params: MoshiParams | None = None) -> None:
+        if sphn is None:
+            raise RuntimeError("moshi's /api/chat needs the sphn package (pip install 'sphn>=0.2,<0.3')")
         self.session = session
         self.params = params or MoshiParams()
         self.reader = sphn.OpusStreamReader(MOSHI_RATE)
