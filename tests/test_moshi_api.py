@@ -15,23 +15,22 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
+import sphn
 
-sphn = pytest.importorskip("sphn")  # the server needs it; listed under the `reference` extra for now
-aiohttp = pytest.importorskip("aiohttp")
-
-from bench.reference_client import ReferenceClient, StreamPlan, run_sessions  # noqa: E402
-from procs.audio.resample import Resampler16to24  # noqa: E402
-from procs.audio.speech import telugu_speech_16k  # noqa: E402
-from procs.client import stream_client  # noqa: E402
-from procs.frames import ModelFrame  # noqa: E402
-from procs.launcher import ServerProcess  # noqa: E402
-from procs.network.auth import Access  # noqa: E402
-from procs.network.http import Health, HttpRoutes  # noqa: E402
-from procs.network.moshi_api import HANDSHAKE, MoshiAdapter, moshi_params  # noqa: E402
-from procs.network.session import AudioOut, Close, PublishAudio, Release, Session, SessionRules  # noqa: E402
-from protocol import SessionEnd, session_start  # noqa: E402
+from bench.reference_client import ReferenceClient, StreamPlan, run_sessions
+from procs.audio.resample import Resampler16to24
+from procs.audio.speech import telugu_speech_16k
+from procs.client import stream_client
+from procs.frames import ModelFrame
+from procs.launcher import ServerProcess
+from procs.network.auth import Access
+from procs.network.http import Health, HttpRoutes
+from procs.network.moshi_api import HANDSHAKE, MoshiAdapter, moshi_params
+from procs.network.session import AudioOut, Close, PublishAudio, Release, Session, SessionRules
+from protocol import SessionEnd, session_start
 
 RATE = 24_000
 FRAME = 480  # 20 ms at 24 kHz
