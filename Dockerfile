@@ -40,11 +40,12 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # tini: PID 1 that reaps orphans (e.g. compile workers left behind when a child process is killed) and
 #   passes SIGTERM on to the supervisor alone, which then drains and stops its children in order.
 # ca-certificates: Hugging Face downloads over HTTPS.
+# libopus0: the Opus codec behind /ws?codec=opus (opuslib-next loads it with ctypes).
 # Unpinned for the reason given in the build stage (Ubuntu's security updates replace exact versions).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 gcc libc6-dev python3-dev tini ca-certificates \
+        python3 gcc libc6-dev python3-dev tini ca-certificates libopus0 \
     && rm -rf /var/lib/apt/lists/*
 # Ubuntu 24.04 images already hold a user `ubuntu` with uid 1000; the server's user takes that uid instead.
 RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
