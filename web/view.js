@@ -207,9 +207,11 @@ export class View {
   }
 
   renderParts(estimate) {
-    const items = (estimate?.parts ?? []).map(
-      (part) => `${t(`part.${part.key}`)} ${part.ms === null ? '?' : Math.round(part.ms)} ms`,
-    );
+    const items = (estimate?.parts ?? []).map((part) => {
+      const key = `part.${part.key}`;
+      const name = t(key) === key ? part.label : t(key); // a part newer than the tables: its English label
+      return `${name} ${part.ms === null ? '?' : Math.round(part.ms)} ms`;
+    });
     const key = items.join('|');
     if (key === this.partsKey) return;
     this.partsKey = key;
