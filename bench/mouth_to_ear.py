@@ -35,6 +35,7 @@ import argparse
 import base64
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -123,7 +124,9 @@ class Trace:
     """One worklet's record: per render quantum its wall time (ms), sample count and counter, the samples."""
 
     rate: int = 0
+    context_rate: float = 0.0
     walls: list[np.ndarray] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)
     counts: list[np.ndarray] = field(default_factory=list)
     aux: list[np.ndarray] = field(default_factory=list)
     notes: list[np.ndarray] = field(default_factory=list)
@@ -131,7 +134,9 @@ class Trace:
 
     def add(self, part: dict[str, Any]) -> None:
         self.rate = int(part["rate"])
+        self.context_rate = float(part.get("contextRate") or part["rate"])
         self.walls.append(np.asarray(part["walls"], dtype=np.float64))
+        self.frames.append(np.asarray(part["frames"], dtype=np.float64))
         self.counts.append(np.asarray(part["counts"], dtype=np.int64))
         self.aux.append(np.asarray(part["aux"], dtype=np.float64))
         self.notes.append(np.asarray(part["notes"], dtype=np.float64))
@@ -144,6 +149,30 @@ class Trace:
         notes = cat(self.notes, np.float64).reshape(-1, 2)
         return (cat(self.walls, np.float64), cat(self.counts, np.int64), cat(self.aux, np.float64), notes,
                 cat(self.samples, np.float32))
+
+    def clock(self, anchor: str) -> tuple[float, float]:
+        """(ms per context frame, ms at frame 0): the context's sample clock on the wall clock.
+
+        The audio device asks for audio in callbacks (10 ms apart with Chromium's fake devices), each
+        running a few render quanta back to back at one `Date.now()`. A continuous device clock is
+        anchored where the calls pin it: capture at the end of each callback's last quantum (its samples
+        were all there by then), playback at the start of each callback's first quantum (nothing is played
+        before it is rendered). A straight-line fit through those anchors (the device's rate against the
+        wall clock), moved to their median residual so that a late callback (scheduling) moves it no more
+        than an early one."""
+        walls = np.concatenate(self.walls) if self.walls else np.zeros(0)
+        frames = np.concatenate(self.frames) if self.frames else np.zeros(0)
+        if len(walls) < 4:
+            return 1000.0 / (self.context_rate or 1.0), 0.0
+        new_batch = np.concatenate([[True], np.diff(walls) > 0.5])
+        if anchor == "end":
+            last = np.concatenate([new_batch[1:], [True]])
+            x, y = frames[last] + 128, walls[last]
+        else:
+            x, y = frames[new_batch], walls[new_batch]
+        slope, intercept = np.polyfit(x, y, 1)
+        intercept += float(np.median(y - (slope * x + intercept)))
+        return float(slope), float(intercept)
 
 
 @dataclass
@@ -225,7 +254,8 @@ def percentile(values: list[float] | np.ndarray, q: float) -> float | None:
 class SessionResult:
     markers_seen: int
     markers_matched: int
-    latency_ms: list[float]
+    latency_ms: list[float]  # on the devices' sample clocks (Trace.clock)
+    latency_calls_ms: list[float]  # the same markers on the render calls' own Date.now()
     scores: list[float]
     frame_fill_ms: float | None  # mean wait of a sample in the capture worklet for its frame to be posted
     capture_hop_ms: float | None  # p50: frame posted by the capture worklet -> handed to the socket
@@ -233,6 +263,9 @@ class SessionResult:
     playout_ms: float | None  # p50: pushed into the jitter buffer -> its first sample played
     playout_first_of_burst_ms: float | None  # p50 of the same, only for frames that arrived after a gap
     estimate_ms: float | None  # median of the page's own mouth-to-ear estimate
+    # ... less its parts outside what the probe times (capture device + resampler before the capture worklet,
+    # output device after the playback worklet): the figure comparable with the measured one
+    estimate_worklets_ms: float | None
     estimate_parts: dict[str, float | None]
     server_ms: float | None  # median of the page's `serverMs` (the server's own processing per block)
     rtt_ms: float | None
@@ -240,8 +273,10 @@ class SessionResult:
     playback_rate: int
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("latency_ms", "scores")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("latency_ms", "latency_calls_ms", "scores")}
         out["p50_ms"] = percentile(self.latency_ms, 50)
+        out["p50_calls_ms"] = percentile(self.latency_calls_ms, 50)
+        out["p99_calls_ms"] = percentile(self.latency_calls_ms, 99)
         out["p99_ms"] = percentile(self.latency_ms, 99)
         out["min_ms"] = min(self.latency_ms) if self.latency_ms else None
         out["max_ms"] = max(self.latency_ms) if self.latency_ms else None
@@ -255,11 +290,24 @@ def analyse(record: PageRecord, warmup_s: float = WARMUP_S) -> SessionResult:
     p_rate = record.playback.rate or 24_000
     c_sample_wall = np.repeat(c_walls, c_counts)
     p_sample_wall = np.repeat(p_walls, p_counts)
+    # The same on the devices' sample clocks (Trace.clock): capture samples spread over their quantum.
+    c_frames = np.concatenate(record.capture.frames) if record.capture.frames else np.zeros(0)
+    p_frames = np.concatenate(record.playback.frames) if record.playback.frames else np.zeros(0)
+    c_slope, c_zero = record.capture.clock("end")
+    p_slope, p_zero = record.playback.clock("start")
+    c_call = np.repeat(np.arange(len(c_counts)), c_counts)
+    c_pos = np.arange(len(c_call)) - np.repeat(np.cumsum(c_counts) - c_counts, c_counts)
+    spread = 128 * (c_pos + 1) / np.maximum(c_counts[c_call], 1)  # where in its quantum a 16 kHz sample lies
+    c_sample_clock = c_zero + c_slope * (c_frames[c_call] + spread)
+    p_call = np.repeat(np.arange(len(p_counts)), p_counts)
+    p_pos = np.arange(len(p_call)) - np.repeat(np.cumsum(p_counts) - p_counts, p_counts)
+    p_sample_clock = p_zero + p_slope * (p_frames[p_call] + p_pos)
     start_wall = record.live_wall + warmup_s * 1000
 
     # Mouth-to-ear, marker by marker.
     ratio = p_rate / MIC_RATE
     latencies: list[float] = []
+    latencies_calls: list[float] = []
     scores: list[float] = []
     onsets = [int(i) for i in marker_onsets(c_pcm)
               if i >= TEMPLATE_BEFORE and i + TEMPLATE_AFTER <= len(c_pcm) and c_sample_wall[i] >= start_wall]
@@ -276,7 +324,8 @@ def analyse(record: PageRecord, warmup_s: float = WARMUP_S) -> SessionResult:
         j = int(np.argmax(ncc))
         if ncc[j] < MIN_SCORE or a + j + onset_offset >= len(p_sample_wall):
             continue
-        latencies.append(float(p_sample_wall[a + j + onset_offset] - t0))
+        latencies.append(float(p_sample_clock[a + j + onset_offset] - c_sample_clock[i]))
+        latencies_calls.append(float(p_sample_wall[a + j + onset_offset] - t0))
         scores.append(float(ncc[j]))
 
     # Frame fill in the capture worklet: sample entry -> its frame posted (the call that completed it).
@@ -303,7 +352,9 @@ def analyse(record: PageRecord, warmup_s: float = WARMUP_S) -> SessionResult:
         first_sample = pushed_after - frame_len
         call = np.searchsorted(p_read, first_sample, side="right")  # first call whose read passed it
         ok = call < len(p_walls)
-        delays = p_walls[call[ok]] - push_wall[ok]
+        read_before = np.concatenate([[0.0], p_read])[call[ok]]
+        offset = np.clip(first_sample[ok] - read_before, 0, 127)  # its place in that quantum (rate 1)
+        delays = p_zero + p_slope * (p_frames[call[ok]] + offset) - push_wall[ok]
         keep = push_wall[ok] >= start_wall
         playout = percentile(delays[keep], 50)
         gap = np.concatenate([[True], np.diff(push_wall) > 10.0])[ok]  # first frame of a burst
@@ -315,6 +366,9 @@ def analyse(record: PageRecord, warmup_s: float = WARMUP_S) -> SessionResult:
     # The page's own figures, after the warm-up.
     stats = [s for t, s in record.stats if t >= start_wall]
     estimates = [s["mouthToEarMs"] for s in stats if isinstance(s.get("mouthToEarMs"), int | float)]
+    inside = [s["mouthToEarMs"] - (s["mouthToEarParts"].get("capture") or 0)
+              - (s["mouthToEarParts"].get("output") or 0)
+              for s in stats if isinstance(s.get("mouthToEarMs"), int | float)]
     part_keys = stats[-1]["mouthToEarParts"].keys() if stats else []
     parts = {k: percentile([s["mouthToEarParts"][k] for s in stats
                             if isinstance(s["mouthToEarParts"].get(k), int | float)], 50) for k in part_keys}
@@ -322,6 +376,7 @@ def analyse(record: PageRecord, warmup_s: float = WARMUP_S) -> SessionResult:
         markers_seen=len(onsets),
         markers_matched=len(latencies),
         latency_ms=latencies,
+        latency_calls_ms=latencies_calls,
         scores=scores,
         frame_fill_ms=frame_fill,
         capture_hop_ms=capture_hop,
@@ -329,6 +384,7 @@ def analyse(record: PageRecord, warmup_s: float = WARMUP_S) -> SessionResult:
         playout_ms=playout,
         playout_first_of_burst_ms=playout_first,
         estimate_ms=percentile(estimates, 50),
+        estimate_worklets_ms=percentile(inside, 50),
         estimate_parts=parts,
         server_ms=percentile([s["serverMs"] for s in stats if isinstance(s.get("serverMs"), int | float)],
                              50),
@@ -343,10 +399,22 @@ def analyse(record: PageRecord, warmup_s: float = WARMUP_S) -> SessionResult:
 
 
 def run_pages(server_url: str, sessions: int, seconds: float, microphone_wav: Path,
-              poll_s: float = POLL_S, live_timeout_s: float = 60.0) -> list[PageRecord]:
+              poll_s: float = POLL_S, live_timeout_s: float = 60.0, server_pids: list[int] | None = None,
+              cpu_out: dict[str, float] | None = None) -> list[PageRecord]:
     """Open `sessions` pages (one Chromium, one context each), wait until all are live, record for
-    `seconds` (pulling each page's probe every `poll_s`), and return what each page recorded."""
+    `seconds` (pulling each page's probe every `poll_s`), and return what each page recorded. With
+    `cpu_out`, fills it with the % of one core used over the recording by the server (`server_pids` and
+    their children), the browser (everything else this process started, Playwright's driver included),
+    and the whole machine."""
     from playwright.sync_api import sync_playwright
+
+    from procs.launcher import cpu_seconds, machine_busy_s, process_tree
+
+    def cpu_now() -> tuple[float, float, float, float]:
+        server = {p for root in server_pids or [] for p in process_tree(root)}
+        mine = set(process_tree(os.getpid())) - server - {os.getpid()}
+        return (time.monotonic(), sum(map(cpu_seconds, server)), sum(map(cpu_seconds, mine)),
+                machine_busy_s())
 
     records = [PageRecord() for _ in range(sessions)]
     with sync_playwright() as playwright:
@@ -362,6 +430,7 @@ def run_pages(server_url: str, sessions: int, seconds: float, microphone_wav: Pa
                 page.wait_for_function("() => window.voiceAgent?.stats().state === 'live'",
                                        timeout=live_timeout_s * 1000, polling=100)
             live_wall = time.time() * 1000
+            cpu0 = cpu_now()
             for record in records:
                 record.live_wall = live_wall
             deadline = time.monotonic() + seconds
@@ -372,6 +441,12 @@ def run_pages(server_url: str, sessions: int, seconds: float, microphone_wav: Pa
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
+                if cpu_out is not None and left <= poll_s:  # the last interval: before the pages close
+                    cpu1 = cpu_now()
+                    wall = cpu1[0] - cpu0[0]
+                    cpu_out.update(server=100 * (cpu1[1] - cpu0[1]) / wall,
+                                   browser=100 * (cpu1[2] - cpu0[2]) / wall,
+                                   machine=100 * (cpu1[3] - cpu0[3]) / wall)
                 # Paces the pulls (each takes what accumulated meanwhile); nothing waits on this for order.
                 pages[0].wait_for_timeout(min(poll_s, left) * 1000)
             if errors:
@@ -391,8 +466,12 @@ def measure(engine: str, sessions: int, seconds: float, microphone_wav: Path) ->
 
     if engine != "loopback":
         subprocess.run([sys.executable, "-m", "procs.model.build_demo"], check=True, capture_output=True)
+    cpu: dict[str, float] = {}
     with ServerProcess(*server_args(engine, sessions)) as server:
-        records = run_pages(server.url, sessions, seconds, microphone_wav)
+        records = run_pages(server.url, sessions, seconds, microphone_wav,
+                            server_pids=[server.proc.pid], cpu_out=cpu)
+    print(f"{engine} x{sessions}: CPU % of one core over the recording: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()), flush=True)
     return [analyse(record) for record in records]
 
 
@@ -401,30 +480,34 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def table(rows: list[tuple[str, int, list[SessionResult]]]) -> str:
-    lines = [
-        "| engine | sessions | markers matched / seen | mouth-to-ear p50 / p99 ms (per session: median of "
-        "p50s, worst p99) | pooled p50 / p99 / max ms | page estimate p50 ms | frame fill ms | "
-        "capture hop ms | server ms (page) | receive hop ms | playout ms (all frames / first of a burst) | "
-        "underruns |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    columns = [
+        "engine", "sessions", "markers matched / seen",
+        "mouth-to-ear p50 / p99 ms (median of the sessions' p50s / worst session's p99)",
+        "all sessions pooled p50 / p99 / max ms", "page estimate p50 ms",
+        "page estimate less capture & output devices p50 ms", "frame fill ms (mean)", "capture hop ms",
+        "server ms (page)", "receive hop ms", "playout ms (all frames / first of a burst)", "underruns",
     ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for engine, n, results in rows:
         pooled = [x for r in results for x in r.latency_ms]
         p50s = [p for r in results if (p := percentile(r.latency_ms, 50)) is not None]
         p99s = [p for r in results if (p := percentile(r.latency_ms, 99)) is not None]
+
         def med(attr: str, results: list[SessionResult] = results) -> str:
             return fmt(percentile([v for r in results if (v := getattr(r, attr)) is not None], 50))
 
-        worst = fmt(max(p99s) if p99s else None)
-        lines.append(
-            f"| {engine} | {n} | {sum(r.markers_matched for r in results)} / "
-            f"{sum(r.markers_seen for r in results)} | {fmt(percentile(p50s, 50))} / {worst} | "
+        cells = [
+            engine, str(n),
+            f"{sum(r.markers_matched for r in results)} / {sum(r.markers_seen for r in results)}",
+            f"{fmt(percentile(p50s, 50))} / {fmt(max(p99s) if p99s else None)}",
             f"{fmt(percentile(pooled, 50))} / {fmt(percentile(pooled, 99))} / "
-            f"{fmt(max(pooled) if pooled else None)} | {med('estimate_ms')} | {med('frame_fill_ms')} | "
-            f"{med('capture_hop_ms')} | {med('server_ms')} | {med('receive_hop_ms')} | "
-            f"{med('playout_ms')} / {med('playout_first_of_burst_ms')} | "
-            f"{sum(r.underruns for r in results)} |"
-        )
+            f"{fmt(max(pooled) if pooled else None)}",
+            med("estimate_ms"), med("estimate_worklets_ms"), med("frame_fill_ms"), med("capture_hop_ms"),
+            med("server_ms"), med("receive_hop_ms"),
+            f"{med('playout_ms')} / {med('playout_first_of_burst_ms')}",
+            str(sum(r.underruns for r in results)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

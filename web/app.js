@@ -8,7 +8,7 @@
 import { AudioPipeline } from './audio.js';
 import { Backoff } from './lib/backoff.js';
 import { AgentConnection } from './lib/connection.js';
-import { estimateMouthToEar } from './lib/latency.js';
+import { estimateMouthToEar, modelLatencyMs } from './lib/latency.js';
 import {
   audioFailureText,
   drainingText,
@@ -226,7 +226,9 @@ class VoiceAgent {
       ...this.audioInputs,
       rttMs,
       serverMs,
-      playbackBufferMs: this.playback.meanBufferMs,
+      // What a landing block waits behind (measured to match, bench/RESULTS.md); the mean depth until known.
+      playbackBufferMs: this.playback.arrivalBufferMs ?? this.playback.meanBufferMs,
+      modelMs: modelLatencyMs(this.session?.model),
     });
     return {
       rttMs,
@@ -299,6 +301,8 @@ const storage = (() => {
     return null;
   }
 })();
+// The mouth-to-ear probe (?probe=1, lib/probe.js): null, and nothing recorded, unless asked for.
+const probe = probeEnabled(window.location.href) ? new ProbeCollector() : null;
 const view = new View(document);
 view.applyLanguage(storedLanguage(storage));
 const agent = new VoiceAgent(view, window.location.href);

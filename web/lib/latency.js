@@ -1,16 +1,31 @@
 // Mouth-to-ear latency estimate and round-trip tracking for the latency monitor.
 //
 // The estimate adds every stage a syllable passes through between the user's mouth and their ear:
-//   capture buffering  one 20 ms worklet frame + the capture context's base latency (+ resampler delay)
+//   capture buffering  the capture context's base latency (+ resampler delay)
 //   network            one round trip (RTT/2 up + RTT/2 down)
 //   server             processing time reported by the server's `latency` messages
-//   model              Moshi's algorithmic latency, fixed 160 ms (80 ms Mimi frame + 80 ms acoustic delay)
-//   playback buffer    the jitter buffer's depth
+//   model              Moshi's algorithmic latency, 160 ms (80 ms Mimi frame + 80 ms acoustic delay); with
+//                      the loopback engine only the 80 ms frame (it echoes each block, no acoustic delay)
+//   playback buffer    how much audio is already buffered when a block of the answer lands
 //   audio output       the playback context's baseLatency + outputLatency, where the browser reports them
 // A part that is not known yet (no pong, no latency message) counts as 0 and marks the estimate incomplete.
+//
+// Measured in real Chromium (bench/mouth_to_ear.py, bench/RESULTS.md) two terms used to be counted wrongly:
+// - the capture worklet's 20 ms frame is not a stage of its own: a sample waits for its 80 ms block to
+//   fill, and its frame fills within that wait (every sample of a block is answered one block after the
+//   block's first sample, whatever its place in it), so it was counted twice;
+// - the server answers a block with its four frames at once, so a sample waits in the jitter buffer behind
+//   what was buffered when its block landed (the depth at arrival), not behind the mean depth, which also
+//   counts the block's own 80 ms draining (about 40 ms more on average).
 
 export const MODEL_ALGORITHMIC_MS = 160;
+export const MODEL_FRAME_MS = 80;
 export const CAPTURE_FRAME_MS = 20;
+
+/** The model part for the engine named in `session_start.model`: the loopback engine has no acoustic delay. */
+export function modelLatencyMs(modelName) {
+  return modelName === 'loopback' ? MODEL_FRAME_MS : MODEL_ALGORITHMIC_MS;
+}
 
 function known(value) {
   return typeof value === 'number' && Number.isFinite(value);
@@ -26,7 +41,8 @@ function known(value) {
  */
 export function estimateMouthToEar(inputs) {
   const {
-    captureFrameMs = CAPTURE_FRAME_MS,
+    // 0 by default: the frame fills within the model's block (see the top of this file).
+    captureFrameMs = 0,
     captureBaseLatencyMs = null,
     captureResamplerMs = null,
     rttMs = null,

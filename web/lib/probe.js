@@ -72,6 +72,8 @@ export class ProbeTrace {
       type: 'probe',
       kind: this.kind,
       rate: this.rate,
+      // The context's own rate, that of `frames` (a global of AudioWorkletGlobalScope).
+      contextRate: globalThis.sampleRate ?? this.rate,
       walls: this.walls.slice(0, this.calls),
       frames: this.frames.slice(0, this.calls),
       counts: this.counts.slice(0, this.calls),
@@ -128,7 +130,7 @@ export class ProbeCollector {
   add(message) {
     let kind = this.kinds.get(message.kind);
     if (kind === undefined) {
-      kind = { rate: message.rate, parts: [] };
+      kind = { rate: message.rate, contextRate: message.contextRate, parts: [] };
       this.kinds.set(message.kind, kind);
     }
     kind.parts.push(message);
@@ -151,6 +153,7 @@ export class ProbeCollector {
       const parts = kind.parts;
       out.traces[name] = {
         rate: kind.rate,
+        contextRate: kind.contextRate,
         walls: Array.from(concat(parts.map((p) => p.walls), Float64Array)),
         frames: Array.from(concat(parts.map((p) => p.frames), Float64Array)),
         counts: Array.from(concat(parts.map((p) => p.counts), Int32Array)),

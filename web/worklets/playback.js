@@ -5,10 +5,15 @@
 // jitter buffer works at the device rate and the render callback only copies.
 //
 // Messages in:  ArrayBuffer frames; {type: 'reset'} (new session: empty the buffer, restart adaptation).
-// Messages out: {type: 'stats', ...JitterBuffer.stats(), framesReceived, badFrames, sampleRate} about four
-//               times a second. With processorOptions.probe: {type: 'probe', kind: 'playback', ...} batches
-//               (lib/probe.js): every render quantum's output samples with its wall time, and a note per
-//               frame pushed into the jitter buffer.
+// Messages out: {type: 'stats', ...JitterBuffer.stats(), framesReceived, badFrames, sampleRate,
+//               arrivalBufferMs} about four times a second. arrivalBufferMs: the mean audio buffered when
+//               a burst of frames landed (the first frame since the last render quantum) since the last
+//               report (null if none landed): the server sends a block's frames together, so this is what
+//               the first sample of a block waits behind, the playback buffer's share of mouth-to-ear
+//               (lib/latency.js).
+//               With processorOptions.probe: {type: 'probe', kind: 'playback', ...} batches (lib/probe.js):
+//               every render quantum's output samples with its wall time, and a note per frame pushed into
+//               the jitter buffer.
 
 import { JitterBuffer } from '../lib/jitter.js';
 import { ProbeTrace } from '../lib/probe.js';
@@ -29,6 +34,9 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     this.sinceStats = 0;
     this.framesReceived = 0;
     this.badFrames = 0;
+    this.arrivalSumMs = 0;
+    this.arrivals = 0;
+    this.renderedSincePush = true;
     this.port.onmessage = (event) => this.onMessage(event.data);
     // The mouth-to-ear probe (lib/probe.js): null unless the page asked for it.
     this.probe = settings.probe ? new ProbeTrace(this.port, 'playback', outputRate) : null;
@@ -42,6 +50,11 @@ class PlaybackProcessor extends AudioWorkletProcessor {
         return;
       }
       this.framesReceived++;
+      if (this.renderedSincePush) {
+        this.renderedSincePush = false;
+        this.arrivalSumMs += this.jitter.depthMs;
+        this.arrivals++;
+      }
       if (this.resampler === null) {
         this.jitter.push(samples);
       } else {
@@ -57,6 +70,8 @@ class PlaybackProcessor extends AudioWorkletProcessor {
       this.resampler?.reset();
       this.framesReceived = 0;
       this.badFrames = 0;
+      this.arrivalSumMs = 0;
+      this.arrivals = 0;
       this.sinceStats = this.statsInterval; // report the empty state at once
     }
   }
@@ -65,6 +80,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     const channels = outputs[0];
     if (channels === undefined || channels.length === 0) return true;
     this.jitter.pull(channels[0]);
+    this.renderedSincePush = true;
     if (this.probe !== null) {
       // aux: the read position in pushed samples (consumed + dropped), to time each pushed frame's playout.
       const read = this.jitter.consumedSamples + this.jitter.droppedSamples;
@@ -80,7 +96,10 @@ class PlaybackProcessor extends AudioWorkletProcessor {
         framesReceived: this.framesReceived,
         badFrames: this.badFrames,
         sampleRate,
+        arrivalBufferMs: this.arrivals > 0 ? this.arrivalSumMs / this.arrivals : null,
       });
+      this.arrivalSumMs = 0;
+      this.arrivals = 0;
     }
     return true;
   }
