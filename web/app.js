@@ -301,8 +301,6 @@ const storage = (() => {
     return null;
   }
 })();
-// The mouth-to-ear probe (?probe=1, lib/probe.js): null, and nothing recorded, unless asked for.
-const probe = probeEnabled(window.location.href) ? new ProbeCollector() : null;
 const view = new View(document);
 view.applyLanguage(storedLanguage(storage));
 const agent = new VoiceAgent(view, window.location.href);
