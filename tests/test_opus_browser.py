@@ -110,6 +110,12 @@ def test_opus_packets_both_ways_and_the_page_hears_them(opus_page) -> None:
     assert stats["reconnects"] == 0
 
 
+def test_the_page_says_which_codec_is_in_use(opus_page) -> None:
+    page, _, _ = opus_page
+    page.wait_for_function("() => document.getElementById('info-codec').textContent === 'Opus'",
+                           timeout=10_000, polling=POLL_MS)
+
+
 def test_without_webcodecs_the_page_falls_back_to_pcm(browser: Browser) -> None:
     with ServerProcess("--engine", "loopback", "--max-sessions", "1") as server:
         page = browser.new_page()
@@ -120,6 +126,8 @@ def test_without_webcodecs_the_page_falls_back_to_pcm(browser: Browser) -> None:
             page.goto(server.url + "/?codec=opus&autostart=1")
             page.wait_for_function("() => window.voiceAgent?.stats().framesReceived >= 50", timeout=30_000,
                                    polling=POLL_MS)
+            page.wait_for_function("() => document.getElementById('info-codec').textContent === 'PCM'",
+                                   timeout=10_000, polling=POLL_MS)
         finally:
             page.close()
     assert wire.urls and "codec" not in wire.urls[0]

@@ -239,7 +239,6 @@ class VoiceAgent {
       serverP99Ms: latency?.p99_ms ?? null,
       serverDroppedFrames: latency?.dropped_frames ?? null,
       quality: readQuality(latency), // the server's per-session audio quality, checked field by field
-      quality: latency?.quality ?? null,
       bufferMs,
       bufferTargetMs: this.playback.targetMs,
       underruns: this.playback.underruns,
@@ -249,6 +248,9 @@ class VoiceAgent {
       reconnects: connection?.reconnects ?? 0,
       sessionId: connection?.sessionId ?? '',
       model: this.session?.model ?? '',
+      // What this session's audio travels as: the server's `session_start` says (Opus when asked and
+      // the browser has WebCodecs, PCM otherwise).
+      codec: this.session ? (this.session.input?.encoding === 'opus' ? 'Opus' : 'PCM') : '',
       rates: this.rates,
       estimate,
     };

@@ -51,6 +51,7 @@ export class View {
       total: byId('lat-total'),
       session: byId('info-session'),
       model: byId('info-model'),
+      codec: byId('info-codec'),
       frames: byId('info-frames'),
       reconnects: byId('info-reconnects'),
       rates: byId('info-rates'),
@@ -200,6 +201,7 @@ export class View {
     this.renderParts(estimate);
     this.setText(f.session, s?.sessionId || '—');
     this.setText(f.model, s?.model || '—');
+    this.setText(f.codec, s?.codec || '—');
     this.setText(f.frames, s ? `${s.framesSent} / ${s.framesReceived} / ${s.framesPlayed}` : '—');
     this.setText(f.reconnects, String(s?.reconnects ?? 0));
     this.setText(f.rates, s?.rates ? `${s.rates.capture} Hz / ${s.rates.playback} Hz` : '—');
