@@ -271,6 +271,9 @@ class SessionResult:
     rtt_ms: float | None
     underruns: int
     playback_rate: int
+    # frames of the agent's voice received after the warm-up, against 50 a second: below 1.0 the server
+    # (or the page) did not keep up with real time
+    output_share: float | None = None
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("latency_ms", "latency_calls_ms", "scores")}
@@ -391,7 +394,16 @@ def analyse(record: PageRecord, warmup_s: float = WARMUP_S) -> SessionResult:
         rtt_ms=percentile([s["rttMs"] for s in stats if isinstance(s.get("rttMs"), int | float)], 50),
         underruns=int(stats[-1]["underruns"]) if stats else 0,
         playback_rate=p_rate,
+        output_share=output_share(record, start_wall),
     )
+
+
+def output_share(record: PageRecord, start_wall: float) -> float | None:
+    """Frames received from `start_wall` to the last poll, over the 50 a second real time asks for."""
+    if not record.stats or record.stats[-1][0] <= start_wall:
+        return None
+    received = sum(1 for t in record.receives if start_wall <= t <= record.stats[-1][0])
+    return received / (50 * (record.stats[-1][0] - start_wall) / 1000)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -486,6 +498,7 @@ def table(rows: list[tuple[str, int, list[SessionResult]]]) -> str:
         "all sessions pooled p50 / p99 / max ms", "page estimate p50 ms",
         "page estimate less capture & output devices p50 ms", "frame fill ms (mean)", "capture hop ms",
         "server ms (page)", "receive hop ms", "playout ms (all frames / first of a burst)", "underruns",
+        "output / real time (lowest session)",
     ]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for engine, n, results in rows:
@@ -506,6 +519,7 @@ def table(rows: list[tuple[str, int, list[SessionResult]]]) -> str:
             med("server_ms"), med("receive_hop_ms"),
             f"{med('playout_ms')} / {med('playout_first_of_burst_ms')}",
             str(sum(r.underruns for r in results)),
+            fmt(min((r.output_share for r in results if r.output_share is not None), default=None), 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
