@@ -22,7 +22,7 @@ export const MODEL_ALGORITHMIC_MS = 160;
 export const MODEL_FRAME_MS = 80;
 export const CAPTURE_FRAME_MS = 20;
 
-/** The model part for the engine named in `session_start.model`: the loopback engine has no acoustic delay. */
+/** The model part for the engine named in `session_start.model`: loopback has no acoustic delay. */
 export function modelLatencyMs(modelName) {
   return modelName === 'loopback' ? MODEL_FRAME_MS : MODEL_ALGORITHMIC_MS;
 }
