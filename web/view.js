@@ -226,25 +226,25 @@ export class View {
     );
   }
 
-  /** The quality panel from the server's `latency.quality` (SessionQuality); null: "—" everywhere. */
+  /** The quality panel from `latency.quality` as lib/stats.js readQuality checked it; null: "—". */
   renderQuality(quality) {
     const q = this.quality;
-    const level = quality?.level_dbfs;
+    const level = quality?.levelDbfs;
     q.meter.value = known(level) ? Math.max(METER_FLOOR_DB, Math.min(0, level)) : METER_FLOOR_DB;
     this.setText(q.level, fixed(level, 0, 'dBFS'));
     this.setText(
       q.levelDetail,
       quality
         ? t('quality.levelDetail', {
-            peak: fixed(quality.peak_dbfs, 0, 'dBFS'),
-            clipped: fixed(quality.clipped_pct, 1, '%'),
+            peak: fixed(quality.peakDbfs, 0, 'dBFS'),
+            clipped: fixed(quality.clippedPct, 1, '%'),
           })
         : '—',
     );
-    this.setText(q.snr, fixed(quality?.snr_db, 0, 'dB'));
-    this.setText(q.loss, fixed(quality?.input_loss_pct, 1, '%'));
+    this.setText(q.snr, fixed(quality?.snrDb, 0, 'dB'));
+    this.setText(q.loss, fixed(quality?.inputLossPct, 1, '%'));
     this.setText(q.spikes, count(quality?.spikes));
-    this.setText(q.drops, count(quality?.output_dropped));
+    this.setText(q.drops, count(quality?.outputDropped));
     const warnings = Array.isArray(quality?.warnings) ? quality.warnings : [];
     this.setText(q.summary, !quality ? '—' : warnings.length === 0 ? t('quality.ok') : '');
     q.summary.hidden = Boolean(quality) && warnings.length > 0;

@@ -158,6 +158,12 @@ export class AgentConnection {
       this.framesDropped++;
       return false;
     }
+    if (this.codec === '' && this.opus?.supported) {
+      // Opus was asked for and session_start has not said yet what this session speaks: a PCM frame now
+      // would be refused (`bad_header`), so the microphone's first few ms before it wait for nothing.
+      this.framesDropped++;
+      return false;
+    }
     if (this.opus?.active) this.opus.encode(frame); // its packet goes out when the encoder gives it
     else socket.send(frame);
     this.framesSent++;
