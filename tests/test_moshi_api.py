@@ -96,13 +96,15 @@ class RecordingClient(ReferenceClient):
         return np.concatenate(self.received) if self.received else np.zeros(0, np.float32)
 
 
-def run_reference_clients(server: ServerProcess, pcm24: np.ndarray, n: int, tail_s: float = 1.0
-                          ) -> list[RecordingClient]:
+def run_reference_clients(server: ServerProcess, pcm24: np.ndarray, n: int, tail_s: float = 1.0,
+                          query: str = "") -> list[RecordingClient]:
     frames = len(pcm24) // FRAME
 
     async def go() -> list[RecordingClient]:
         loop = asyncio.get_running_loop()
         clients = [RecordingClient(i, pcm24) for i in range(n)]
+        for client in clients:
+            client.path += query
         # A different phase of the 20 ms clock each, as real people would have.
         plans = [StreamPlan(loop.time() + 0.3 + 0.007 * i, tail_s=tail_s, patience_s=10.0) for i in range(n)]
         await run_sessions(clients, ws_base(server), frames, plans)  # type: ignore[arg-type]
@@ -241,6 +243,12 @@ def test_api_chat_passes_the_admission_of_ws(refusal: str | None, token: str | N
     foreign = Headers({"Host": "localhost", "Origin": "https://elsewhere.example"})
     denied = routes.respond(Request(f"/api/chat?token={TOKEN}", foreign))
     assert denied is not None and denied.status_code == 403
+    # `codec` is our /ws's parameter; on moshi's path it is one more query parameter, never a refusal.
+    if refusal is None and token == TOKEN:
+        for codec in ("opus", "foo"):
+            assert routes.respond(Request(f"/api/chat?codec={codec}&token={TOKEN}", Headers({}))) is None
+        bad = routes.respond(Request(f"/ws?codec=foo&token={TOKEN}", Headers({})))
+        assert bad is not None and bad.status_code == 400
 
 
 # --- real processes ----------------------------------------------------------------------------------------
@@ -271,6 +279,16 @@ def test_three_reference_clients_at_once_hear_their_own_audio(loopback_server: S
     log = loopback_server.log()
     assert log.count("on moshi's /api/chat") >= 3
     assert log.count("ended (client_closed)") >= 3
+
+
+def test_our_codec_parameter_does_not_change_moshis_wire(loopback_server: ServerProcess) -> None:
+    """`/api/chat?codec=opus` is moshi's Ogg/Opus wire like any other /api/chat session (the session under
+    the adapter speaks PCM): not refused frame by frame as PCM in an Opus session."""
+    _, pcm24 = speech(1.5)
+    (client,) = run_reference_clients(loopback_server, pcm24, 1, query="?codec=opus")
+    assert client.trace.error is None, client.trace.error
+    assert abs(client.trace.audio_samples / RATE - len(pcm24) / RATE) <= 0.1
+    wait_for_sessions(loopback_server, 0)
 
 
 def test_garbage_on_api_chat_ends_clearly_and_spares_a_ws_session(loopback_server: ServerProcess) -> None:

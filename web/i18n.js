@@ -43,6 +43,27 @@ const te = {
   'reconnect.fullOf': 'సర్వర్ నిండిపోయింది (మొత్తం {max} సెషన్లూ బిజీగా ఉన్నాయి) — {wait}',
   'reconnect.restarting': 'సర్వర్ రీస్టార్ట్ అవుతోంది — {wait}',
   'reconnect.serverError': 'సర్వర్ లోపం: {msg} — {wait}',
+  'error.idle_timeout': 'చాలాసేపు మీ ఆడియో రాలేదు, అందుకే సెషన్ మూసివేయబడింది',
+  'error.time_limit': 'సెషన్ సమయ పరిమితి ముగిసింది',
+  'error.internal': 'సర్వర్‌లో అంతర్గత లోపం వచ్చింది',
+  'error.shutdown': 'సర్వర్ ఆగిపోతోంది',
+  'error.bad_request': 'సర్వర్ ఈ అభ్యర్థనను అంగీకరించలేదు',
+  'error.rate_limited': 'ఆడియో మరీ వేగంగా వస్తోంది',
+  'error.capacity': 'సర్వర్ నిండిపోయింది',
+  'error.malformed': 'సర్వర్ ఈ పేజీ పంపినదాన్ని చదవలేకపోయింది',
+  'end.client_request': 'మీరు ముగించారు',
+  'end.client_closed': 'కనెక్షన్ మూసివేయబడింది',
+  'end.connection_lost': 'కనెక్షన్ తెగిపోయింది',
+  'end.server_shutdown': 'సర్వర్ ఆగిపోతోంది',
+  'end.protocol_error': 'చదవలేని సందేశాలు చాలా వచ్చాయి',
+  'end.capacity': 'సర్వర్ మెమరీ సరిపోలేదు',
+  'end.idle_timeout': 'చాలాసేపు మీ ఆడియో రాలేదు',
+  'end.time_limit': 'సెషన్ సమయ పరిమితి ముగిసింది',
+  'end.rate_limited': 'ఆడియో మరీ వేగంగా వచ్చింది',
+  'end.internal': 'సర్వర్‌లో అంతర్గత లోపం',
+  'end.message_too_big': 'సందేశం మరీ పెద్దది',
+  'end.invalid_utf8': 'చదవలేని టెక్స్ట్ సందేశం',
+  'end.keepalive_timeout': 'పేజీ నుండి స్పందన రాలేదు',
   'reconnect.lost': 'కనెక్షన్ తెగిపోయింది — {wait}',
   'reconnect.lostCode': 'కనెక్షన్ తెగిపోయింది (కోడ్ {code}) — {wait}',
   'mic.denied':
@@ -140,6 +161,27 @@ const en = {
   'reconnect.fullOf': 'The server is full (all {max} sessions are busy) — {wait}',
   'reconnect.restarting': 'The server is restarting — {wait}',
   'reconnect.serverError': 'Server error: {msg} — {wait}',
+  'error.idle_timeout': 'no audio from you for a while, so the session was closed',
+  'error.time_limit': 'the session reached its time limit',
+  'error.internal': 'the server had an internal error',
+  'error.shutdown': 'the server is stopping',
+  'error.bad_request': 'the server refused this request',
+  'error.rate_limited': 'audio is arriving too fast',
+  'error.capacity': 'the server is full',
+  'error.malformed': 'the server could not read what this page sent',
+  'end.client_request': 'you ended it',
+  'end.client_closed': 'the connection was closed',
+  'end.connection_lost': 'the connection was lost',
+  'end.server_shutdown': 'the server is stopping',
+  'end.protocol_error': 'too many unreadable messages',
+  'end.capacity': 'the server ran out of memory',
+  'end.idle_timeout': 'no audio from you for a while',
+  'end.time_limit': 'the session reached its time limit',
+  'end.rate_limited': 'audio arrived too fast',
+  'end.internal': 'the server had an internal error',
+  'end.message_too_big': 'a message was too big',
+  'end.invalid_utf8': 'an unreadable text message',
+  'end.keepalive_timeout': 'the page stopped answering',
   'reconnect.lost': 'Connection lost — {wait}',
   'reconnect.lostCode': 'Connection lost (code {code}) — {wait}',
   'mic.denied':
@@ -296,7 +338,7 @@ export function reconnectText(detail, maxSessions = null) {
   if (detail.shutdown) return t('reconnect.restarting', { wait });
   const error = detail.serverError;
   if (error && typeof error.msg === 'string' && error.msg) {
-    return t('reconnect.serverError', { msg: error.msg, wait });
+    return t('reconnect.serverError', { msg: errorText(error), wait });
   }
   return Number.isInteger(detail.code)
     ? t('reconnect.lostCode', { code: detail.code, wait })
@@ -318,7 +360,27 @@ export function drainingText(message) {
 
 /** Text for a server `session_end` message. */
 export function sessionEndText(message) {
-  return message?.reason ? t('status.sessionEndReason', { reason: message.reason }) : t('status.sessionEnd');
+  const reason = message?.reason;
+  if (!reason) return t('status.sessionEnd');
+  const key = `end.${reason}`;
+  return t('status.sessionEndReason', { reason: hasKey(key) ? t(key) : String(reason) });
+}
+
+/** A server `error` in the interface's language: its code's text; a newer server's code, its own msg. */
+export function errorText(error) {
+  const code = String(error?.code ?? '');
+  const malformed = MALFORMED_CODES.includes(code);
+  if (malformed) return t('error.malformed');
+  const key = `error.${code}`;
+  return hasKey(key) ? t(key) : String(error?.msg ?? code);
+}
+
+// The codes of a message the page sent that the server could not read (protocol/codes.py).
+const MALFORMED_CODES = ['empty_frame', 'bad_header', 'bad_length', 'bad_audio', 'oversize', 'bad_utf8',
+  'bad_json', 'unknown_type', 'bad_field'];
+
+function hasKey(key) {
+  return Object.hasOwn(STRINGS[current] ?? STRINGS.te, key);
 }
 
 /** Text for a worklet failure; `part` is 'capture' or 'playback'. */

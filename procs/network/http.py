@@ -71,8 +71,9 @@ class HttpRoutes:
             if denied is not None:
                 status, why = denied
                 return _response(status, f"{why}\n".encode(), "text/plain")
-            try:  # `?codec=`: refused here, before a slot is taken, so a client sees why in the handshake
-                requested_codec(request.path)
+            try:  # `?codec=` (ours, not moshi's): refused before a slot is taken, so a client sees why
+                if path == WS_PATH:
+                    requested_codec(request.path)
             except ValueError as why:
                 return _response(400, f"{why}\n".encode(), "text/plain")
             refusal = self.websocket_refusal()

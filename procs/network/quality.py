@@ -168,7 +168,7 @@ class ArrivalClock:
         self._mins: deque[tuple[float, float]] = deque()  # (arrival, offset), offsets increasing
         self._pending: deque[tuple[float, float]] = deque()  # frames of the last LOSS_WINDOW_S
         self.missing = 0  # frames not come now
-        self.lost = 0  # the most that were ever missing (monotone, for counters)
+        self.lost = 0  # the most that were missing at a report (monotone, for counters)
 
     def arrive(self, seq: int, t: float) -> list[float]:
         """Frame `seq` arrived at `t` (s). Returns the lateness (ms) of the frames whose following
@@ -194,7 +194,6 @@ class ArrivalClock:
         # The best frame of the last second shows where the client's clock is; any lag behind the
         # session's best is frames that did not come.
         self.missing = max(0, round((mins[0][1] - self.baseline) * 1e3 / FRAME_MS))
-        self.lost = max(self.lost, self.missing)
         return lateness
 
 
@@ -319,9 +318,16 @@ class QualityMonitor:
 
     # ---- the report --------------------------------------------------------------------------------
     def loss(self, dropped: int) -> tuple[int, int]:
-        """(frames never heard, frames due) so far: missing plus dropped by the inference process."""
-        due = self._frames + self.arrivals.missing
-        return min(self.arrivals.lost + dropped, due), due
+        """(frames never heard, frames due) so far: missing now plus dropped by the inference process.
+
+        Missing *now*, not the most ever missing: a stall the client makes up with a burst is missing for a
+        moment and then came, and what the inference process could not use of the burst is in `dropped`
+        already (counting both would count those frames twice). The counter (`lost`) samples `missing`
+        here, once a report, so the few ms of a burst in flight do not reach it either."""
+        arrivals = self.arrivals
+        arrivals.lost = max(arrivals.lost, arrivals.missing)
+        due = self._frames + arrivals.missing
+        return min(arrivals.missing + dropped, due), due
 
     def report(self, now: float, *, dropped: int, frames_out: int, output_dropped: int) -> QualityReport:
         """Close the window and say how the session sounds (call once a report period)."""

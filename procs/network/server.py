@@ -55,7 +55,7 @@ from procs.network.session import (
 from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE, SessionSlots, capacity_refusal
 from procs.runtime import LogThrottle
 from procs.topology import NetworkLinks, Topology, network_links
-from protocol import MAX_TEXT_BYTES, EndReason, session_start
+from protocol import MAX_TEXT_BYTES, ClientStats, EndReason, session_start
 from protocol.internal import (
     InferenceReady,
     InternalMessage,
@@ -91,6 +91,7 @@ class LiveSession:
     rate_limited_logged: int = 0
     warnings: tuple[str, ...] = ()  # the quality warnings of its last report (logged when they change)
     adapter: MoshiAdapter | None = None  # moshi.server's wire (`/api/chat`); None: ours (`/ws`)
+    client_stats_observed: ClientStats | None = None  # the page's figures last put into the histograms
 
     def ctx(self) -> str:
         return f"session={self.session.session_id} slot={self.session.slot}"
@@ -384,7 +385,7 @@ class NetworkServer:
         m.latency_spikes.set_total(totals.latency_spikes)
         m.client_underruns.set_total(totals.client_underruns)
         m.client_late_frames.set_total(totals.client_late_frames)
-        m.client_concealed_seconds.set_total(totals.client_concealed_ms / 1e3)
+        m.client_concealed_seconds.set_total(totals.client_concealed_us / 1e6)
         warned: dict[str, float] = {}
         for live in self.slots.live():
             for warning in live.warnings:
@@ -404,7 +405,9 @@ class NetworkServer:
 
     def _open(self, ws: ServerConnection, slot: int, gen: int) -> LiveSession:
         assert self.inference is not None
-        codec = requested_codec(ws.request.path if ws.request is not None else "")  # checked in the handshake
+        # `?codec=` is ours (checked in the handshake); moshi's wire is Ogg/Opus by its own adapter, and the
+        # session under it speaks PCM whatever the query says.
+        codec = "pcm" if is_moshi(ws) else requested_codec(ws.request.path if ws.request is not None else "")
         start = session_start(uuid.uuid4().hex[:12], model=self.inference.model,
                               demo_weights=self.inference.demo_weights, max_sessions=self.capacity,
                               codec=codec)
@@ -450,10 +453,7 @@ class NetworkServer:
             live.wake.set()  # session_start
             sender = asyncio.create_task(self._sender(live), name=f"sender-{session.session_id}")
             async for message in ws:
-                client_stats = session.client_stats
                 self._apply(live, live.receive(message, time.monotonic_ns()))
-                if session.client_stats is not client_stats:  # a new `client_stats`: its figures
-                    self._observe_client_stats(live)
                 if session.counters.input_rate_limited > live.rate_limited_logged:
                     self._warn_rate_limited(live)
         except ConnectionClosed:
@@ -468,8 +468,12 @@ class NetworkServer:
                 self.ended.add(session.counters)
 
     def _observe_client_stats(self, live: LiveSession) -> None:
+        """The page's latest figures, once a report period like the server's own: a page that sends
+        `client_stats` as fast as its budget allows weighs in the histograms as much as one that does not."""
         stats = live.session.client_stats
-        assert stats is not None
+        if stats is None or stats is live.client_stats_observed:
+            return
+        live.client_stats_observed = stats
         self.metrics.client_playout_delay_seconds.observe(stats.playout_delay_ms / 1e3)
         if stats.rtt_ms is not None:
             self.metrics.client_rtt_seconds.observe(stats.rtt_ms / 1e3)
@@ -480,6 +484,7 @@ class NetworkServer:
         report = live.session.take_quality()
         if report is None:
             return []
+        self._observe_client_stats(live)
         quality = report.quality
         if report.window_frames:
             self.metrics.input_level_dbfs.observe(quality.level_dbfs)

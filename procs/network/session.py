@@ -170,7 +170,9 @@ class SessionCounters:
     # What the page reported (`client_stats`), kept monotone and bounded by the session's age.
     client_underruns: int = 0
     client_late_frames: int = 0
-    client_concealed_ms: float = 0.0
+    # Whole microseconds: /metrics sums every session's count in an order that changes as sessions end,
+    # and a float sum could then come out a last digit lower (a counter must never go down).
+    client_concealed_us: int = 0
 
     def add(self, other: SessionCounters) -> None:
         for name in vars(self):
@@ -320,7 +322,7 @@ class Session:
                 self.quality.client_stats(decoded, now_ns / 1e9 - self.started)
                 q, c = self.quality, self.counters
                 c.client_underruns, c.client_late_frames = q.client_underruns, q.client_late_frames
-                c.client_concealed_ms = q.client_concealed_ms
+                c.client_concealed_us = round(q.client_concealed_ms * 1e3)
             case ClientSessionEnd():
                 return self._end_saying_goodbye(EndReason.CLIENT_REQUEST, 1000, "session ended")
         return []

@@ -17,6 +17,7 @@ import {
   liveText,
   microphoneErrorText,
   reconnectText,
+  errorText,
   sessionEndText,
   setLanguage,
   storeLanguage,
@@ -98,6 +99,29 @@ describe('string tables', () => {
     }
     assert.equal(warningText('something_new'), 'something_new'); // a newer server's warning shows as its name
   });
+
+  test('every error code and end reason of the protocol reads in both languages, not as its code', () => {
+    const codes = readFileSync(join(ROOT, 'protocol', 'codes.py'), 'utf8');
+    const block = (name) => codes.split(`class ${name}`)[1].split(/\nclass /)[0];
+    const values = (name) => [...block(name).matchAll(/^\s+[A-Z_0-9]+ = "(\w+)"/gm)].map((m) => m[1]);
+    const errors = values('ErrorCode');
+    const reasons = values('EndReason');
+    assert.ok(errors.length >= 15 && reasons.length >= 12, `${errors} / ${reasons}`);
+    for (const lang of LANGUAGES) {
+      setLanguage(lang);
+      for (const code of errors) {
+        const text = errorText({ code, msg: 'english from the server' });
+        assert.ok(text !== code && !text.includes('english from the server'), `${lang} ${code}`);
+      }
+      for (const reason of reasons) {
+        const text = sessionEndText({ type: 'session_end', reason });
+        assert.notEqual(text, t('status.sessionEndReason', { reason }), `${lang} ${reason}: the code itself`);
+      }
+    }
+    setLanguage('te');
+    assert.ok(TELUGU.test(errorText({ code: 'idle_timeout', msg: 'no audio' })));
+    assert.equal(errorText({ code: 'from_a_newer_server', msg: 'its words' }), 'its words');
+  });
 });
 
 describe('t()', () => {
@@ -145,12 +169,15 @@ describe('status line in both languages', () => {
     assert.match(reconnectText({ capacity: true, delayMs: 1500 }), /^The server is full — /);
     assert.match(reconnectText({ code: 1006, delayMs: 200 }), /Connection lost \(code 1006\) — reconnecting… \(in 0\.2 s\)/);
     assert.match(reconnectText({ serverError: { msg: 'bad frame' }, delayMs: 0 }), /^Server error: bad frame/);
+    assert.match(reconnectText({ serverError: { code: 'idle_timeout', msg: 'no audio for 30 s' }, delayMs: 0 }),
+      /^Server error: no audio from you for a while/);
   });
 
   test('live, draining, session end, microphone and audio failures', () => {
     assert.equal(liveText({ model: 'moshi' }), 'moshiకు కనెక్ట్ అయింది — తెలుగులో మాట్లాడండి.');
     assert.match(drainingText({ deadline_s: 29.6 }), /30 సెకన్లలో/);
-    assert.match(sessionEndText({ reason: 'server_shutdown' }), /server_shutdown/);
+    assert.equal(sessionEndText({ reason: 'server_shutdown' }), 'సర్వర్ సెషన్‌ను ముగించింది: సర్వర్ ఆగిపోతోంది.');
+    assert.match(sessionEndText({ reason: 'from_a_newer_server' }), /from_a_newer_server/);
     assert.match(microphoneErrorText({ name: 'NotAllowedError' }), /అనుమతి నిరాకరించబడింది/);
     assert.match(audioFailureText('capture'), /^మైక్రోఫోన్ ఆడియో/);
     setLanguage('en');
