@@ -272,7 +272,7 @@ def test_three_reference_clients_at_once_hear_their_own_audio(loopback_server: S
         got_s = trace.audio_samples / RATE
         assert abs(got_s - sent_s) <= 0.1, (got_s, sent_s)
         # Two lossy Opus passes (in, out) and 24 -> 16 -> 24 kHz: the waveform survives well short of 1
-        # (0.88 from the same passes offline), an unrelated signal would give about 0.
+        # (it comes out near 0.9), an unrelated signal would give about 0.
         corr, lag = best_correlation(pcm24, client.pcm, max_lag=RATE // 10)
         assert corr > 0.8, f"client {client.trace.index}: correlation {corr:.3f} at lag {lag}"
     wait_for_sessions(loopback_server, 0)
