@@ -46,7 +46,6 @@ from typing import Any
 
 import numpy as np
 
-CHROMIUM = "/usr/bin/chromium"
 MIC_RATE = 16_000
 MARKER_S = 0.040
 GAP_S = (0.4, 0.7)
@@ -94,25 +93,6 @@ def marker_wav(path: Path, seconds: float = 30.0, seed: int = 1212) -> list[floa
         out.setframerate(MIC_RATE)
         out.writeframes(np.round(pcm * 32767).astype("<i2").tobytes())
     return starts
-
-
-def chromium_flags(microphone_wav: Path) -> list[str]:
-    return [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--no-first-run",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={microphone_wav}",
-        "--autoplay-policy=no-user-gesture-required",
-        # Pages in other contexts must not be throttled as background tabs: each is a user's foreground page.
-        "--disable-background-timer-throttling",
-        "--disable-renderer-backgrounding",
-        "--disable-backgrounding-occluded-windows",
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,6 +400,7 @@ def run_pages(server_url: str, sessions: int, seconds: float, microphone_wav: Pa
     and the whole machine."""
     from playwright.sync_api import sync_playwright
 
+    from procs.chromium import CHROMIUM, chromium_flags
     from procs.launcher import cpu_seconds, machine_busy_s, process_tree
 
     def cpu_now() -> tuple[float, float, float, float]:
@@ -431,7 +412,7 @@ def run_pages(server_url: str, sessions: int, seconds: float, microphone_wav: Pa
     records = [PageRecord() for _ in range(sessions)]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=chromium_flags(microphone_wav))
+                                             args=chromium_flags(microphone_wav, many_pages=True))
         try:
             pages = [browser.new_context().new_page() for _ in range(sessions)]
             errors: list[str] = []

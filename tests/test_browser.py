@@ -27,9 +27,9 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, Response, sync_playwright
 
 from procs.audio.speech import conversation_16k, write_wav
+from procs.chromium import CHROMIUM, chromium_flags
 from procs.launcher import ServerProcess
 
-CHROMIUM = "/usr/bin/chromium"
 SERVER_ARGS = ("--max-sessions", "2", "--drain-timeout", "1")  # a restart: SIGTERM, a 1 s drain
 FRAMES_PER_SECOND = 50
 RATE_WINDOW_FRAMES = 200  # 4 s of microphone frames: a one-frame burst moves the rate by 0.25/s
@@ -58,22 +58,6 @@ QUALITY_VALUES = {
     "#q-spikes": r"^\d+$",
     "#q-drops": r"^\d+$",
 }
-
-
-def chromium_flags(microphone_wav: Path) -> list[str]:
-    return [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--no-first-run",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={microphone_wav}",
-        # Playback must start without a click, as it would after the user's click on Start.
-        "--autoplay-policy=no-user-gesture-required",
-    ]
 
 
 def frames_in_total(server: ServerProcess) -> float:

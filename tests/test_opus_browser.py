@@ -14,19 +14,11 @@ import pytest
 from playwright.sync_api import Browser, Page, WebSocket, sync_playwright
 
 from procs.audio.speech import conversation_16k, write_wav
+from procs.chromium import CHROMIUM, chromium_flags
 from procs.launcher import ServerProcess
 from protocol import MAX_OPUS_PACKET_BYTES
 
-CHROMIUM = "/usr/bin/chromium"
 POLL_MS = 50
-
-
-def chromium_flags(microphone_wav: Path) -> list[str]:
-    return [
-        "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={microphone_wav}", "--autoplay-policy=no-user-gesture-required",
-    ]
 
 
 class Wire:
