@@ -185,10 +185,11 @@ def test_a_client_that_drops_5_percent_is_reported_at_5_percent_loss_and_a_stall
     stalled_reports = qualities(stalled.controls)
     assert stalled_reports[-1].spikes >= 1
     assert any("latency_spikes" in q.warnings for q in stalled_reports)
-    # Every frame came (late), so none counts as never come; the inference process drops most of the burst
-    # as a backlog it cannot use (beyond 240 ms), and that is loss of the second kind, in `dropped_frames`.
+    # Every frame came (late), so none counts as never come. Whether the inference process drops part of the
+    # burst (a backlog beyond 240 ms when its step runs) depends on timing; what it drops is loss of the
+    # second kind, in `dropped_frames`, and nothing else is.
     last = [m for m in stalled.controls if isinstance(m, Latency)][-1]
-    assert last.quality is not None and last.dropped_frames > 0
+    assert last.quality is not None
     assert last.quality.input_loss_pct - 100 * last.dropped_frames / due <= 0.5
 
 
@@ -237,10 +238,15 @@ def test_client_stats_are_validated_and_reach_metrics(server: ServerProcess, spe
     assert after["voice_client_late_frames_total"] - before["voice_client_late_frames_total"] == 4
     assert after["voice_client_concealed_seconds_total"] - before[
         "voice_client_concealed_seconds_total"] == pytest.approx(0.16)
-    assert after["voice_client_playout_delay_seconds_count"] - before[
-        "voice_client_playout_delay_seconds_count"] == 4
+    # The page's figures enter the histograms once a report period (its latest), however often it sends:
+    # four messages over 2 s are one to four observations, each of 35 ms playout delay and 4 ms RTT.
+    observed = after["voice_client_playout_delay_seconds_count"] - before[
+        "voice_client_playout_delay_seconds_count"]
+    assert 1 <= observed <= 4
+    assert after["voice_client_playout_delay_seconds_sum"] - before[
+        "voice_client_playout_delay_seconds_sum"] == pytest.approx(0.035 * observed)
     assert after['voice_client_rtt_seconds_bucket{le="0.005"}'] - before[
-        'voice_client_rtt_seconds_bucket{le="0.005"}'] == 4
+        'voice_client_rtt_seconds_bucket{le="0.005"}'] == observed
     for name in ("voice_input_level_dbfs_count", "voice_snr_db_count", "voice_input_frames_lost_total",
                  "voice_latency_spikes_total", 'voice_sessions_quality_warning{warning="clipping"}'):
         assert name in after
