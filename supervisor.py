@@ -253,10 +253,14 @@ class Supervisor:
                 self.exit_code = self.exit_code or 1
 
 
-def main(argv: list[str] | None = None, prog: str = "supervisor.py") -> int:
-    cfg = parse_config(argv, prog=prog)
+def serve(cfg: ServerConfig) -> int:
+    """Run the server with a checked configuration until it is stopped; the exit status."""
     setup_logging(cfg.log_level, cfg.log_format)
     return Supervisor(cfg).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return serve(parse_config(argv))
 
 
 if __name__ == "__main__":

@@ -53,15 +53,14 @@ def require_moshi(command: str) -> int | None:
 def serve(argv: list[str]) -> int:
     from procs.config import parse_config
 
-    prog = "voice-agent serve"
-    cfg = parse_config(argv, prog=prog)  # flags and VOICE_* checked (and --help answered) before anything
+    cfg = parse_config(argv, prog="voice-agent serve")  # flags and VOICE_* checked (--help answered) first
     if cfg.engine != "loopback":
         status = require_moshi("serve")
         if status is not None:
             return status
     import supervisor
 
-    return supervisor.main(argv, prog=prog)
+    return supervisor.serve(cfg)
 
 
 def build_demo(argv: list[str]) -> int:
