@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from procs.audio.speech import conversation_16k, write_wav
 from procs.model.torch_setup import prepare_torch
 from tests.ring_helpers import TEST_PREFIX, segments_with_prefix
 
@@ -30,3 +32,12 @@ def no_leaked_segments():
     before = segments_with_prefix(mine)
     yield
     assert segments_with_prefix(mine) == before
+
+
+@pytest.fixture(scope="module")
+def microphone_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Telugu utterances with silences between them, 16 kHz mono 16-bit: what Chrome's fake mic plays in the
+    browser tests."""
+    path = tmp_path_factory.mktemp("microphone") / "telugu_conversation_16k.wav"
+    write_wav(path, conversation_16k(), 16_000)
+    return path

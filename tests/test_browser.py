@@ -26,7 +26,6 @@ from urllib.parse import urlparse
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, Response, sync_playwright
 
-from procs.audio.speech import conversation_16k, write_wav
 from procs.chromium import CHROMIUM, chromium_flags
 from procs.launcher import ServerProcess
 
@@ -128,14 +127,6 @@ class BrowserRig:
     def close(self) -> None:
         self.browser.close()
         self.server.__exit__(None, None, None)
-
-
-@pytest.fixture(scope="module")
-def microphone_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Telugu utterances with silences between them, 16 kHz mono 16-bit: what Chrome's fake mic plays."""
-    path = tmp_path_factory.mktemp("microphone") / "telugu_conversation_16k.wav"
-    write_wav(path, conversation_16k(), 16_000)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, WebSocket, sync_playwright
 
-from procs.audio.speech import conversation_16k, write_wav
 from procs.chromium import CHROMIUM, chromium_flags
 from procs.launcher import ServerProcess
 from protocol import MAX_OPUS_PACKET_BYTES
@@ -40,13 +39,6 @@ class Wire:
             self.received.append(payload)
         else:
             self.controls.append(json.loads(payload))
-
-
-@pytest.fixture(scope="module")
-def microphone_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("microphone") / "telugu_conversation_16k.wav"
-    write_wav(path, conversation_16k(), 16_000)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -59,8 +59,25 @@ def requested_codec(path: str) -> str:
     return values[0]
 
 
-class OpusEncoder:
+class _LibopusState:
+    """A libopus encoder or decoder state, freed once: by `close`, or when the object goes."""
+
+    _state: object | None
+    _destroy: staticmethod
+
+    def close(self) -> None:
+        if self._state is not None:
+            self._destroy(self._state)
+            self._state = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class OpusEncoder(_LibopusState):
     """20 ms mono s16le frames at `rate` -> one Opus packet each."""
+
+    _destroy = staticmethod(opus_enc.destroy)
 
     def __init__(self, rate: int, bitrate: int) -> None:
         self.samples = rate * 20 // 1000
@@ -84,19 +101,14 @@ class OpusEncoder:
             raise opuslib_next.OpusError(size)
         return self._out.raw[:size]
 
-    def close(self) -> None:
-        if self._state is not None:
-            opus_enc.destroy(self._state)
-            self._state = None
 
-    def __del__(self) -> None:
-        self.close()
-
-
-class OpusDecoder:
+class OpusDecoder(_LibopusState):
     """One Opus packet -> exactly one 20 ms mono s16le frame at `rate`, or `ProtocolError(BAD_AUDIO)`."""
 
+    _destroy = staticmethod(opus_dec.destroy)
+
     def __init__(self, rate: int) -> None:
+        self.rate = rate
         self.samples = rate * 20 // 1000
         self._state = opus_dec.create_state(rate, 1)
         # Room for the longest packet (120 ms): a packet of another duration is refused, but libopus is told
@@ -116,24 +128,12 @@ class OpusDecoder:
         if samples < 0:
             raise ProtocolError(ErrorCode.BAD_AUDIO, "not an Opus packet (its table of contents is invalid)")
         if samples != self.samples:
-            raise ProtocolError(ErrorCode.BAD_AUDIO, f"Opus packet holds {samples * 1000 / self._rate:g} ms, "
+            raise ProtocolError(ErrorCode.BAD_AUDIO, f"Opus packet holds {samples * 1000 / self.rate:g} ms, "
                                 "expected 20 ms")
         got = opus_dec.libopus_decode(self._state, data, len(data), self._pcm_ptr, self._capacity, 0)
         if got != self.samples:
             raise ProtocolError(ErrorCode.BAD_AUDIO, f"Opus packet does not decode (libopus error {got})")
         return bytes(memoryview(self._pcm).cast("B")[: 2 * self.samples])
-
-    @property
-    def _rate(self) -> int:
-        return self.samples * 50
-
-    def close(self) -> None:
-        if self._state is not None:
-            opus_dec.destroy(self._state)
-            self._state = None
-
-    def __del__(self) -> None:
-        self.close()
 
 
 class SessionCodec:
