@@ -329,10 +329,20 @@ def check_config(cfg: ServerConfig) -> str | None:
     return None
 
 
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The server side of https:// and wss://: TLS 1.2 at least; no ALPN, so browsers speak HTTP/1.1, which
+    WebSocket needs. ssl.SSLError or OSError for a pair that cannot serve."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
 def _tls_problem(cert: Path, key: Path) -> str | None:
-    """Load the pair once here, so a wrong file stops the server at start with its name, not in a child."""
+    """The pair is loaded here first, so a wrong file stops the server at start with its name, not later in
+    the network process (which builds the same context)."""
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        server_tls_context(cert, key)
     except (ssl.SSLError, OSError) as error:
         return f"cannot use TLS certificate {cert} with key {key}: {error}"
     return None

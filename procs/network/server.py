@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from procs.config import ServerConfig
+from procs.config import ServerConfig, server_tls_context
 from procs.frames import read_out_frame, write_in_frame
 from procs.network.agent import AgentServer, health_reply
 from procs.network.auth import Access
@@ -107,18 +106,6 @@ class LiveSession:
         return (self.adapter or self.session).wants_to_send()
 
 
-def tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
-    """https:// and wss:// from `--ssl-cert`/`--ssl-key` (or `--ssl DIR`); the microphone needs a secure
-    page anywhere but localhost. TLS 1.2 at least; no ALPN, so browsers speak HTTP/1.1, which WebSocket
-    needs."""
-    if cfg.ssl_cert is None or cfg.ssl_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cfg.ssl_cert, cfg.ssl_key)
-    return context
-
-
 class NetworkServer:
     def __init__(self, cfg: ServerConfig, topo: Topology, status: Connection) -> None:
         self.cfg, self.status = cfg, status
@@ -142,7 +129,10 @@ class NetworkServer:
         self.http = HttpRoutes(cfg.web_dir, self._health, self._render_metrics, self._websocket_refusal,
                                access)
         self.warnings = LogThrottle(period_s=5.0)
-        self.tls = tls_context(cfg)
+        # https:// and wss:// with `--ssl-cert`/`--ssl-key` (or `--ssl DIR`): the microphone needs a secure
+        # page anywhere but localhost. None: plain http:// and ws://.
+        self.tls = (None if cfg.ssl_cert is None or cfg.ssl_key is None
+                    else server_tls_context(cfg.ssl_cert, cfg.ssl_key))
         # HAProxy's agent check (`--agent-port`): the weight and UP/DOWN from the same state as /health.
         self.agent = (AgentServer(cfg.host, cfg.agent_port, lambda: health_reply(self._health()))
                       if cfg.agent_port is not None else None)
@@ -407,14 +397,15 @@ class NetworkServer:
         assert self.inference is not None
         # `?codec=` is ours (checked in the handshake); moshi's wire is Ogg/Opus by its own adapter, and the
         # session under it speaks PCM whatever the query says.
-        codec = "pcm" if is_moshi(ws) else requested_codec(ws.request.path if ws.request is not None else "")
+        moshi = is_moshi(ws)
+        codec = "pcm" if moshi else requested_codec(ws.request.path if ws.request is not None else "")
         start = session_start(uuid.uuid4().hex[:12], model=self.inference.model,
                               demo_weights=self.inference.demo_weights, max_sessions=self.capacity,
                               codec=codec)
         session = Session(start, slot, gen, now=time.monotonic(), rules=self.rules,
                           codec=SessionCodec() if codec == "opus" else None)
         live = LiveSession(session, ws)
-        if is_moshi(ws):
+        if moshi:
             live.adapter = MoshiAdapter(session, moshi_params(ws.request.path))  # type: ignore[union-attr]
         return live
 
