@@ -45,7 +45,7 @@ import numpy as np
 
 from procs.audio.speech import conversation_16k, repeat_to
 from procs.client import ClientRun, stream_client
-from procs.launcher import ServerProcess, cpu_seconds, machine_busy_s
+from procs.launcher import ServerProcess, cpu_seconds, machine_busy_s, role_pids
 from procs.model.torch_setup import prepare_torch
 from protocol import Latency
 
@@ -119,15 +119,6 @@ class HistogramDelta:
 
     def mean(self) -> float:
         return self.sum / self.total if self.total else float("nan")
-
-
-def server_pids(server_log: str) -> dict[str, int]:
-    """The supervisor's children by name, from its 'started network[PID], inference[PID], vad[PID]' line."""
-    return {name: int(pid) for name, pid in re.findall(r"(\w+)\[(\d+)\]", _started_line(server_log))}
-
-
-def _started_line(server_log: str) -> str:
-    return next((ln for ln in server_log.splitlines() if "supervisor: started " in ln), "")
 
 
 @dataclass
@@ -326,7 +317,7 @@ def run_capacity(n: int, seconds: float, warmup_s: float = 5.0, window_s: float 
     """A fresh default (demo checkpoint) server with N slots, N clients streaming `seconds` of speech."""
     pcm = speech_of_length(seconds)
     with ServerProcess("--max-sessions", str(n), *server_args) as server:
-        pids = {**server_pids(server.log()), "supervisor": server.proc.pid, "client": os.getpid()}
+        pids = {**role_pids(server.proc.pid), "supervisor": server.proc.pid, "client": os.getpid()}
         before = scrape_metrics(server.url)
         cpu = CpuWindow(pids)
         t0 = time.monotonic()

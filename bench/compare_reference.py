@@ -35,9 +35,10 @@ Metrics (clients measure everything on their own clock; an "80 ms block" is 4 in
     by counting samples: both servers emit 1920 samples (80 ms at 24 kHz) per step once the LM's acoustic
     delay (max(delays) steps, 1 for the demo) has filled, so output samples [1920 m, 1920 (m+1)) answer block
     m + max(delays). Ours: per 20 ms frame arrival; reference: per Opus packet arrival (each step's 80 ms
-    arrive in one message). Ours may skip a new session's first 0-3 frames to align its blocks with the
-    other sessions' (read from its log) and drops input when it falls behind (counted in its `latency`
-    messages): its block k ends with frame skipped + dropped-so-far + 4k + 3 (see `analyse`).
+    arrive in one message). Ours may skip 0-3 of a new session's frames after its first block to place
+    its blocks on the step clock (`skipped_frames` in its `latency` messages) and drops input when it falls
+    behind (counted there too): its block k ends with frame skipped + dropped-so-far + 4k + 3 from its
+    second block on (see `analyse`).
   - real time: an output sample is on time if it arrives no later than --deadline-ms (default 200) after its
     block's end. Fraction = on-time output audio / the output a session is owed (blocks streamed minus the
     delay-fill blocks, x 80 ms), over all N sessions together.
@@ -55,7 +56,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -76,7 +76,7 @@ from reference_client import (  # bench/ is on sys.path: the script's own folder
     run_sessions,
 )
 
-from procs.launcher import machine_busy_s, process_tree
+from procs.launcher import machine_busy_s, process_tree, role_pids
 from procs.model.torch_setup import prepare_torch
 from ringbuf.procinfo import read_proc_stat
 
@@ -197,16 +197,12 @@ def own_cpu_seconds() -> float:
     return usage.user + usage.system
 
 
-CHILDREN_LOG = re.compile(r"(\w+)\[(\d+)\]")
-
-
-def process_names(root: int, server_log: str | None) -> dict[int, str]:
-    """Our supervisor logs `started network[PID], inference[PID], vad[PID]`; the root is the supervisor."""
-    names = {root: "supervisor" if server_log is not None else "moshi.server"}
-    for line in (server_log or "").splitlines():
-        if "started " in line:
-            names.update({int(pid): name for name, pid in CHILDREN_LOG.findall(line.split("started ", 1)[1])})
-    return names
+def process_names(root: int, ours: bool) -> dict[int, str]:
+    """The server's processes by name: ours are the supervisor and its children named by role (from
+    /proc); the reference is one process."""
+    if not ours:
+        return {root: "moshi.server"}
+    return {root: "supervisor", **{pid: role for role, pid in role_pids(root).items()}}
 
 
 # --- measurements ----------------------------------------------------------------------------------
@@ -234,10 +230,11 @@ def analyse(
     """Maps output samples to the blocks they answer (see the module docstring) and times each.
 
     The server's k-th block ends with input frame skip + dropped + 4k + 3, where `skip_frames` is how many
-    first frames the server skipped to align the session's blocks with the others' (ours; the reference
-    never skips) and `dropped` the input frames it had dropped before that block, taken from the latest
-    `latency` report that arrived before the answer (ours; a drop not yet reported maps later answers to
-    earlier blocks, which overstates their latency, never understates it).
+    frames the server skipped after the session's first block (k = 0 ends with frame 3) to place its
+    blocks on the step clock (ours, from its `latency` messages; the reference never skips) and `dropped`
+    the input frames it had dropped before that block, taken from the latest `latency` report that
+    arrived before the answer (ours; a drop not yet reported maps later answers to earlier blocks, which
+    overstates their latency, never understates it).
     """
     owed = max(0, (n_frames - skip_frames) // BLOCK_FRAMES - delay_steps)
     reports = iter(trace.drop_reports)
@@ -249,7 +246,8 @@ def analyse(
             next_report = next(reports, None)
         start, cursor = cursor, cursor + samples
         for unit in range(start // STEP_SAMPLES, min(owed, -(-cursor // STEP_SAMPLES))):
-            last_frame = skip_frames + dropped + BLOCK_FRAMES * (unit + delay_steps) + BLOCK_FRAMES - 1
+            block = unit + delay_steps
+            last_frame = (skip_frames if block else 0) + dropped + BLOCK_FRAMES * block + BLOCK_FRAMES - 1
             if last_frame >= len(trace.send_times):
                 break
             block_end = trace.send_times[last_frame]
@@ -273,14 +271,6 @@ def analyse(
         skipped_frames=skip_frames,
         error=trace.error,
     )
-
-
-ALIGNMENT_LOG = re.compile(r"session=(\w+) slot=\d+: started \(aligning by (\d+) frames\)")
-
-
-def alignment_skips(server_log: str) -> dict[str, int]:
-    """Session id -> first frames our inference process skipped to align the session (from its log)."""
-    return {m[1]: int(m[2]) for m in ALIGNMENT_LOG.finditer(server_log)}
 
 
 def most_overlapping(intervals: list[tuple[float, float]]) -> int:
@@ -410,21 +400,20 @@ def run_scenario(
         cpu0, before = cpu_by_pid(pids), (own_cpu_seconds(), machine_busy_s(), time.monotonic())
         traces = run_clients(server, url, sessions, pcm16, pcm24, args.tail, args.patience)
         cpu1, after = cpu_by_pid(pids), (own_cpu_seconds(), machine_busy_s(), time.monotonic())
-        server_log = handle.log() if isinstance(handle, ServerProcess) else None
+        names = process_names(root_pid, ours=server == "ours")
     if isinstance(handle, ServerProcess):
-        Path(handle.log_file.name).unlink(missing_ok=True)  # the launcher keeps it; we read what we need
-    skips = alignment_skips(server_log or "")
-    names = process_names(root_pid, server_log)
+        Path(handle.log_file.name).unlink(missing_ok=True)  # the launcher keeps it; nothing is read from it
     cpu_by_process: dict[str, float] = {}
     for pid, seconds in cpu1.items():
         name = names.get(pid, "other")
         cpu_by_process[name] = cpu_by_process.get(name, 0.0) + seconds - cpu0.get(pid, 0.0)
     server_cpu = sum(cpu_by_process.values())
     client_cpu, busy, wall = (b - a for a, b in zip(before, after, strict=True))
-    unknown = [t.index + 1 for t in traces if server == "ours" and t.session_id not in skips]
-    if unknown:
-        print(f"# clients {unknown}: alignment not found in our server's log, taken as 0", file=sys.stderr)
-    stats = [analyse(t, n_frames, max(delays), args.deadline_ms / 1000, skips.get(t.session_id or "", 0))
+    unknown = [t.index + 1 for t in traces if server == "ours" and t.skipped_frames is None]
+    if unknown:  # the mapping of answers to blocks would be wrong: no figure rather than a wrong one
+        raise RuntimeError(f"clients {unknown}: no `latency` message from our server, so the frames it "
+                           "skipped to place the session are unknown")
+    stats = [analyse(t, n_frames, max(delays), args.deadline_ms / 1000, t.skipped_frames or 0)
              for t in traces]  # fmt: skip
     return Scenario(
         contender, sessions, stats, server_cpu, len(pcm16) / 16_000, wall,

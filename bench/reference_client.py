@@ -58,6 +58,9 @@ class SessionTrace:
     session_id: str | None = None  # ours only, from `session_start`
     # Ours only: (arrival, the session's cumulative `dropped_frames`) from each `latency` message.
     drop_reports: list[tuple[float, int]] = field(default_factory=list)
+    # Ours only: the first input frames our server skipped to place the session on its step clock (every
+    # `latency` message says; None until one came).
+    skipped_frames: int | None = None
     t_stream_end: float | None = None
     t_closed: float | None = None
     error: str | None = None
@@ -196,6 +199,7 @@ class OursClient(_SessionClient):
             self.trace.text_pieces += 1
         elif isinstance(decoded, Latency):
             self.trace.drop_reports.append((t, decoded.dropped_frames))
+            self.trace.skipped_frames = decoded.skipped_frames
 
     async def goodbye(self, ws: ClientConnection) -> None:
         with contextlib.suppress(ConnectionClosed):

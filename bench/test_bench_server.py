@@ -51,14 +51,13 @@ from capacity_cpu import (
     ensure_demo_checkpoint,
     run_capacity,
     scrape_metrics,
-    server_pids,
 )
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from procs.audio.speech import conversation_16k
 from procs.client import ClientRun, stream_client
-from procs.launcher import ServerProcess
+from procs.launcher import ServerProcess, role_pids
 from protocol import (
     IN_FRAME_SAMPLES,
     ClientSessionEnd,
@@ -146,7 +145,7 @@ def phases(n: int) -> list[float]:
 
 def run_scenario(server: ServerProcess, pcm: np.ndarray, n: int) -> Scenario:
     before = scrape_metrics(server.url)
-    cpu = CpuWindow({**server_pids(server.log()), "supervisor": server.proc.pid, "client": os.getpid()})
+    cpu = CpuWindow({**role_pids(server.proc.pid), "supervisor": server.proc.pid, "client": os.getpid()})
     clients = asyncio.run(stream_clients(server.ws_url, pcm, phases(n)))
     cpu_percent = cpu.percent()
     after = scrape_metrics(server.url)

@@ -31,6 +31,7 @@ OUT_HEADER = np.dtype(
         ("resample_us", "<u4"),  # resampling on this block's path
         ("dropped", "<u4"),  # input frames this session has dropped so far (it fell behind)
         ("realigned", "<u4"),  # input frames dropped or repeated so far to keep it on the step clock
+        ("skipped", "<u4"),  # first input frames skipped to place the session on the step clock
     ]
 )
 OUT_SLOT_BYTES = OUT_HEADER.itemsize + OUT_FRAME_BYTES
@@ -70,6 +71,7 @@ def write_out_frame(
     resample_us: int,
     dropped: int,
     realigned: int = 0,
+    skipped: int = 0,
 ) -> int:
     """Fill a reserved ring slot with one 20 ms output frame (`pcm`: 480 int16); returns the byte count to
     publish. Timings saturate at the u32 maximum rather than wrap."""
@@ -83,6 +85,7 @@ def write_out_frame(
     hdr["resample_us"] = min(resample_us, _U32_MAX)
     hdr["dropped"] = min(dropped, _U32_MAX)
     hdr["realigned"] = min(realigned, _U32_MAX)
+    hdr["skipped"] = min(skipped, _U32_MAX)
     slot[OUT_HEADER.itemsize : OUT_SLOT_BYTES] = pcm.view(np.uint8)
     return OUT_SLOT_BYTES
 
@@ -101,6 +104,7 @@ class ModelFrame:
     dropped: int
     realigned: int
     pcm: bytes  # 960 bytes, 24 kHz s16le
+    skipped: int = 0
 
 
 def read_out_frame(slot: np.ndarray) -> ModelFrame:
@@ -116,6 +120,7 @@ def read_out_frame(slot: np.ndarray) -> ModelFrame:
         resample_us=int(h["resample_us"]),
         dropped=int(h["dropped"]),
         realigned=int(h["realigned"]),
+        skipped=int(h["skipped"]),
         pcm=slot[OUT_HEADER.itemsize : OUT_SLOT_BYTES].tobytes(),
     )
 

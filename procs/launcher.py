@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import selectors
 import signal
@@ -22,6 +21,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from procs.runtime import PROCESS_NAME_PREFIX
 from ringbuf.procinfo import CLOCK_TICKS_PER_S, read_proc_stat
 
 SHM = Path("/dev/shm")
@@ -46,6 +46,28 @@ def process_tree(root: int) -> list[int]:
         tree += children
         frontier = children
     return tree
+
+
+def comm(pid: int) -> str | None:
+    """The process's name (/proc/PID/comm); None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def role_pids(supervisor: int) -> dict[str, int]:
+    """The supervisor's running children by role (network, inference, vad), from the names they give
+    themselves (procs.runtime.process_name); the newest where a restarted child's predecessor lingers."""
+    found: dict[str, tuple[int, int]] = {}
+    for pid in child_pids(supervisor):
+        name, stat = comm(pid), read_proc_stat(pid)
+        if name is None or stat is None or not stat.running or not name.startswith(PROCESS_NAME_PREFIX):
+            continue
+        role = name.removeprefix(PROCESS_NAME_PREFIX)
+        if role not in found or stat.start_time > found[role][0]:
+            found[role] = (stat.start_time, pid)
+    return {role: pid for role, (_, pid) in found.items()}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -142,13 +164,10 @@ class ServerProcess:
         except OSError:
             return 0, {}
 
-    def child_pid(self, role: str) -> int:
-        """The current pid of a child (network, vad, inference), from the supervisor's log: the last
-        `role[PID]` it wrote (started, crashed) or `restarted role as [PID]`."""
-        log = self.log()
-        marks = [(m.start(), int(m.group(1))) for m in re.finditer(rf"\b{role}\[(\d+)\]", log)]
-        marks += [(m.start(), int(m.group(1))) for m in re.finditer(rf"restarted {role} as \[(\d+)\]", log)]
-        return max(marks)[1]
+    def child_pid(self, role: str) -> int | None:
+        """The pid of the running child of `role` (network, vad, inference), from /proc; None while there
+        is none (it died and its successor has not started yet)."""
+        return role_pids(self.proc.pid).get(role)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> tuple[int, float]:
         """Signal the supervisor; returns (exit code, seconds it took)."""

@@ -31,6 +31,9 @@ OUT_RATE: Final = 24_000
 OUT_FRAME_SAMPLES: Final = OUT_RATE * FRAME_MS // 1000  # 480
 OUT_FRAME_BYTES: Final = OUT_FRAME_SAMPLES * BYTES_PER_SAMPLE  # 960
 
+# One model step (Mimi's 12.5 Hz frame) takes four 20 ms frames and gives four back.
+FRAMES_PER_BLOCK: Final = 4
+
 # Largest JSON control frame accepted, in UTF-8 bytes. Every legitimate control message is far
 # smaller; the cap bounds parsing work and nesting depth an untrusted peer can cause.
 MAX_TEXT_BYTES: Final = 4096

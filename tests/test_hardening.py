@@ -217,7 +217,7 @@ def test_a_hung_inference_process_is_noticed_its_sessions_told_and_it_is_replace
         assert errors and errors[-1].code == ErrorCode.INTERNAL and run.close_code == 1011
         assert "inference" in server.log() and "no heartbeat" in server.log()
         wait_until("a new inference process ready", lambda: server.health()[0] == 200, 30)
-        assert server.child_pid("inference") != pid
+        assert server.child_pid("inference") not in (None, pid)
         after = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))
         assert len(after.frames) == after.sent
 
@@ -239,7 +239,7 @@ def test_a_vad_crash_costs_no_session_and_speech_events_resume() -> None:
         assert run.close_code == 1000 and len(run.frames) == run.sent  # not a frame lost
         assert not run.of_type(Error)
         assert re.search(r"vad\[\d+\] killed by SIGKILL", server.log())
-        assert server.child_pid("vad") != pid
+        wait_until("a new VAD process", lambda: server.child_pid("vad") not in (None, pid))
         resumed = [m for t, m in run.controls if isinstance(m, Vad) and t > killed_at + 1.0]
         assert resumed, "no speech events after the VAD came back"
 
@@ -271,7 +271,7 @@ def test_a_network_crash_is_restarted_on_the_same_port() -> None:
         assert len(before.frames) == before.sent
         pid = server.child_pid("network")
         os.kill(pid, signal.SIGKILL)
-        wait_until("restarted", lambda: server.child_pid("network") != pid)
+        wait_until("restarted", lambda: server.child_pid("network") not in (None, pid))
         wait_until("serving again", lambda: server.health()[0] == 200, 30)
         run = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))  # slot 0's first, again
         assert len(run.frames) == run.sent and run.close_code == 1000
@@ -284,7 +284,8 @@ def test_a_crash_loop_stops_the_server_with_exit_status_1() -> None:
             pid = server.child_pid("vad")
             os.kill(pid, signal.SIGKILL)
             wait_until("replaced or stopped",
-                       lambda pid=pid: server.child_pid("vad") != pid or server.proc.poll() is not None)
+                       lambda pid=pid: server.child_pid("vad") not in (None, pid)
+                       or server.proc.poll() is not None)
         assert server.proc.wait(BOUND_S) == 1
         assert "crashes within 60 s: stopping" in server.log()
         assert not wait_gone(server.children, timeout=5)

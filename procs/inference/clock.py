@@ -7,61 +7,120 @@ The step clock
 A batched step costs the same whatever the number of live slots (a masked slot costs as much as a live
 one), and one step per 80 ms is all the audio needs, so the inference process steps on **one clock**: a tick
 every 80 ms of its own monotonic time while any session is open, none otherwise. The step for a tick takes
-every slot whose block is ready. It runs at the tick at the latest, and earlier as soon as every session
-that is due at this tick has its block ready (so a ready block waits as little as possible); either way the
-next tick is 80 ms after this one, so there is exactly one step per tick. A block that still comes after
-its tick's step (a stall, a burst of jitter) gets a catch-up step of its own at once rather than waiting a
-whole period or being dropped; the realignment below makes that rare.
+the oldest queued block of every slot. It runs at the tick at the latest, and earlier as soon as every
+session whose block is expected by the tick has one queued (so a ready block waits as little as possible);
+either way the next tick is 80 ms after this one, so there is exactly one step per tick.
+
+A session's clock is read from its frames, not from when a block happened to complete
+---------------------------------------------------------------------------------------
+A client sends frame `seq` (20 ms of its audio each) no earlier than its sound card filled it; the network
+may hold it back (jitter, a clump of Wi-Fi frames, TCP coalescing, an Ogg page of 80 ms) but never deliver it
+early. So `arrival - seq x 20 ms` is bounded below by the client's clock, and the lowest value of it over
+the last couple of seconds (`ArrivalLine`) is where the session's frames would arrive if sent one by one
+on time: its **arrival line**. Bursts and jitter only ever lift frames above the line, so they do not move
+it; drift moves it, slowly (300 ppm is 0.6 ms in 2 s). A block's *nominal* completion is the line at the
+seq of its last frame.
 
 Keeping sessions in time
 ------------------------
-Frames arrive at each client's own phase, its clock drifts (300 ppm is a 20 ms frame a minute) and the
-network jitters, so a session's block boundary wanders against the ticks. Each session's blocks are kept
-in a window before the tick,
+Each session's nominal block completions are kept in a window before the tick,
 
     [tick - lead - 20 ms, tick - lead]          (within ±10 ms of its centre, tick - lead - 10 ms)
 
-`lead` leaves room for jitter, so a block that is due does not miss its tick. A new session is placed in
-the window by skipping 0-3 of its first frames. Afterwards its phase (where its blocks complete, relative to
-the window's centre, on the 80 ms circle) is smoothed over blocks, so jitter averages out and only drift
-moves it; when it leaves the window by more than `hysteresis`, one input frame is repeated (the block
-completes 20 ms earlier) or dropped (20 ms later), and that realignment is counted. Drift alone therefore
-costs one realignment per 20 ms it accumulates: about one a minute at 300 ppm.
+`lead` leaves room for jitter above the line, so a smooth session's block does not miss its tick. A new
+session is placed once its first block completes (so the line has seen four frames: a client that sends
+pages of up to 80 ms has sent at least one of them on time by then): the next 0-3 of its frames are
+skipped so that its blocks complete nearest the window's centre; the first session starts the clock there.
+Afterwards, when the nominal phase (on the 80 ms circle) leaves the window by more than `hysteresis`, one
+input frame is repeated (the blocks complete 20 ms earlier) or dropped (20 ms later), and that realignment
+is counted. Drift alone therefore costs one realignment per 20 ms it accumulates, about one a minute at
+300 ppm; bursts cost none, since moving a block boundary by one frame moves the nominal phase by exactly
+20 ms and nothing else moves it.
+
+Queues, late blocks and catch-up
+--------------------------------
+A block that completes after its tick's step (its frames came in a burst later than the line, or jitter
+exceeded the lead) is queued and waits for the next tick: a bursty session waits at most one block longer
+than a smooth one. A slot may hold several blocks (a burst of eight frames brings two): each tick takes
+the oldest, so nothing a burst brings is dropped. A slot that holds two or more blocks at *every* tick for
+`backlog_ticks` in a row, or at its first tick (its first block came before it was placed and missed its
+tick), is behind for good (a stall that the client made up, a jitter spike that put it a
+block back), not bursty (whose queue empties between bursts): it gets catch-up steps, one block each,
+for what it holds beyond one block. Only a slot whose queue outgrows `max_queued_blocks` (the model cannot
+keep up) loses its oldest block, counted as dropped input.
+
+Slot states (`StepScheduler`): none (no session) -> placing (first block not complete: its frames are fed,
+not timed) -> timed (placed; realigned for drift) -> none (closed).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from protocol.constants import FRAMES_PER_BLOCK
 
 FRAME_NS = 20_000_000
-BLOCK_NS = 80_000_000
-FRAMES_PER_BLOCK = 4
+BLOCK_NS = FRAMES_PER_BLOCK * FRAME_NS
+
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
 class ClockRules:
-    # A block completes at least this long before its tick: room for ±5 ms of send jitter plus the
-    # hysteresis. It costs no wait while every session comes (the step runs as soon as all are in), only
-    # when one does not: then the others wait for it until the tick.
-    lead_ns: int = 10_000_000
-    hysteresis_ns: int = 3_000_000  # how far past the window's edge the smoothed phase may go
-    smoothing: float = 0.1  # weight of the newest block in the smoothed phase
-    settle_blocks: int = 12  # no realignment before the phase is averaged over this many blocks (~1 s)
+    # A block's nominal completion sits this long (plus half a frame) before its tick: room for jitter above
+    # the arrival line plus the hysteresis. It costs no wait while every session comes (the step runs as
+    # soon as all are in), only when one does not: then the others wait for it until the tick.
+    lead_ns: int = 15_000_000
+    hysteresis_ns: int = 5_000_000  # how far past the window's edge the nominal phase may go
+    settle_blocks: int = 12  # no realignment before the line has seen this many blocks (~1 s)
+    line_frames: int = 100  # the arrival line: lowest `arrival - seq x 20 ms` over this many frames (2 s)
+    lateness_blocks: int = 12  # how far back a slot's usual lateness above its line is remembered
+    backlog_ticks: int = 12  # ≥ 2 blocks queued at every tick for this many ticks (~1 s): behind, caught up
+    max_queued_blocks: int = 8  # past this (640 ms) the oldest queued block is dropped: the model lags
 
 
-class Realign(enum.IntEnum):
-    """What to do with a session's next input frame."""
+class Feed(enum.Enum):
+    """What to do with a session's next input frame, and how many times it goes into the block."""
 
-    NONE = 0
-    REPEAT = -1  # feed a frame twice: the blocks complete 20 ms earlier
-    DROP = 1  # skip a frame: the blocks complete 20 ms later
+    ONCE = "once"
+    SKIP = "skip"  # placing a new session: not fed, not counted as a realignment
+    REPEAT = "repeat"  # realignment: fed twice, the blocks complete 20 ms earlier
+    DROP = "drop"  # realignment: not fed, the blocks complete 20 ms later
+
+    @property
+    def times(self) -> int:
+        return {"once": 1, "skip": 0, "repeat": 2, "drop": 0}[self.value]
 
 
 def circular(delta_ns: float, period_ns: int = BLOCK_NS) -> float:
     """`delta_ns` on a circle of `period_ns`, in (-period/2, period/2]."""
     half = period_ns / 2
     return -((-delta_ns + half) % period_ns - half)
+
+
+class ArrivalLine:
+    """The lowest `t_ns - seq x FRAME_NS` over the last `window` frames: where the session's frames arrive
+    when nothing holds them back (a monotonic deque: O(1) per frame)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._lows: deque[tuple[int, int]] = deque()  # (seq, offset), offsets increasing
+
+    def add(self, seq: int, t_ns: int) -> None:
+        offset = t_ns - seq * FRAME_NS
+        while self._lows and self._lows[-1][1] >= offset:
+            self._lows.pop()
+        self._lows.append((seq, offset))
+        while self._lows[0][0] <= seq - self.window:
+            self._lows.popleft()
+
+    def at(self, seq: int) -> int:
+        """When frame `seq` arrives on the line."""
+        assert self._lows, "no frame yet"
+        return self._lows[0][1] + seq * FRAME_NS
 
 
 class StepClock:
@@ -101,125 +160,144 @@ class StepClock:
             self.tick_ns += behind * BLOCK_NS
             self.missed_ticks += behind
 
-    def first_skip(self, first_frame_ns: int) -> int:
-        """Frames (0-3) a new session skips so its first block completes nearest the window's centre."""
-        assert self.tick_ns is not None
-        first_block = first_frame_ns + (FRAMES_PER_BLOCK - 1) * FRAME_NS
-        return min(range(FRAMES_PER_BLOCK), key=lambda k: abs(self.phase_ns(first_block + k * FRAME_NS)))
+    def placement_skip(self, block_complete_ns: int) -> int:
+        """Frames (0-3) to skip after a block that completed at `block_complete_ns` so the blocks after it
+        complete nearest the window's centre."""
+        return min(range(FRAMES_PER_BLOCK),
+                   key=lambda k: abs(self.phase_ns(block_complete_ns + k * FRAME_NS)))
 
 
 class SessionTiming:
-    """One session's blocks against the clock: its smoothed phase, whether it is due at a tick, and when it
-    must be realigned."""
+    """One session's frames against the clock: its arrival line, its placement, its realignments, when
+    its next block is expected."""
 
     def __init__(self, rules: ClockRules | None = None) -> None:
         self.rules = rules or ClockRules()
-        self.phase_ns: float | None = None  # smoothed; None until the first block
+        self.line = ArrivalLine(self.rules.line_frames)
         self.blocks = 0
-        self.expected_ns: int | None = None  # when its next block should complete
+        self.skip = 0  # frames still to skip to place the session
+        self.skipped = 0  # frames skipped to place it (for clients that map answers to their blocks)
+        self.pending: Feed = Feed.ONCE  # a realignment decided, for the next frame
         self.realigned = 0
-        self.pending = Realign.NONE
+        self.phase_ns: float | None = None  # the last block's nominal phase
+        self.next_nominal_ns: int | None = None  # when its next block should complete on the line
+        self.missed = False  # it missed a tick: not waited for until its next block comes
+        self._lateness: deque[int] = deque(maxlen=self.rules.lateness_blocks)  # arrival - nominal, per block
 
-    def expect_first_block(self, first_frame_ns: int, skip: int) -> None:
-        self.expected_ns = first_frame_ns + (skip + FRAMES_PER_BLOCK - 1) * FRAME_NS
+    @property
+    def placed(self) -> bool:
+        return self.blocks > 0
 
-    def due(self, tick_ns: int) -> bool:
-        """Is a block of this session expected for this tick (so the step may wait for it until the tick)?
-        A block expected up to half a period after the tick is a late one of this tick, not the next's."""
-        return self.expected_ns is not None and self.expected_ns <= tick_ns + BLOCK_NS // 2
-
-    def missed(self) -> None:
-        """Its block did not come by the tick: wait for it no more until it comes."""
-        self.expected_ns = None
-
-    def block_complete(self, t_ns: int, clock: StepClock) -> Realign:
-        """A block of this session completed at `t_ns`; returns the realignment to apply to its next frame."""
-        rules = self.rules
-        phase = clock.phase_ns(t_ns)
-        self.blocks += 1
-        if self.phase_ns is None:
-            self.phase_ns = phase
-        else:  # smoothed on the circle (a running mean over the first blocks, so one jittered block
-            # does not decide): the newest block's difference from the estimate, weighted
-            weight = max(rules.smoothing, 1.0 / self.blocks)
-            self.phase_ns += weight * circular(phase - self.phase_ns)
-        self.expected_ns = t_ns + BLOCK_NS
-        limit = FRAME_NS / 2 + rules.hysteresis_ns
-        if self.blocks < rules.settle_blocks:
-            return Realign.NONE
-        if self.phase_ns > limit:
-            self.pending = Realign.REPEAT
-        elif self.phase_ns < -limit:
-            self.pending = Realign.DROP
-        else:
-            return Realign.NONE
-        self.phase_ns += int(self.pending) * FRAME_NS  # where its blocks will complete once it is applied
-        return self.pending
-
-    def take_realignment(self) -> Realign:
-        """The realignment to apply to the next input frame (once), counted."""
-        pending, self.pending = self.pending, Realign.NONE
-        if pending is not Realign.NONE:
+    def frame(self, seq: int, t_ns: int) -> Feed:
+        """A frame of the session arrived (at the network process at `t_ns`): how to feed it."""
+        self.line.add(seq, t_ns)
+        if self.skip:
+            self.skip -= 1
+            self.skipped += 1
+            return Feed.SKIP
+        feed, self.pending = self.pending, Feed.ONCE
+        if feed is not Feed.ONCE:
             self.realigned += 1
-            if self.expected_ns is not None:
-                self.expected_ns += int(pending) * FRAME_NS
-        return pending
+            if self.next_nominal_ns is not None:
+                self.next_nominal_ns += FRAME_NS if feed is Feed.DROP else -FRAME_NS
+        return feed
+
+    def block_complete(self, seq: int, t_ns: int, clock: StepClock) -> None:
+        """Frame `seq`, which arrived at `t_ns`, completed a block."""
+        nominal = self.line.at(seq)
+        self.blocks += 1
+        self.missed = False
+        self._lateness.append(t_ns - nominal)
+        if self.blocks == 1:  # placing: the first session starts the clock here
+            if not clock.running:
+                clock.start(nominal)
+            self.skip = clock.placement_skip(nominal)
+            self.next_nominal_ns = nominal + self.skip * FRAME_NS + BLOCK_NS
+            self.phase_ns = clock.phase_ns(self.next_nominal_ns)
+            return
+        self.next_nominal_ns = nominal + BLOCK_NS
+        self.phase_ns = phase = clock.phase_ns(nominal)
+        if self.blocks < self.rules.settle_blocks or self.pending is not Feed.ONCE:
+            return
+        limit = FRAME_NS / 2 + self.rules.hysteresis_ns
+        if phase > limit:
+            self.pending = Feed.REPEAT
+        elif phase < -limit:
+            self.pending = Feed.DROP
+
+    def awaited(self, tick_ns: int) -> bool:
+        """Is this session's next block expected by the tick (so the step may wait for it until then)? Its
+        usual lateness above the line counts: a session whose blocks come in bursts after their tick is not
+        waited for (its block joins the next tick)."""
+        if self.missed or self.next_nominal_ns is None:
+            return False
+        return self.next_nominal_ns + max(self._lateness, default=0) <= tick_ns
 
 
 @dataclass(frozen=True, slots=True)
-class ReadyBlock:
+class ReadyBlock(Generic[P]):
     slot: int
-    ready_ns: int
+    ready_ns: int  # when the last frame of the block reached the server
+    payload: P  # what the caller queued with it (the block's audio)
 
 
-class StepScheduler:
-    """The step clock and every open session's timing: when to step, which blocks a step takes.
+@dataclass
+class _Slot(Generic[P]):
+    timing: SessionTiming
+    queue: deque[ReadyBlock[P]] = field(default_factory=deque)
+    depths: deque[int] = field(default_factory=deque)  # its queue's depth at the last ticks
+    catch_up: int = 0  # blocks to take in catch-up steps
+    ticks: int = 0  # ticks since it was placed
 
-    The inference loop tells it what happened (a session opened or closed, a block completed) and asks it
-    when the next step is due (`deadline_ns`) and whether to step now (`should_step`); `take_step` then
-    says which blocks the step takes and moves the clock on."""
+
+class StepScheduler(Generic[P]):
+    """The step clock and every open session's timing and queued blocks: when to step, which blocks a step
+    takes.
+
+    The inference loop tells it what happened (a session opened or closed, a frame came, a block completed)
+    and asks how to feed each frame (`frame`), when the next step is due (`deadline_ns`) and whether to step
+    now (`should_step`); `take_step` then hands over the blocks the step takes and moves the clock on."""
 
     def __init__(self, n_slots: int, rules: ClockRules | None = None) -> None:
         self.rules = rules or ClockRules()
         self.clock = StepClock(self.rules)
-        self.timing: list[SessionTiming | None] = [None] * n_slots
-        self.ready_ns: list[int | None] = [None] * n_slots
-        self.late: set[int] = set()  # slots whose ready block missed its tick's step
+        self.slots: list[_Slot[P] | None] = [None] * n_slots
         self.catch_up_steps = 0
 
-    def open(self, slot: int, first_frame_ns: int) -> int:
-        """A session starts in `slot` with a frame that arrived at `first_frame_ns`; returns how many of its
-        first frames to skip so that its blocks sit in the window before the ticks."""
-        timing = self.timing[slot] = SessionTiming(self.rules)
-        self.ready_ns[slot] = None
-        self.late.discard(slot)
-        if not self.clock.running:
-            self.clock.start(first_frame_ns + (FRAMES_PER_BLOCK - 1) * FRAME_NS)
-        skip = self.clock.first_skip(first_frame_ns)
-        timing.expect_first_block(first_frame_ns, skip)
-        return skip
+    def open(self, slot: int) -> None:
+        """A session starts in `slot`."""
+        self.slots[slot] = _Slot(SessionTiming(self.rules), depths=deque(maxlen=self.rules.backlog_ticks))
 
     def close(self, slot: int) -> None:
-        self.timing[slot] = None
-        self.ready_ns[slot] = None
-        self.late.discard(slot)
-        if all(t is None for t in self.timing):
+        self.slots[slot] = None
+        if all(s is None for s in self.slots):
             self.clock.stop()
 
-    def block_complete(self, slot: int, t_ns: int) -> Realign:
-        """A block of `slot` is ready for a step; returns the realignment for its next frame."""
-        timing = self.timing[slot]
-        if timing is None or not self.clock.running:
-            return Realign.NONE
-        self.ready_ns[slot] = t_ns
-        if t_ns - self.clock.window_centre_ns() < -BLOCK_NS // 2:
-            self.late.add(slot)  # it belongs to the tick before, whose step has run
-        return timing.block_complete(t_ns, self.clock)
+    def timing(self, slot: int) -> SessionTiming | None:
+        s = self.slots[slot]
+        return None if s is None else s.timing
 
-    def take_realignment(self, slot: int) -> Realign:
-        """What to do with the slot's next input frame (a pending realignment is applied once, counted)."""
-        timing = self.timing[slot]
-        return Realign.NONE if timing is None else timing.take_realignment()
+    def frame(self, slot: int, seq: int, t_ns: int) -> Feed:
+        """A frame of the slot's session arrived: how to feed it into its blocks."""
+        s = self.slots[slot]
+        return Feed.ONCE if s is None else s.timing.frame(seq, t_ns)
+
+    def block_complete(self, slot: int, seq: int, t_ns: int, payload: P) -> int:
+        """Frame `seq` (arrived at `t_ns`) completed a block of `slot`: it is queued for a step. Returns how
+        many queued blocks were dropped to make room (0 or 1)."""
+        s = self.slots[slot]
+        if s is None:
+            return 0
+        s.timing.block_complete(seq, t_ns, self.clock)
+        s.queue.append(ReadyBlock(slot, t_ns, payload))
+        if len(s.queue) > self.rules.max_queued_blocks:
+            s.queue.popleft()
+            return 1
+        return 0
+
+    def queued(self, slot: int) -> int:
+        s = self.slots[slot]
+        return 0 if s is None else len(s.queue)
 
     def deadline_ns(self) -> int | None:
         """The latest moment the next step may run (the tick), None while no session is open."""
@@ -229,70 +307,88 @@ class StepScheduler:
         tick = self.clock.tick_ns
         if tick is None:
             return False
-        if self.late or now_ns >= tick:
-            return True  # a catch-up step, or the tick (passed even with nothing ready: see take_step)
-        waiting_for = [t for t, r in zip(self.timing, self.ready_ns, strict=True)
-                       if t is not None and r is None and t.due(tick)]
-        return not waiting_for and any(r is not None for r in self.ready_ns)
+        open_slots = [s for s in self.slots if s is not None]
+        if any(s.catch_up and s.queue for s in open_slots):
+            return True
+        if now_ns >= tick:
+            return True  # the tick (passed even with nothing queued: see take_step)
+        if any(s.timing.awaited(tick) for s in open_slots):  # an older queued block does not stand in for it
+            return False
+        return any(s.queue for s in open_slots)
 
-    def take_step(self, now_ns: int) -> list[ReadyBlock]:
-        """The blocks the step now takes (possibly none: a tick with nothing ready still passes). A catch-up
-        step takes only the late blocks and leaves the clock where it is; a tick's step takes every ready
-        block, notes which due sessions missed it, and moves the clock to the next tick."""
-        if self.late:
-            blocks = [ReadyBlock(slot, self.ready_ns[slot]) for slot in sorted(self.late)]
-            for slot in self.late:
-                self.ready_ns[slot] = None
-            self.late.clear()
+    def take_step(self, now_ns: int) -> list[ReadyBlock[P]]:
+        """The blocks the step now takes (possibly none: a tick with nothing queued still passes). A catch-up
+        step takes one block of each slot that is behind and leaves the clock where it is; a tick's step takes
+        the oldest block of every slot, notes which awaited sessions missed it, and moves the clock on."""
+        behind = [s for s in self.slots if s is not None and s.catch_up and s.queue]
+        if behind:
             self.catch_up_steps += 1
-            return blocks
+            for s in behind:
+                s.catch_up -= 1
+            return [s.queue.popleft() for s in behind]
         tick = self.clock.tick_ns
         assert tick is not None
         blocks = []
-        for slot, timing in enumerate(self.timing):
-            if timing is None:
+        for s in self.slots:
+            if s is None or not s.timing.placed:
+                if s is not None and s.queue:  # cannot be: a queued block placed it; kept for safety
+                    blocks.append(s.queue.popleft())
                 continue
-            ready = self.ready_ns[slot]
-            if ready is not None:
-                blocks.append(ReadyBlock(slot, ready))
-                self.ready_ns[slot] = None
-            elif timing.due(tick):
-                timing.missed()
+            s.depths.append(len(s.queue))
+            s.ticks += 1
+            if s.ticks == 1 and len(s.queue) >= 2:
+                s.catch_up += len(s.queue) - 1  # its first block (before it was placed) missed its tick
+                s.depths.clear()
+            elif len(s.depths) == s.depths.maxlen and (least := min(s.depths)) >= 2:
+                s.catch_up += least - 1  # behind for good, not bursty: its queue never emptied
+                s.depths.clear()
+            if s.queue:
+                blocks.append(s.queue.popleft())
+            elif s.timing.awaited(tick):
+                s.timing.missed = True
         self.clock.advance(now_ns)
         return blocks
 
 
-class ImmediateScheduler:
+class ImmediateScheduler(Generic[P]):
     """Steps every block the moment it is ready: no clock, no alignment. For the loopback engine, whose
     step costs nothing, and for `--step-clock off` (one or two sessions, lowest latency, a step each)."""
 
-    def __init__(self, n_slots: int) -> None:
-        self.ready_ns: list[int | None] = [None] * n_slots
+    def __init__(self, n_slots: int, rules: ClockRules | None = None) -> None:
+        self.rules = rules or ClockRules()
+        self.queues: list[deque[ReadyBlock[P]]] = [deque() for _ in range(n_slots)]
 
-    def open(self, slot: int, first_frame_ns: int) -> int:
-        self.ready_ns[slot] = None
-        return 0
+    def open(self, slot: int) -> None:
+        self.queues[slot].clear()
 
     def close(self, slot: int) -> None:
-        self.ready_ns[slot] = None
+        self.queues[slot].clear()
 
-    def block_complete(self, slot: int, t_ns: int) -> Realign:
-        self.ready_ns[slot] = t_ns
-        return Realign.NONE
+    def timing(self, slot: int) -> SessionTiming | None:
+        return None
 
-    def take_realignment(self, slot: int) -> Realign:
-        return Realign.NONE
+    def frame(self, slot: int, seq: int, t_ns: int) -> Feed:
+        return Feed.ONCE
+
+    def block_complete(self, slot: int, seq: int, t_ns: int, payload: P) -> int:
+        queue = self.queues[slot]
+        queue.append(ReadyBlock(slot, t_ns, payload))
+        if len(queue) > self.rules.max_queued_blocks:
+            queue.popleft()
+            return 1
+        return 0
+
+    def queued(self, slot: int) -> int:
+        return len(self.queues[slot])
 
     def deadline_ns(self) -> int | None:
         return None
 
     def should_step(self, now_ns: int) -> bool:
-        return any(r is not None for r in self.ready_ns)
+        return any(self.queues)
 
-    def take_step(self, now_ns: int) -> list[ReadyBlock]:
-        blocks = [ReadyBlock(slot, r) for slot, r in enumerate(self.ready_ns) if r is not None]
-        self.ready_ns = [None] * len(self.ready_ns)
-        return blocks
+    def take_step(self, now_ns: int) -> list[ReadyBlock[P]]:
+        return [queue.popleft() for queue in self.queues if queue]
 
 
 Scheduler = StepScheduler | ImmediateScheduler

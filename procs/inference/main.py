@@ -22,7 +22,7 @@ import numpy as np
 from procs.audio.resample import Resampler16to24, float_to_int16
 from procs.config import ServerConfig
 from procs.frames import write_out_frame
-from procs.inference.clock import FRAMES_PER_BLOCK, ImmediateScheduler, Realign, Scheduler, StepScheduler
+from procs.inference.clock import Feed, ImmediateScheduler, ReadyBlock, Scheduler, StepScheduler
 from procs.model.engine import Engine, EngineOOM
 from procs.model.loader import load_engine
 from procs.model.source import ModelSource
@@ -30,17 +30,22 @@ from procs.model.torch_setup import prepare_torch
 from procs.runtime import LogThrottle, setup_child
 from procs.topology import Topology, WorkerLinks, inference_links
 from procs.worker import WorkerSessions
-from protocol import OUT_FRAME_SAMPLES, ErrorCode
+from protocol import FRAMES_PER_BLOCK, OUT_FRAME_SAMPLES, ErrorCode
 from protocol.internal import InferenceReady, ModelText, NetworkHello, SlotError, StepStats
 from ringbuf import Ring, wait_any
 
 log = logging.getLogger("inference")
 
-# More unread input than this means the session fell behind: its oldest frames are dropped (counted)
-# down to KEEP_FRAMES, so delay cannot grow without bound.
-MAX_BACKLOG_FRAMES = 12
-KEEP_FRAMES = 4
 IDLE_WAIT_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedBlock:
+    """An 80 ms block of a session's audio at 24 kHz, queued for a step (the scheduler holds the queue)."""
+
+    pcm: np.ndarray  # 1920 float32
+    t_in_ns: int  # when the network received its last frame
+    resample_ns: int  # resampling that frame took
 
 
 @dataclass
@@ -51,34 +56,29 @@ class SlotState:
     block: np.ndarray = field(default_factory=lambda: np.zeros(1920, dtype=np.float32))
     fill: int = 0
     opened_ns: int = 0
-    skip: int = 0
-    ready_at_ns: int | None = None  # when this process had the block (for its wait); None: no block ready
-    block_t_in_ns: int = 0
-    block_resample_ns: int = 0
-    frame_resample_ns: int = 0
     out_seq: int = 0
-    dropped: int = 0  # input frames this session lost: it fell behind, or a block was never stepped
+    dropped: int = 0  # input frames this session lost: the model could not keep up, or the ring overflowed
     realigned: int = 0  # input frames dropped or repeated to keep it on the step clock
+    skipped: int = 0  # first frames skipped to place it on the step clock
     audio_t_ms: float = 0.0
 
     def start(self, opened_ns: int) -> None:
         self.resampler.reset()
         self.fill = 0
         self.opened_ns = opened_ns
-        self.skip = 0
-        self.ready_at_ns = None
         self.out_seq = 0
         self.dropped = 0
         self.realigned = 0
+        self.skipped = 0
         self.audio_t_ms = 0.0
 
 
-def make_scheduler(step_clock: str, engine_name: str, n_slots: int) -> Scheduler:
+def make_scheduler(step_clock: str, engine_name: str, n_slots: int) -> Scheduler[QueuedBlock]:
     """`--step-clock`: "on" steps on one 80 ms clock, "off" steps each block as soon as it is ready, "auto"
     is on for a model and off for the loopback engine (whose step costs nothing)."""
     if step_clock == "off" or (step_clock == "auto" and engine_name == "loopback"):
-        return ImmediateScheduler(n_slots)
-    return StepScheduler(n_slots)
+        return ImmediateScheduler[QueuedBlock](n_slots)
+    return StepScheduler[QueuedBlock](n_slots)
 
 
 class InferenceLoop:
@@ -105,18 +105,15 @@ class InferenceLoop:
                     self.forget_all()
                     continue
                 if (closed := self.sessions.apply(msg)) is not None:
-                    self.slots[closed.slot].ready_at_ns = None
                     self.scheduler.close(closed.slot)
                     log.info("session=%s slot=%d: closed (%s)", closed.session_id, closed.slot, closed.reason)
             for slot, ring in enumerate(self.audio_in):
                 self.drain_audio(slot, ring)
             now = time.monotonic_ns()
             if self.scheduler.should_step(now):
-                ready = np.zeros(self.n, dtype=bool)
-                for block in self.scheduler.take_step(now):
-                    ready[block.slot] = self.sessions.is_open(block.slot)
-                if ready.any():
-                    self.step(ready, now)
+                blocks = [b for b in self.scheduler.take_step(now) if self.sessions.is_open(b.slot)]
+                if blocks:
+                    self.step(blocks)
 
     def announce(self) -> None:
         engine = self.engine
@@ -126,83 +123,74 @@ class InferenceLoop:
     def forget_all(self) -> None:
         """A network process (re)started: its sessions are gone; say we are ready for new ones."""
         for slot in self.sessions.forget_all(self.audio_in):
-            self.slots[slot].ready_at_ns = None
             self.scheduler.close(slot)
         log.info("a network process (re)started: every session forgotten")
         self.announce()
 
     # ---- input --------------------------------------------------------------------------------------------
     def drain_audio(self, slot: int, ring: Ring) -> None:
+        """Every frame the slot's ring holds, into its blocks; complete blocks queue for a step (so a burst
+        of frames is kept whole: the scheduler's queue, not the ring, is where blocks wait)."""
         st = self.slots[slot]
-        backlog = ring.pending()
-        if backlog > MAX_BACKLOG_FRAMES:
-            for _ in range(backlog - KEEP_FRAMES):
-                if ring.peek() is None:
-                    break
-                ring.release()
-            st.dropped += backlog - KEEP_FRAMES
-            held_back = self.warnings.allow(slot, time.monotonic())
-            if held_back is not None:  # a flood must not flood the log: once per slot every 5 s
-                log.warning("session=%s slot=%d: fell behind, %d input frames dropped so far (%d warnings "
-                            "held back)", self.sessions.session_id(slot), slot, st.dropped, held_back)
         for frame in self.sessions.read(slot, ring):
             if frame.first:
                 self.open_slot(slot, frame.t_ns)
-            if st.skip:
-                st.skip -= 1
+            feed = self.scheduler.frame(slot, frame.seq, frame.t_ns)
+            if feed is Feed.SKIP:
+                st.skipped += 1
                 continue
-            realign = self.scheduler.take_realignment(slot)
-            if realign is not Realign.NONE:
+            if feed is not Feed.ONCE:
                 st.realigned += 1
                 log.debug("session=%s slot=%d: realigned to the step clock (%s a frame)",
-                          self.sessions.session_id(slot), slot, realign.name.lower())
-            if realign is Realign.DROP:
-                continue
-            for _ in range(2 if realign is Realign.REPEAT else 1):
-                self.push_frame(slot, st, frame.pcm, frame.t_ns)
+                          self.sessions.session_id(slot), slot, feed.value)
+            for _ in range(feed.times):
+                self.push_frame(slot, st, frame.pcm, frame.seq, frame.t_ns)
         st.dropped += self.sessions.take_lost(slot)
 
     def open_slot(self, slot: int, t_ns: int) -> None:
         st = self.slots[slot]
         st.start(opened_ns=t_ns)
         self.engine.reset_slot(slot)
-        st.skip = self.scheduler.open(slot, t_ns)
-        log.info("session=%s slot=%d: started (aligning to the step clock by %d frames)",
-                 self.sessions.session_id(slot), slot, st.skip)
+        self.scheduler.open(slot)
+        log.info("session=%s slot=%d: started", self.sessions.session_id(slot), slot)
 
-    def push_frame(self, slot: int, st: SlotState, pcm: np.ndarray, t_ns: int) -> None:
+    def push_frame(self, slot: int, st: SlotState, pcm: np.ndarray, seq: int, t_ns: int) -> None:
         t0 = time.perf_counter_ns()
         out = st.resampler.process(pcm)
-        st.frame_resample_ns = time.perf_counter_ns() - t0
+        resample_ns = time.perf_counter_ns() - t0
         st.block[st.fill : st.fill + out.shape[0]] = out
         st.fill += out.shape[0]
         if st.fill < st.block.shape[0]:
             return
         st.fill = 0
-        if st.ready_at_ns is not None:  # the previous block was never stepped: drop it, keep the newest
+        block = QueuedBlock(st.block.copy(), t_in_ns=t_ns, resample_ns=resample_ns)
+        if self.scheduler.block_complete(slot, seq, t_ns, block):  # the model cannot keep up: oldest goes
             st.dropped += FRAMES_PER_BLOCK
-        self.batch[slot] = st.block
-        st.ready_at_ns = time.monotonic_ns()
-        st.block_t_in_ns = t_ns
-        st.block_resample_ns = st.frame_resample_ns
-        self.scheduler.block_complete(slot, t_ns)  # its timing: when its last frame reached the network
+            held_back = self.warnings.allow(slot, time.monotonic())
+            if held_back is not None:  # a flood must not flood the log: once per slot every 5 s
+                log.warning("session=%s slot=%d: fell behind, %d input frames dropped so far (%d warnings "
+                            "held back)", self.sessions.session_id(slot), slot, st.dropped, held_back)
 
     # ---- the step -----------------------------------------------------------------------------------------
-    def step(self, ready: np.ndarray, now_ns: int) -> None:
-        waits_ns = [now_ns - (self.slots[i].ready_at_ns or now_ns) for i in np.flatnonzero(ready)]
+    def step(self, blocks: list[ReadyBlock[QueuedBlock]]) -> None:
+        ready = np.zeros(self.n, dtype=bool)
+        for block in blocks:
+            ready[block.slot] = True
+            self.batch[block.slot] = block.payload.pcm
         t0 = time.monotonic_ns()
         try:
             result = self.engine.step_batch(self.batch, ready)
         except EngineOOM:
             self.on_oom()
             return
-        t1 = time.monotonic_ns()
-        step_ns = t1 - t0
-        for slot in np.flatnonzero(ready):
-            slot = int(slot)
-            st = self.slots[slot]
-            queue_ns = t0 - (st.ready_at_ns or t0)
-            st.ready_at_ns = None
+        step_ns = time.monotonic_ns() - t0
+        waits_ns = []
+        for block in blocks:
+            slot, st = block.slot, self.slots[block.slot]
+            # The wait is counted from when the block's last frame reached the server, so what a block
+            # spends queued behind a burst is in the session's `latency` figures.
+            queue_ns = max(0, t0 - block.ready_ns)
+            waits_ns.append(queue_ns)
             if result.text[slot]:
                 gen = self.sessions.gen(slot)
                 self.links.control_out.send(
@@ -210,15 +198,16 @@ class InferenceLoop:
                 )
             st.audio_t_ms += 80.0
             if result.has_audio[slot]:
-                self.emit(slot, st, result.pcm[slot], queue_ns, step_ns)
+                self.emit(slot, st, block.payload, result.pcm[slot], queue_ns, step_ns)
         self.links.control_out.send(
-            StepStats(step_s=step_ns / 1e9, batch=int(ready.sum()), wait_s=[w / 1e9 for w in waits_ns])
+            StepStats(step_s=step_ns / 1e9, batch=len(blocks), wait_s=[w / 1e9 for w in waits_ns])
         )
 
-    def emit(self, slot: int, st: SlotState, pcm: np.ndarray, queue_ns: int, step_ns: int) -> None:
+    def emit(self, slot: int, st: SlotState, block: QueuedBlock, pcm: np.ndarray, queue_ns: int,
+             step_ns: int) -> None:
         t0 = time.perf_counter_ns()
         samples = float_to_int16(pcm)
-        resample_us = (st.block_resample_ns + time.perf_counter_ns() - t0) // 1000
+        resample_us = (block.resample_ns + time.perf_counter_ns() - t0) // 1000
         ring = self.links.audio_out[slot]
         for pos in range(FRAMES_PER_BLOCK):
             buf = ring.reserve()  # never None: the ring drops its oldest frame instead (DROP_OLDEST)
@@ -226,7 +215,7 @@ class InferenceLoop:
                 buf,
                 samples[pos * OUT_FRAME_SAMPLES : (pos + 1) * OUT_FRAME_SAMPLES],
                 seq=st.out_seq,
-                t_in_ns=st.block_t_in_ns,
+                t_in_ns=block.t_in_ns,
                 gen=self.sessions.gen(slot),
                 block_pos=pos,
                 queue_us=queue_ns // 1000,
@@ -234,6 +223,7 @@ class InferenceLoop:
                 resample_us=resample_us,
                 dropped=st.dropped,
                 realigned=st.realigned,
+                skipped=st.skipped,
             )
             ring.publish(n)
             st.out_seq += 1
@@ -251,7 +241,6 @@ class InferenceLoop:
             SlotError(slot=newest, gen=gen, code=ErrorCode.CAPACITY, msg="Server at capacity (GPU memory)")
         )
         self.sessions.close(newest)
-        self.slots[newest].ready_at_ns = None
         self.scheduler.close(newest)
 
 

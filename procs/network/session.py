@@ -163,6 +163,7 @@ class SessionCounters:
     malformed: int = 0  # client messages that failed to decode
     input_dropped: int = 0  # client frames the model never heard: the session fell behind (inference)
     input_realigned: int = 0  # client frames dropped or repeated to keep the session on the step clock
+    input_skipped: int = 0  # first client frames skipped to place the session on the step clock
     input_rate_limited: int = 0  # client frames refused: they came far faster than real time
     output_dropped: int = 0  # model frames never sent: the client did not take them in time
     input_lost: int = 0  # client frames that never came (still missing 1 s after due: quality.py)
@@ -195,7 +196,7 @@ class LatencyWindow:
         self.step_ms += step_ms
         self.resample_ms += resample_ms
 
-    def flush(self, dropped: int, realigned: int, window_s: float) -> Latency | None:
+    def flush(self, dropped: int, realigned: int, window_s: float, skipped: int = 0) -> Latency | None:
         """The report for this window (the previous one again if no block was answered meanwhile)."""
         n = len(self.total_ms)
         if n == 0:
@@ -213,6 +214,7 @@ class LatencyWindow:
             dropped_frames=dropped,
             window_s=window_s,
             realigned_frames=realigned,
+            skipped_frames=skipped,
         )
         self.total_ms.clear()
         self.queue_ms = self.step_ms = self.resample_ms = 0.0
@@ -332,6 +334,7 @@ class Session:
             return []  # a session that is over hears nothing; a previous session's frame is stale
         self.counters.input_dropped = max(self.counters.input_dropped, frame.dropped)
         self.counters.input_realigned = max(self.counters.input_realigned, frame.realigned)
+        self.counters.input_skipped = max(self.counters.input_skipped, frame.skipped)
         if len(self._audio) >= self.rules.max_queued_audio_frames:
             self._audio.popleft()
             self.counters.output_dropped += 1
@@ -386,7 +389,8 @@ class Session:
             if self._next_report <= now:  # the clock stalled for more than a period: do not catch up
                 self._next_report = now + self.rules.latency_period_s
             c = self.counters
-            report = self.latency.flush(c.input_dropped, c.input_realigned, self.rules.latency_period_s)
+            report = self.latency.flush(c.input_dropped, c.input_realigned, self.rules.latency_period_s,
+                                        c.input_skipped)
             quality = self.quality.report(now, dropped=c.input_dropped, frames_out=c.frames_out,
                                           output_dropped=c.output_dropped)
             c.input_lost, c.latency_spikes = self.quality.arrivals.lost, self.quality.spikes
