@@ -10,6 +10,8 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from typing import TextIO
+from urllib.parse import unquote_plus
 
 LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s [%(processName)s] %(name)s: %(message)s"
 _PR_SET_PDEATHSIG = 1
@@ -22,34 +24,68 @@ def process_name(role: str) -> str:
     return (PROCESS_NAME_PREFIX + role)[:15]
 
 
-class RedactSecrets(logging.Filter):
-    """Access tokens travel in the URL's query (`?token=...`, the one place a browser can put them), and
-    websockets' debug log prints request lines: every record is scrubbed before any handler writes it."""
-
-    PATTERN = re.compile(r"(token=)[^\s&\"']+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = self.PATTERN.sub(r"\1<redacted>", message), None
-        return True
-
-
 class SessionContext(logging.Filter):
-    """Lines about a session say so the one way this project writes it, `session=<id> slot=<n>` (in the
-    text format, that is the context); for the JSON format those become the fields `session` and `slot`, so
-    a log collector can select one conversation without parsing messages."""
+    """Lines about a session say so the one way this project writes it, a template with `session=%s` and
+    `slot=%d` (in the text format, that is the context); for the JSON format those become the fields
+    `session` and `slot`, so a log collector can select one conversation without parsing messages.
 
-    SESSION = re.compile(r"\bsession=([^\s:,;]+)")
-    SLOT = re.compile(r"\bslot=(\d+)")
+    They are taken from the code's own template and the argument it put there, never from the text a line
+    ends up with: a client's path, header or text frame that says `session=... slot=...` sets nothing."""
+
+    SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?([diouxXeEfFgGcrsa%])")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        template, args = record.msg, record.args
+        if not isinstance(template, str) or "session=" not in template or not isinstance(args, tuple):
+            return True
+        index = 0
+        for spec in self.SPEC.finditer(template):
+            if spec.group(1) == "%":
+                continue
+            if index >= len(args):
+                break
+            before = template[: spec.start()]
+            if before.endswith("session=") and not hasattr(record, "session"):
+                record.session = str(args[index])
+            elif before.endswith("slot=") and isinstance(args[index], int) and not hasattr(record, "slot"):
+                record.slot = int(args[index])
+            index += 1
+        return True
+
+
+class SafeText(logging.Filter):
+    """What a client controls reaches the log only as inert text.
+
+    * Secrets: access tokens travel in the URL's query (`?token=...`, the one place a browser can put them)
+      and websockets' debug log prints request lines. Every query string in a line is read the way the
+      server reads it (names percent-decoded), and every value whose name is not a known harmless one
+      (`codec`, moshi's sampling settings) is replaced, so `?tok%65n=...` or a token under another name
+      (`auth_id`) is not written either.
+    * Control characters (CR, LF, ...) in a line are escaped, so text from a path, a header or a text frame
+      cannot forge a line of its own. A traceback is added by the formatter afterwards, untouched."""
+
+    QUERY = re.compile(r"\?([^\s\"'<>]*)")
+    CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+    HARMLESS = frozenset({"codec", "text_temperature", "text_topk", "audio_temperature", "audio_topk",
+                          "pad_mult", "repetition_penalty_context", "repetition_penalty", "text_seed",
+                          "audio_seed"})
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if (session := self.SESSION.search(message)) is not None:
-            record.session = session.group(1)
-        if (slot := self.SLOT.search(message)) is not None:
-            record.slot = int(slot.group(1))
+        clean = self.CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), message)
+        if "?" in clean and "=" in clean:
+            clean = self.QUERY.sub(lambda m: "?" + self._redact(m.group(1)), clean)
+        if clean != message:
+            record.msg, record.args = clean, None
         return True
+
+    def _redact(self, query: str) -> str:
+        pairs = []
+        for pair in query.split("&"):
+            name, eq, _ = pair.partition("=")
+            harmless = unquote_plus(name).strip().lower() in self.HARMLESS
+            pairs.append(pair if not eq or harmless else f"{name}=<redacted>")
+        return "&".join(pairs)
 
 
 def json_formatter() -> logging.Formatter:
@@ -65,14 +101,19 @@ def json_formatter() -> logging.Formatter:
     )
 
 
-def setup_logging(level: str, log_format: str = "text") -> None:
-    """Every process's logging: to stderr, secrets redacted, as text (the default) or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
+def log_handler(stream: TextIO, log_format: str = "text") -> logging.Handler:
+    """The handler every process logs through: context fields, secrets redacted, text or JSON lines."""
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(json_formatter() if log_format == "json"
                          else logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
-    handler.addFilter(RedactSecrets())
-    handler.addFilter(SessionContext())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    handler.addFilter(SessionContext())  # first: it reads the template, before SafeText formats the line
+    handler.addFilter(SafeText())
+    return handler
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """Every process's logging: to stderr, secrets redacted, as text (the default) or JSON lines."""
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(sys.stderr, log_format)], force=True)
 
 
 def setup_child(level: str, on_term: Callable[[], None],

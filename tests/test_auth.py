@@ -3,6 +3,8 @@ routes' handshake checks, without a socket."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from pathlib import Path
 
 import pytest
@@ -72,4 +74,14 @@ def test_signed_short_lived_tokens() -> None:
 
 def test_an_origin_is_checked_before_a_token() -> None:
     response = handshake(Access(auth_token="t" * 20), "/ws?token=" + "t" * 20, origin="https://evil.example")
+    assert response is not None and response.status_code == 403
+
+
+@pytest.mark.parametrize("expiry", ["9" * 5000, "1" * 13, "١٨٠٠٠٠٠٣٠٠", "²"])
+def test_a_correctly_signed_token_with_an_absurd_expiry_is_refused_not_a_500(expiry: str) -> None:
+    # Signed with the real secret, so only the expiry's form can refuse it: 5,000 digits (int() refuses
+    # them), 13 digits, Arabic-Indic digits and a superscript (str.isdigit() takes both).
+    payload = f"v1.{expiry}"
+    token = f"{payload}.{hmac.new(SECRET.encode(), payload.encode(), hashlib.sha256).hexdigest()}"
+    response = handshake(Access(auth_secret=SECRET), f"/ws?token={token}")
     assert response is not None and response.status_code == 403

@@ -75,7 +75,8 @@ def test_missing_files_and_escapes_are_404(path: str) -> None:
     assert routes().respond(request(path)).status_code == 404
 
 
-@pytest.mark.parametrize("path", ["/\x00", "/index.html\x00.js", "/../pyproject.toml", "/%2e%2e/README.md"])
+@pytest.mark.parametrize("path", ["/\x00", "/index.html\x00.js", "/../pyproject.toml", "/%2e%2e/README.md",
+                                  "/" + "a" * 256, "/lib/" + "b" * 5000 + ".js", "/" + "c/" * 3000])
 def test_paths_outside_the_page_or_with_a_nul_byte_are_not_found(path: str) -> None:
     assert routes().respond(request(path)).status_code == 404
 

@@ -97,16 +97,24 @@ class HttpRoutes:
 
     def _static(self, path: str) -> Response:
         rel = "index.html" if path in ("", "/") else path.lstrip("/")
+        not_found = _response(404, b"not found\n", "text/plain")
         if "\x00" in rel:  # a raw NUL byte in the request line: no file has one (and resolve() raises)
-            return _response(404, b"not found\n", "text/plain")
-        target = (self.web_dir / rel).resolve()
-        if not target.is_relative_to(self.web_dir) or not target.is_file():
-            return _response(404, b"not found\n", "text/plain")
+            return not_found
+        try:  # a name over 255 bytes, a loop of links, ...: the OS says no, and no such file is served
+            target = (self.web_dir / rel).resolve()
+            if not target.is_relative_to(self.web_dir) or not target.is_file():
+                return not_found
+        except (OSError, ValueError):
+            return not_found
         # Types that matter to a browser are fixed here, not left to the host's mime.types.
         ctype = FIXED_TYPES.get(target.suffix) or mimetypes.guess_type(target.name)[0]
         # Fonts change only with the package they came from: a day's caching spares phones 400 kB a visit.
         cache = "public, max-age=86400" if ctype and ctype.startswith("font/") else "no-cache"
         return _response(200, target.read_bytes(), ctype or "application/octet-stream", cache=cache)
+
+
+def internal_error() -> Response:
+    return _response(500, b"internal error\n", "text/plain")
 
 
 def _response(status: int, body: bytes, ctype: str, cache: str = "no-store", allow: str | None = None

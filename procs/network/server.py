@@ -36,7 +36,7 @@ from procs.frames import read_out_frame, write_in_frame
 from procs.network.agent import AgentServer, health_reply
 from procs.network.auth import Access
 from procs.network.codec import SessionCodec, requested_codec
-from procs.network.http import MOSHI_PATH, Health, HttpRoutes
+from procs.network.http import MOSHI_PATH, Health, HttpRoutes, internal_error
 from procs.network.metrics import ServerMetrics
 from procs.network.moshi_api import MoshiAdapter, moshi_params
 from procs.network.moshi_api import capacity_refusal as moshi_capacity_refusal
@@ -92,8 +92,9 @@ class LiveSession:
     adapter: MoshiAdapter | None = None  # moshi.server's wire (`/api/chat`); None: ours (`/ws`)
     client_stats_observed: ClientStats | None = None  # the page's figures last put into the histograms
 
-    def ctx(self) -> str:
-        return f"session={self.session.session_id} slot={self.session.slot}"
+    def ctx(self) -> tuple[str, int]:
+        """For a log template that starts `session=%s slot=%d` (procs/runtime.py: SessionContext)."""
+        return self.session.session_id, self.session.slot
 
     # The session's own I/O events, or those of the adapter that translates another wire into them.
     def receive(self, message: str | bytes, now_ns: int) -> list[Action]:
@@ -221,8 +222,8 @@ class NetworkServer:
             await asyncio.wait(self.handlers, timeout=GOODBYE_S)
         for live in [*self.slots.live(), *self.closing]:
             if live.ws.transport is not None and not live.ws.transport.is_closing():
-                log.warning("%s: could not take its goodbye within %.0f s; aborting the connection",
-                            live.ctx(), GOODBYE_S)
+                log.warning("session=%s slot=%d: could not take its goodbye within %.0f s; aborting the "
+                            "connection", *live.ctx(), GOODBYE_S)
                 live.ws.transport.abort()
         if self.handlers:
             await asyncio.wait(self.handlers, timeout=GOODBYE_S)
@@ -269,7 +270,7 @@ class NetworkServer:
                     self._apply(live, live.session.model_text(text, t_ms))
             case SlotError(slot=slot, gen=gen, code=code, msg=text):
                 if (live := self.slots.get(slot, gen)) is not None:
-                    log.warning("%s: inference reports %s: %s", live.ctx(), code, text)
+                    log.warning("session=%s slot=%d: inference reports %s: %s", *live.ctx(), code, text)
                     self._apply(live, live.session.slot_error(code, text))
             case InferenceReady() as ready:
                 self.inference = ready
@@ -298,7 +299,7 @@ class NetworkServer:
         try:
             self._apply(live, event(*args))
         except Exception:
-            log.exception("%s: %s failed", live.ctx(), event.__name__)
+            log.exception("session=%s slot=%d: %s failed", *live.ctx(), event.__name__)
 
     def _apply(self, live: LiveSession, actions: list[Action]) -> None:
         for action in actions:
@@ -316,22 +317,31 @@ class NetworkServer:
     def _release(self, live: LiveSession, reason: EndReason) -> None:
         session = live.session
         if not self.slots.release(session.slot, session.gen):
-            raise RuntimeError(f"{live.ctx()}: released twice")
+            raise RuntimeError("session={} slot={}: released twice".format(*live.ctx()))
         self.closing.add(live)
         close = SessionClose(slot=session.slot, gen=session.gen, reason=reason)
         self.links.to_inference.send(close)
         self.links.to_vad.send(close)
         c = session.counters
-        log.info("%s: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d realigned=%d "
-                 "rate-limited=%d lost=%d, output dropped=%d, latency spikes=%d", live.ctx(), reason.value,
-                 time.monotonic() - session.started, c.frames_in, c.frames_out, c.input_dropped,
+        log.info("session=%s slot=%d: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d "
+                 "realigned=%d rate-limited=%d lost=%d, output dropped=%d, latency spikes=%d", *live.ctx(),
+                 reason.value, time.monotonic() - session.started, c.frames_in, c.frames_out, c.input_dropped,
                  c.input_realigned, c.input_rate_limited, c.input_lost, c.output_dropped, c.latency_spikes)
         if self.draining and not len(self.slots):  # what a drain waits for (a drain sets it at its start)
             self.no_sessions.set()
 
     # ---- HTTP -----------------------------------------------------------------------------------------
     def _process_request(self, _conn: ServerConnection, request: Request) -> Response | None:
-        return self.http.respond(request, time.time())
+        try:
+            return self.http.respond(request, time.time())
+        except Exception as exc:  # a bug of ours, found by a request a client controls: a 500, one line
+            # (a traceback per request would let any client flood the log; the type says where to look)
+            held_back = self.warnings.allow("http-500", time.monotonic())
+            if held_back is not None:
+                log.error("an HTTP request (a path of %d characters) failed: %s: %s (%d more held back)",
+                          len(request.path), type(exc).__name__, str(exc)[:200], held_back,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+            return internal_error()
 
     def _websocket_refusal(self) -> str | None:
         if not self.is_ready:
@@ -433,10 +443,10 @@ class NetworkServer:
             self.links.to_inference.send(open_msg)
             self.links.to_vad.send(open_msg)
             if live.adapter is None:
-                log.info("%s: open from %s", live.ctx(), ws.remote_address)
+                log.info("session=%s slot=%d: open from %s", *live.ctx(), ws.remote_address)
             else:  # the sampling settings a moshi client asks for are not honoured: say which were asked
-                log.info("%s: open from %s on moshi's /api/chat (ignored settings: %s)", live.ctx(),
-                         ws.remote_address, live.adapter.params.given() or "none")
+                log.info("session=%s slot=%d: open from %s on moshi's /api/chat (ignored settings: %s)",
+                         *live.ctx(), ws.remote_address, live.adapter.params.given() or "none")
             if self.stop_now.is_set():  # admitted as the stop began: it missed the goodbye
                 self._apply(live, session.shutdown())
             elif self.draining:  # admitted as the drain began: it missed the notice
@@ -482,10 +492,10 @@ class NetworkServer:
         if quality.snr_db is not None:
             self.metrics.snr_db.observe(quality.snr_db)
         if quality.warnings != live.warnings:
-            log.info("%s: audio quality warnings: %s (level %.0f dBFS, SNR %s dB, loss %.1f %%, spikes %d)",
-                     live.ctx(), ", ".join(quality.warnings) or "none", quality.level_dbfs,
-                     "?" if quality.snr_db is None else f"{quality.snr_db:.0f}", quality.input_loss_pct,
-                     quality.spikes)
+            log.info("session=%s slot=%d: audio quality warnings: %s (level %.0f dBFS, SNR %s dB, loss "
+                     "%.1f %%, spikes %d)", *live.ctx(), ", ".join(quality.warnings) or "none",
+                     quality.level_dbfs, "?" if quality.snr_db is None else f"{quality.snr_db:.0f}",
+                     quality.input_loss_pct, quality.spikes)
             live.warnings = quality.warnings
         return []
 
@@ -493,8 +503,8 @@ class NetworkServer:
         refused = live.session.counters.input_rate_limited
         held_back = self.warnings.allow(("rate", live.session.session_id), time.monotonic())
         if held_back is not None:
-            log.warning("%s: audio faster than real time: %d frames refused so far (%d warnings held back)",
-                        live.ctx(), refused, held_back)
+            log.warning("session=%s slot=%d: audio faster than real time: %d frames refused so far (%d "
+                        "warnings held back)", *live.ctx(), refused, held_back)
         live.rate_limited_logged = refused
 
     async def _sender(self, live: LiveSession) -> None:
