@@ -29,6 +29,7 @@ from procs.launcher import ServerProcess
 from procs.network.auth import Access
 from procs.network.http import Health, HttpRoutes
 from procs.network.moshi_api import HANDSHAKE, MoshiAdapter, moshi_params
+from procs.network.ogg import OggFraming
 from procs.network.session import AudioOut, Close, PublishAudio, Release, Session, SessionRules
 from protocol import SessionEnd, session_start
 
@@ -449,3 +450,41 @@ def test_a_drain_refuses_new_moshi_clients_and_ends_live_ones_with_their_reason(
     assert status == 503
     assert errors == [b"\x05session over: server_shutdown"] and code == 1001
     assert exit_code == 0, server.log()[-3000:]
+
+
+def endless_packet_pages(pages: int, seq0: int = 2) -> list[bytes]:
+    """Ogg pages of the same stream, each 255 segments of 255 bytes that continue one packet (RFC 3533:
+    every lacing value 255, so the packet never ends)."""
+    out = []
+    for i in range(pages):
+        header = (b"OggS" + bytes([0, 1 if i else 0]) + (0).to_bytes(8, "little", signed=True)
+                  + (1).to_bytes(4, "little") + (seq0 + i).to_bytes(4, "little") + bytes(4) + bytes([255]))
+        out.append(b"\x01" + header + bytes([255]) * 255 + bytes(255 * 255))
+    return out
+
+
+def test_an_ogg_packet_that_never_ends_is_refused_before_it_is_held() -> None:
+    # A hostile client: valid Opus headers, then 65 KB pages that each continue the same packet. sphn's
+    # reader would keep every byte and return nothing; the session ends at the first such page, 0x05 + 1008.
+    adapter = new_adapter()
+    assert adapter.next_outgoing(0) == HANDSHAKE
+    ogg = ogg_stream(speech(0.5)[1])
+    for message in ogg[:2]:  # OpusHead, OpusTags and the first audio
+        adapter.receive(message, 0)
+    malformed = adapter.session.counters.malformed
+    actions = adapter.receive(endless_packet_pages(1)[0], 0)
+    assert [type(a) for a in actions] == [Release]
+    error, close = adapter.next_outgoing(0), adapter.next_outgoing(0)
+    assert isinstance(error, bytes) and error.startswith(b"\x05bad Ogg/Opus stream: a packet longer than")
+    assert isinstance(close, Close) and close.code == 1008
+    assert adapter.session.counters.malformed == malformed + 1
+    assert all(adapter.receive(page, 0) == [] for page in endless_packet_pages(20))  # nothing more is read
+
+
+def test_ogg_framing_follows_pages_split_anywhere() -> None:
+    stream = b"".join(m[1:] for m in ogg_stream(speech(2.0)[1]))
+    for chunk in (1, 7, 300, len(stream)):
+        framing = OggFraming()
+        assert all(framing.feed(stream[i:i + chunk]) is None for i in range(0, len(stream), chunk))
+        assert framing.pages >= 2 and framing.packet_bytes == 0
+    assert OggFraming().feed(b"OggX") is not None and OggFraming().feed(b"Og") is None

@@ -29,7 +29,8 @@ and how it maps onto our `Session`:
   nothing on this wire. A text frame is handed to the session as on `/ws`, so a control message of ours
   (`ping`, `session_end`) still works. An Ogg stream that does not parse cannot be resumed (the reader
   keeps the bad bytes at its head, and a new reader lacks the stream's headers): the session ends at once,
-  `0x05` + the reason, close 1008.
+  `0x05` + the reason, close 1008, counted as malformed. So does a stream whose packet grows past 16 KiB
+  without ending (procs/network/ogg.py), which the reader would otherwise keep whole.
 * Query parameters: the web UI sends sampling settings (`text_temperature`, `text_topk`,
   `audio_temperature`, `audio_topk`, `pad_mult`, `repetition_penalty_context`, `repetition_penalty`,
   `text_seed`, `audio_seed`) and `worker_auth_id`/`email`. moshi.server (Python) ignores all of them; so do
@@ -53,6 +54,7 @@ except ImportError:  # until sphn is a main dependency: /ws works without it, /a
     sphn = None
 
 from procs.audio.resample import float_to_int16, int16_to_float
+from procs.network.ogg import OggFraming
 from procs.network.session import Action, AudioOut, Close, Outgoing, Session
 from protocol import (
     IN_FRAME_SAMPLES,
@@ -143,6 +145,7 @@ class MoshiAdapter:
         self.session = session
         self.params = params or MoshiParams()
         self.reader = sphn.OpusStreamReader(MOSHI_RATE)
+        self.framing = OggFraming()  # bounds what the reader may hold of a packet that has not ended
         self.writer = sphn.OpusStreamWriter(MOSHI_RATE)
         self.resampler = soxr.ResampleStream(MOSHI_RATE, IN_RATE, 1, dtype="float32")
         self._pcm16 = np.zeros(0, np.int16)  # 16 kHz samples short of a whole 20 ms frame
@@ -164,6 +167,8 @@ class MoshiAdapter:
             # Not moshi audio: the session's own decoder names what is wrong and counts it (a text frame
             # that is one of our control messages is served, as on /ws).
             return session.receive(message, now_ns)
+        if (why := self.framing.feed(memoryview(message)[1:])) is not None:
+            return self._break(why)  # before sphn keeps the bytes: what waits undecoded stays bounded
         try:
             pcm24 = self.reader.append_bytes(message[1:])
         except Exception as exc:  # sphn raises ValueError; a foreign library's failure stays with the session
