@@ -38,10 +38,12 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 from procs.config import ServerConfig, parse_config
+from procs.fdlimit import FDS_PER_SESSION, RESERVE_FDS, open_fds, raise_soft_limit
 from procs.runtime import run_process, setup_logging
-from procs.topology import ROLES, OwnedTopology
+from procs.topology import ROLES, OwnedTopology, descriptors
 from protocol.internal import NetworkReady, WorkerDown, decode_internal
 
+EXIT_USAGE = 2  # what was asked for cannot be served here (as for a bad flag)
 log = logging.getLogger("supervisor")
 
 HEARTBEAT_TIMEOUT_S = 5.0
@@ -110,6 +112,17 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
+        # Before the rings and the children (they inherit the limit): the supervisor and the network process
+        # each map every ring, and the network process holds a socket per session besides.
+        limit = raise_soft_limit()
+        need = open_fds() + descriptors(self.cfg.max_sessions) + self.cfg.max_sessions * FDS_PER_SESSION \
+            + RESERVE_FDS
+        if need > limit:
+            log.error("the open-files limit (%d, after raising the soft limit to the hard one) is below "
+                      "the %d that --max-sessions %d needs: raise it (ulimit -n, systemd's LimitNOFILE, the "
+                      "container runtime's nofile) or lower --max-sessions", limit, need,
+                      self.cfg.max_sessions)
+            return EXIT_USAGE
         with OwnedTopology(self.cfg.max_sessions) as owned:
             self.owned = owned
             self.to_network = owned.control_to_network(log)

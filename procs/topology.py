@@ -33,6 +33,12 @@ CTRL_SLOT_BYTES = 4096
 CTRL_RING_SLOTS = 512
 
 
+def descriptors(max_sessions: int) -> int:
+    """Descriptors a process that maps every ring of a topology holds for it: a segment each (three audio
+    rings per slot, five control rings, the heartbeat board) and the three doorbells' (two each at most)."""
+    return 3 * max_sessions + 5 + 1 + 2 * len(ROLES)
+
+
 @dataclass(frozen=True)
 class Topology:
     max_sessions: int

@@ -7,8 +7,11 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from procs.audio.speech import repeat_to, telugu_speech_16k
 from procs.client import ClientRun, messages_until_closed, stream_client
+from procs.fdlimit import RESERVE_FDS
 from procs.launcher import SHM, ServerProcess, poll_until, wait_gone
 from procs.network.auth import mint_token
 from protocol import (
@@ -404,3 +408,44 @@ def test_sigterm_drains_live_sessions_finish_and_a_second_sigterm_stops_at_once(
         assert run.of_type(SessionEnd)[-1].reason == "server_shutdown" and run.close_code == 1001
     finally:
         server.__exit__(None, None, None)
+
+
+# ---- the open-files limit ---------------------------------------------------------------------------------
+
+
+def test_a_limit_that_cannot_hold_max_sessions_refuses_to_start_and_says_why() -> None:
+    def low_hard_limit() -> None:  # in the child: the soft limit cannot be raised past 512
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512))
+
+    proc = subprocess.run([sys.executable, "-m", "supervisor", "--host", "127.0.0.1", "--port", "0",
+                           *LOOPBACK, "--max-sessions", "256"], preexec_fn=low_hard_limit,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "open-files limit (512" in proc.stderr and "--max-sessions 256 needs" in proc.stderr
+    assert "READY" not in proc.stdout
+
+
+def test_near_the_open_files_limit_newcomers_get_capacity_and_health_still_answers() -> None:
+    with ServerProcess(*LOOPBACK, "--max-sessions", "8") as server:
+        network = server.child_pid("network")
+        assert network is not None
+        open_now = len(os.listdir(f"/proc/{network}/fd"))
+        # Room for two sessions' sockets above the reserve; none for a third.
+        limit = open_now + 2 + RESERVE_FDS
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.prlimit(network, resource.RLIMIT_NOFILE, (limit, hard))
+
+        async def scenario() -> tuple[list[object], int | None]:
+            async with connect(server.ws_url) as a, connect(server.ws_url) as b:
+                for ws in (a, b):
+                    assert isinstance(decode_server(await ws.recv()), SessionStart)
+                async with connect(server.ws_url) as c:
+                    got = await messages_until_closed(c)
+                    return got, c.close_code
+
+        got, code = asyncio.run(scenario())
+        assert isinstance(got[0], Error) and got[0].code == ErrorCode.CAPACITY and code == 1013, got
+        status, body = server.health()
+        assert status == 200 and body["status"] == "ok"  # it answers; and with the two gone, it takes more
+        run = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=0.5))
+        assert run.close_code == 1000 and len(run.frames) == run.sent

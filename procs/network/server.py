@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from procs.config import ServerConfig, server_tls_context
+from procs.fdlimit import room_for_a_session, soft_limit
 from procs.frames import read_out_frame, write_in_frame
 from procs.network.agent import AgentServer, health_reply
 from procs.network.auth import Access
@@ -420,10 +421,16 @@ class NetworkServer:
         return live
 
     async def _session(self, ws: ServerConnection) -> None:
-        live = self.slots.admit(self.capacity, lambda slot, gen: self._open(ws, slot, gen))
+        # A free slot is not enough: the process's open files must leave the reserve free (procs/fdlimit.py).
+        room = room_for_a_session()
+        live = self.slots.admit(self.capacity, lambda slot, gen: self._open(ws, slot, gen)) if room else None
         if live is None:
             self.metrics.sessions_rejected.inc()
-            log.info("refused %s: at capacity (%d sessions)", ws.remote_address, len(self.slots))
+            if room:
+                log.info("refused %s: at capacity (%d sessions)", ws.remote_address, len(self.slots))
+            else:
+                log.warning("refused %s: the open-files limit (%d) is nearly reached with %d sessions",
+                            ws.remote_address, soft_limit(), len(self.slots))
             with contextlib.suppress(ConnectionClosed):
                 refusal = moshi_capacity_refusal(CAPACITY_MESSAGE) if is_moshi(ws) else capacity_refusal()
                 await ws.send(refusal)
