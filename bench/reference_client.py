@@ -211,18 +211,26 @@ class ReferenceClient(_SessionClient):
 
     path = "/api/chat"
 
-    def __init__(self, index: int, pcm24: np.ndarray) -> None:
+    def __init__(self, index: int, pcm24: np.ndarray, page_frames: int = 1) -> None:
+        """`page_frames`: send what the writer released once every that many 20 ms frames (4: moshi's
+        Python client, one 80 ms page at a time; 2: its web UI); 1: as soon as released (sphn's writer
+        releases a page per 40 ms)."""
         super().__init__(index)
         import sphn  # the optional extra `reference`; only this client needs it
 
         self.pcm24 = pcm24
         self.writer = sphn.OpusStreamWriter(REFERENCE_RATE)
         self.reader = sphn.OpusStreamReader(REFERENCE_RATE)
+        self.page_frames = page_frames
+        self._unsent = b""
 
     def payload(self, frame_index: int) -> bytes | None:
         start = frame_index * REFERENCE_FRAME_SAMPLES
-        opus = self.writer.append_pcm(self.pcm24[start : start + REFERENCE_FRAME_SAMPLES])
-        return b"\x01" + opus if len(opus) > 0 else None
+        self._unsent += self.writer.append_pcm(self.pcm24[start : start + REFERENCE_FRAME_SAMPLES])
+        if (frame_index + 1) % self.page_frames or not self._unsent:
+            return None
+        message, self._unsent = b"\x01" + self._unsent, b""
+        return message
 
     def handle(self, message: str | bytes, t: float) -> None:
         if isinstance(message, str) or len(message) == 0:

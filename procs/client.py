@@ -108,6 +108,7 @@ async def stream_client(
     jitter_s: float = 0.0,
     seed: int | None = None,
     codec: str = "pcm",
+    burst: int = 1,
     **connect_kwargs: Any,
 ) -> ClientRun:
     """Stream `pcm16` (16 kHz int16) as 20 ms frames at real-time pace and collect what the server sends.
@@ -119,7 +120,8 @@ async def stream_client(
 
     A real client's clock is not ours: `clock_ppm` makes its 20 ms last 20 ms x (1 + ppm x 1e-6) of ours, and
     `jitter_s` moves each send by up to that much either way (uniformly, seeded by `seed`), as a sound card
-    and a network do.
+    and a network do. `burst` sends the frames in clumps of that many, each clump when its last frame is
+    captured, as Wi-Fi, mobile links, TCP coalescing and a client that sends 80 ms pages deliver them.
 
     `codec="opus"` asks for Opus (`?codec=opus`): the audio is encoded up front (as one pass through an
     encoder, so a looped file restarts mid-stream as a live one would not: fine for tests), and what comes
@@ -174,7 +176,8 @@ async def stream_client(
             jitter = random.Random(seed)
             i = 0
             while i < n_frames or (repeat_until is not None and not repeat_until.is_set() and n_frames):
-                due = t0 + i * period + (jitter.uniform(-jitter_s, jitter_s) if jitter_s else 0.0)
+                sent_with = i if burst == 1 else (i // burst + 1) * burst - 1  # the clump's last frame
+                due = t0 + sent_with * period + (jitter.uniform(-jitter_s, jitter_s) if jitter_s else 0.0)
                 delay = due - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing, as a microphone delivers frames

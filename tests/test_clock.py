@@ -218,13 +218,17 @@ def test_a_slot_that_outgrows_its_queue_loses_its_oldest_block() -> None:
     assert [b.payload for b in sched.take_step(0)] == [2]
 
 
-def test_an_overrun_step_skips_the_ticks_it_ran_past() -> None:
+def test_ticks_an_overrun_step_ran_past_are_owed_up_to_a_bound_and_skipped_beyond() -> None:
     clock = StepClock()
     clock.start(0)
     first = clock.tick_ns
     assert first is not None
-    clock.advance(first + 170 * MS)  # the step ended 170 ms after its tick
-    assert clock.tick_ns == first + 240 * MS and clock.missed_ticks == 2
+    clock.advance(first + 100 * MS)  # the step for `first` began 100 ms late: the next tick is owed
+    assert clock.tick_ns == first + BLOCK_NS and clock.missed_ticks == 0
+    clock.advance(first + 400 * MS)  # far behind: only the last `owed_ticks` are still stepped
+    assert clock.tick_ns is not None and clock.missed_ticks > 0
+    assert first + 400 * MS - clock.tick_ns < clock.rules.owed_ticks * BLOCK_NS
+    assert clock.tick_ns + BLOCK_NS * clock.rules.owed_ticks > first + 400 * MS
 
 
 # ---- clients, simulated frame by frame ------------------------------------------------------------------

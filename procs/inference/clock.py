@@ -80,6 +80,7 @@ class ClockRules:
     lateness_blocks: int = 12  # how far back a slot's usual lateness above its line is remembered
     backlog_ticks: int = 12  # ≥ 2 blocks queued at every tick for this many ticks (~1 s): behind, caught up
     max_queued_blocks: int = 8  # past this (640 ms) the oldest queued block is dropped: the model lags
+    owed_ticks: int = 2  # ticks already past that are still stepped, back to back, after a long step
 
 
 class Feed(enum.Enum):
@@ -151,12 +152,14 @@ class StepClock:
         return circular(block_complete_ns - self.window_centre_ns())
 
     def advance(self, now_ns: int) -> None:
-        """The step for this tick ran (or there was nothing to step): the next tick is 80 ms later, or the
-        first one still ahead if the step overran."""
+        """The step for this tick ran (or there was nothing to step): the next tick is 80 ms later. A tick
+        that is already past is still owed (its step runs at once, so a model a little faster than real time
+        works off a backlog back to back), but never more than `owed_ticks` of them: past that the model
+        cannot keep up, those ticks are skipped, and the queues' bound decides what is dropped."""
         assert self.tick_ns is not None
         self.tick_ns += BLOCK_NS
-        if self.tick_ns <= now_ns:
-            behind = (now_ns - self.tick_ns) // BLOCK_NS + 1
+        behind = (now_ns - self.tick_ns) // BLOCK_NS + 1 - self.rules.owed_ticks
+        if behind > 0:
             self.tick_ns += behind * BLOCK_NS
             self.missed_ticks += behind
 

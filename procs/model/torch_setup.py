@@ -6,6 +6,7 @@ time: any non-empty value turns compile off), so the choice must be made first. 
 compiled step takes tens of seconds for little gain: compile is off. With CUDA, moshi's own default stands
 (compile on) unless the user set NO_TORCH_COMPILE. Every process and script that imports moshi calls
 `prepare_torch` first: the inference process, the demo-checkpoint builder, the tests, the benchmarks.
+On the CPU it also flushes subnormal floats to zero (see below).
 """
 
 from __future__ import annotations
@@ -40,4 +41,11 @@ def prepare_torch(device: str, *, compile: bool | None = None) -> bool:
         os.environ.pop("NO_TORCH_COMPILE", None)
     else:
         os.environ["NO_TORCH_COMPILE"] = "1"
+    if not wants_cuda(device):
+        # Subnormal floats (a streaming state decaying towards zero) take a slow path on many x86 cores:
+        # flushed to zero, the demo's step at batch 2 went from 89 to 56 ms on an AMD EPYC (Zen 1) here.
+        # The flag is the calling thread's, which is where the inference process's one torch thread runs.
+        import torch
+
+        torch.set_flush_denormal(True)
     return compile
