@@ -378,4 +378,5 @@ def test_capacity_demo_checkpoint(benchmark: Any, request: pytest.FixtureRequest
     print_past_capture(request.config, "\n" + capacity_table([row], CAPACITY_S))
     benchmark.extra_info.update({k: v for k, v in asdict(row).items() if k != "cpu_percent"})
     benchmark.extra_info.update({f"cpu_{k}_pct": v for k, v in row.cpu_percent.items()})
-    assert row.min_realtime_share >= 0.95, row
+    if not benchmark.disabled:  # the goal, when benchmarks run; the suite's one pass checks the body runs
+        assert row.min_realtime_share >= 0.95, row

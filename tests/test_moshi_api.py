@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import sphn
 
+from bench.capacity_cpu import scrape_metrics
 from bench.reference_client import ReferenceClient, StreamPlan, run_sessions
 from procs.audio.resample import Resampler16to24
 from procs.audio.speech import telugu_speech_16k
@@ -389,16 +390,18 @@ def test_moshi_clients_are_let_in_with_a_token_refused_when_full_and_idled_out(g
 def test_demo_model_talks_to_two_reference_clients(demo_checkpoint: str) -> None:
     _, pcm24 = speech(4.0)
     with ServerProcess("--max-sessions", "4") as server:
-        clients = run_reference_clients(server, pcm24, 2, tail_s=1.0)
+        clients = run_reference_clients(server, pcm24, 2, tail_s=3.0)
         sent_s = len(pcm24) / RATE
+        metrics = scrape_metrics(server.url)
+        dropped_s = metrics.get("voice_input_frames_dropped_total", 0.0) * 0.02
         for client in clients:
             trace = client.trace
             assert trace.error is None, trace.error
             assert client.kinds[0] == 0
             got_s = trace.audio_samples / RATE
-            # Every 80 ms block is answered as it comes; on a small CPU the demo model can fall a few frames
-            # behind (the step clock drops them, `input dropped`): 3.76-3.84 s of 4 s seen on 2 cores.
-            assert 0.85 * sent_s <= got_s <= sent_s + 0.1, (got_s, sent_s)
+            # Every 80 ms block is answered, or counted as never heard when the CPU cannot keep up (how fast
+            # the demo model runs is the benchmarks' business): at most the model's first block is owed.
+            assert sent_s - 0.2 - dropped_s <= got_s <= sent_s + 0.1, (got_s, sent_s, dropped_s)
             assert trace.text_pieces > 0 and all(client.texts), client.texts[:10]
         wait_for_sessions(server, 0)
         status, body = urllib_get(server.url + "/metrics")
