@@ -286,6 +286,7 @@ class Clients:
     drift_ppm: float = 0.0
     jitter_ms: float = 0.0
     seed: int = 0
+    burst: int = 1  # frames sent together, each clump when its last frame is captured (Wi-Fi, 80 ms pages)
 
 
 async def stream_sessions(url: str, pcm: np.ndarray, n: int, clients: Clients = Clients(),
@@ -301,7 +302,8 @@ async def stream_sessions(url: str, pcm: np.ndarray, n: int, clients: Clients = 
     def one(i: int) -> asyncio.Task[ClientRun]:
         ppm = clients.drift_ppm if i % 2 == 0 else -clients.drift_ppm
         return asyncio.create_task(stream_client(url, pcm, start_at=start + offsets[i], clock_ppm=ppm,
-                                                 jitter_s=clients.jitter_ms / 1000, seed=clients.seed + i))
+                                                 jitter_s=clients.jitter_ms / 1000, seed=clients.seed + i,
+                                                 burst=clients.burst))
 
     async def scrape_at(t: float) -> dict:
         await asyncio.sleep(max(0.0, start + t - asyncio.get_running_loop().time()))  # a moment, not a sync
@@ -439,9 +441,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="client clocks this far off ours, half fast and half slow (e.g. 300)")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="each send moved by up to this much")
     parser.add_argument("--seed", type=int, default=0, help="for the phases and the jitter")
+    parser.add_argument("--burst", type=int, default=1,
+                        help="clients send their frames in clumps of this many (4: one 80 ms page at a time)")
+    parser.add_argument("--server-args", default="",
+                        help="more flags for the server, e.g. '--engine loopback --step-clock on' (the clock "
+                        "alone, no model cost)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    clients = Clients(args.random_phases, args.drift_ppm, args.jitter_ms, args.seed)
+    clients = Clients(args.random_phases, args.drift_ppm, args.jitter_ms, args.seed, args.burst)
     prepare_torch("cpu")  # the step timing runs the demo model here; before moshi is imported
     if args.seconds < 2 * args.window + args.warmup:
         print(f"note: {args.seconds:.0f} s is short for two {args.window:.0f} s windows after warm-up; "
@@ -449,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_demo_checkpoint()
 
-    server_args = ("--threads", str(args.threads)) if args.threads else ()
+    server_args = (*(("--threads", str(args.threads)) if args.threads else ()), *args.server_args.split())
     step_rows = measure_step_times(args.step_batches, args.step_rounds, args.threads)
     if step_rows:
         print(step_table(step_rows, args.step_rounds), flush=True)

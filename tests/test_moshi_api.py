@@ -184,20 +184,24 @@ def test_adapter_sends_text_and_fatal_errors_only() -> None:
     actions = adapter.session.tick(31.0)  # no audio for the idle timeout
     assert actions == [Release(adapter.session.end_reason)]
     assert adapter.next_outgoing(0) == b"\x05no audio for 30 s: the session is closed"
+    # kyutai's clients show text, not 0x05: the reason again, as a piece of text in brackets.
+    assert adapter.next_outgoing(0) == b"\x02 [no audio for 30 s: the session is closed]"
     assert adapter.next_outgoing(0) == Close(1000, "idle timeout")
 
 
 def test_adapter_says_why_a_shutdown_or_a_time_limit_ends_it_once() -> None:
     adapter = new_adapter()
     adapter.session.shutdown()
-    assert [adapter.next_outgoing(0) for _ in range(3)] == [
-        HANDSHAKE, b"\x05session over: server_shutdown", Close(1001, "server shutting down")]
+    assert [adapter.next_outgoing(0) for _ in range(4)] == [
+        HANDSHAKE, b"\x05session over: server_shutdown", b"\x02 [session over: server_shutdown]",
+        Close(1001, "server shutting down")]
     start = session_start("s2", model="m", demo_weights=False, max_sessions=4)
     limited = MoshiAdapter(Session(start, 0, 1, now=0.0, rules=SessionRules(max_session_s=5.0)))
     limited.receive(ogg_stream(speech(0.2)[1])[0], 0)
     limited.session.tick(5.0)
-    assert [limited.next_outgoing(0) for _ in range(3)] == [
-        HANDSHAKE, b"\x05sessions last at most 5 s on this server", Close(1000, "session time limit")]
+    assert [limited.next_outgoing(0) for _ in range(4)] == [
+        HANDSHAKE, b"\x05sessions last at most 5 s on this server",
+        b"\x02 [sessions last at most 5 s on this server]", Close(1000, "session time limit")]
 
 
 def test_adapter_ends_a_broken_ogg_stream_once_with_1008() -> None:
@@ -208,8 +212,9 @@ def test_adapter_ends_a_broken_ogg_stream_once_with_1008() -> None:
     actions = adapter.receive(b"\x01" + b"this is not an Ogg page at all, " * 4, 0)
     assert [type(a) for a in actions] == [Release]
     assert adapter.receive(ogg[1], 0) == []  # nothing more is read
-    error, close = adapter.next_outgoing(0), adapter.next_outgoing(0)
+    error, text, close = adapter.next_outgoing(0), adapter.next_outgoing(0), adapter.next_outgoing(0)
     assert isinstance(error, bytes) and error.startswith(b"\x05bad Ogg/Opus stream")
+    assert text == b"\x02 [" + error[1:] + b"]"
     assert isinstance(close, Close) and close.code == 1008 and close.reason.startswith("bad Ogg/Opus stream")
     assert len(close.reason.encode()) <= 123
     assert adapter.next_outgoing(0) is None and not adapter.wants_to_send()
@@ -324,7 +329,7 @@ def test_garbage_on_api_chat_ends_clearly_and_spares_a_ws_session(loopback_serve
     assert code == 1008
     errors = [k for k in kinds if k[:1] == b"\x05"]
     assert len(errors) == 1 and errors[0].startswith(b"\x05bad Ogg/Opus stream"), errors
-    assert kinds[-1] == errors[0]  # the error is the last message before the close
+    assert kinds[-2:] == [errors[0], b"\x02"]  # the error, then its text, are the last before the close
     assert b"\x01" in kinds  # audio came back before the garbage
     # The /ws session beside it went on to its own end, untouched.
     assert neighbour.close_code == 1000 and isinstance(neighbour.controls[-1][1], SessionEnd)
@@ -363,7 +368,7 @@ def test_moshi_clients_are_let_in_with_a_token_refused_when_full_and_idled_out(g
             handshakes = [(await ws.receive()).data for ws in holders]
             full = await asyncio.to_thread(health, guarded_server)
             refused = await http.ws_connect(with_token)
-            refusal = [await refused.receive(), await refused.receive()]
+            refusal = [await refused.receive(), await refused.receive(), await refused.receive()]
             # The holders send nothing: the idle timeout ends them with its reason.
             endings = []
             for ws in holders:
@@ -377,10 +382,12 @@ def test_moshi_clients_are_let_in_with_a_token_refused_when_full_and_idled_out(g
     assert handshakes == [HANDSHAKE, HANDSHAKE]
     assert full["status"] == "full" and full["sessions_active"] == 2
     assert refusal[0].type == aiohttp.WSMsgType.BINARY and refusal[0].data == b"\x05Server at capacity"
-    assert refusal[1].type == aiohttp.WSMsgType.CLOSE and refusal[1].data == 1013
-    assert refusal[1].extra == "Server at capacity" and refused_code == 1013
+    assert refusal[1].type == aiohttp.WSMsgType.BINARY and refusal[1].data == b"\x02 [Server at capacity]"
+    assert refusal[2].type == aiohttp.WSMsgType.CLOSE and refusal[2].data == 1013
+    assert refusal[2].extra == "Server at capacity" and refused_code == 1013
     for messages, code in endings:
-        assert messages == [b"\x05no audio for 3 s: the session is closed"] and code == 1000
+        assert messages == [b"\x05no audio for 3 s: the session is closed",
+                            b"\x02 [no audio for 3 s: the session is closed]"] and code == 1000
     assert time.monotonic() - t0 < 10
     wait_for_sessions(guarded_server, 0)
     log = guarded_server.log()
@@ -477,7 +484,7 @@ def test_an_ogg_packet_that_never_ends_is_refused_before_it_is_held() -> None:
     malformed = adapter.session.counters.malformed
     actions = adapter.receive(endless_packet_pages(1)[0], 0)
     assert [type(a) for a in actions] == [Release]
-    error, close = adapter.next_outgoing(0), adapter.next_outgoing(0)
+    error, _, close = adapter.next_outgoing(0), adapter.next_outgoing(0), adapter.next_outgoing(0)
     assert isinstance(error, bytes) and error.startswith(b"\x05bad Ogg/Opus stream: a packet longer than")
     assert isinstance(close, Close) and close.code == 1008
     assert adapter.session.counters.malformed == malformed + 1

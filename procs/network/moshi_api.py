@@ -41,6 +41,7 @@ and how it maps onto our `Session`:
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, fields
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
@@ -88,10 +89,17 @@ def error_message(text: str) -> bytes:
     return bytes([KIND_ERROR]) + text.encode()
 
 
-def capacity_refusal(message: str) -> bytes:
-    """What a moshi client hears when every slot is taken, before close 1013: no handshake (a moshi client
-    waits for it before it sends audio), an error it can show."""
-    return error_message(message)
+def shown_text(text: str) -> bytes:
+    """The same reason as a `0x02` piece of text, in brackets: what kyutai's clients do show. Its web UI
+    decodes `0x05` and shows nothing (a red dot, "Start Over"); `moshi.client` logs it as an unknown kind.
+    Both print the model's text, so a reason sent that way is read where the conversation was."""
+    return bytes([KIND_TEXT]) + f" [{text}]".encode()
+
+
+def capacity_refusal(message: str) -> list[bytes]:
+    """What a moshi client hears when every slot is taken, before close 1013: no handshake (nothing was
+    admitted), the reason as an error and as text."""
+    return [error_message(message), shown_text(message)]
 
 
 @dataclass(frozen=True)
@@ -149,8 +157,9 @@ class MoshiAdapter:
         self.writer = sphn.OpusStreamWriter(MOSHI_RATE)
         self.resampler = soxr.ResampleStream(MOSHI_RATE, IN_RATE, 1, dtype="float32")
         self._pcm16 = np.zeros(0, np.int16)  # 16 kHz samples short of a whole 20 ms frame
-        self._broken: str | None = None  # why the Ogg stream broke: `0x05` and the close are owed
-        self._broken_sent = 0  # 1: the `0x05` went out; 2: the close too
+        self._broken: str | None = None  # why the Ogg stream broke: `0x05`, the text and the close are owed
+        self._broken_sent = 0  # 1: the `0x05` went out; 2: the text; 3: the close too
+        self._owed: deque[bytes] = deque()  # messages that go out before anything else the session has
         # Latency of a model frame the writer is still holding: (seconds when pulled, when pulled in ns).
         self._pending_latency: tuple[float, int] | None = None
         self._said_why = False  # a fatal error went out: the `session_end` after it adds nothing
@@ -200,8 +209,8 @@ class MoshiAdapter:
     # ---- session -> client ------------------------------------------------------------------------------
     def wants_to_send(self) -> bool:
         if self._broken is not None:
-            return self._broken_sent < 2
-        return self.session.wants_to_send()
+            return self._broken_sent < 3
+        return bool(self._owed) or self.session.wants_to_send()
 
     def next_outgoing(self, now_ns: int) -> Outgoing | None:
         """The next message for the moshi client (bytes), model audio (`AudioOut` of Ogg bytes), the close."""
@@ -210,8 +219,12 @@ class MoshiAdapter:
             if self._broken_sent == 1:
                 return error_message(self._broken)
             if self._broken_sent == 2:
+                return shown_text(self._broken)
+            if self._broken_sent == 3:
                 return Close(BROKEN_STREAM_CLOSE, _close_reason(self._broken))
             return None
+        if self._owed:
+            return self._owed.popleft()
         while (item := self.session.next_outgoing(now_ns)) is not None:
             if isinstance(item, Close):
                 return item
@@ -249,8 +262,10 @@ class MoshiAdapter:
                 return bytes([KIND_TEXT]) + piece.encode()
             case Error(fatal=True, msg=why):
                 self._said_why = True
+                self._owed.append(shown_text(why))
                 return error_message(why)
             case SessionEnd(reason=reason) if not self._said_why:  # a goodbye with no error before it
+                self._owed.append(shown_text(f"session over: {reason}"))
                 return error_message(f"session over: {reason}")
         return None
 

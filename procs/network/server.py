@@ -432,8 +432,9 @@ class NetworkServer:
                 log.warning("refused %s: the open-files limit (%d) is nearly reached with %d sessions",
                             ws.remote_address, soft_limit(), len(self.slots))
             with contextlib.suppress(ConnectionClosed):
-                refusal = moshi_capacity_refusal(CAPACITY_MESSAGE) if is_moshi(ws) else capacity_refusal()
-                await ws.send(refusal)
+                refusals = moshi_capacity_refusal(CAPACITY_MESSAGE) if is_moshi(ws) else [capacity_refusal()]
+                for refusal in refusals:
+                    await ws.send(refusal)
                 await ws.close(CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE)
             return
         session = live.session
