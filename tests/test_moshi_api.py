@@ -498,3 +498,29 @@ def test_ogg_framing_follows_pages_split_anywhere() -> None:
         assert all(framing.feed(stream[i:i + chunk]) is None for i in range(0, len(stream), chunk))
         assert framing.pages >= 2 and framing.packet_bytes == 0
     assert OggFraming().feed(b"OggX") is not None and OggFraming().feed(b"Og") is None
+
+
+def test_audio_a_moshi_client_sends_before_the_handshake_is_kept_and_counted(loopback_server: ServerProcess
+                                                                            ) -> None:
+    # moshi.client sends as soon as the WebSocket opens, without waiting for 0x00: every frame of it counts.
+    _, pcm24 = speech(1.0)
+    pages = ogg_stream(pcm24)
+    wait_for_sessions(loopback_server, 0)
+    before = scrape_metrics(loopback_server.url)
+
+    async def scenario() -> bytes:
+        url = ws_base(loopback_server) + "/api/chat"
+        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+            for page in pages:  # all of it before reading anything, the handshake included
+                await ws.send_bytes(page)
+            first = await ws.receive()
+            await ws.close()
+            return first.data
+
+    assert asyncio.run(scenario()) == HANDSHAKE
+    wait_for_sessions(loopback_server, 0)
+    frames_in = scrape_metrics(loopback_server.url)["voice_frames_in_total"] - before["voice_frames_in_total"]
+    decoded = sphn.OpusStreamReader(RATE)
+    samples = sum(decoded.append_bytes(page[1:]).shape[-1] for page in pages)
+    # All of it but what the 24 -> 16 kHz resampler still holds (a few ms: one frame at most).
+    assert samples * 16_000 // RATE // 320 - 1 <= frames_in <= samples * 16_000 // RATE // 320, frames_in
