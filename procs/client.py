@@ -114,7 +114,8 @@ async def stream_client(
     """Stream `pcm16` (16 kHz int16) as 20 ms frames at real-time pace and collect what the server sends.
 
     Frame i leaves at `start_at` (default: once connected) + i x 20 ms, as a microphone delivers it. After
-    the last frame the client listens `tail_s` more (or until `until_frames` output frames came), then ends
+    the last frame the client listens `tail_s` more (or until `until_frames` output frames came; a negative
+    count is relative to the frames it sends, -1: every one of them), then ends
     the session (`end_session`) and waits for the close. `inject` maps a frame index to raw messages sent
     right before that frame. With `repeat_until`, the audio loops until that event is set.
 
@@ -130,6 +131,8 @@ async def stream_client(
     run = ClientRun()
     unclosed = False
     n_frames = len(pcm16) // IN_FRAME_SAMPLES
+    if until_frames is not None and until_frames < 0:
+        until_frames = n_frames + until_frames + 1
     chunks = [pcm16[i * IN_FRAME_SAMPLES : (i + 1) * IN_FRAME_SAMPLES].tobytes() for i in range(n_frames)]
     decoder: OpusDecoder | None = None
     if codec == "opus":

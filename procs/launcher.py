@@ -122,7 +122,9 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=self.log_file,
             text=True,
-            env={**os.environ, **(env or {})},
+            # The server is configured by its arguments (and `env`) alone: a VOICE_* variable of the shell
+            # that runs the tests would change every server they start.
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("VOICE_")}, **(env or {})},
         )
         self.url = self._wait_ready(ready_timeout)
         self.ready_s = time.monotonic() - self.started

@@ -38,6 +38,9 @@ from protocol import (
     encode_client_audio,
 )
 
+# Listen until every frame sent is answered (the loopback engine answers each), 5 s at most.
+ALL_BACK = {"until_frames": -1, "tail_s": 5.0}
+
 LOOPBACK = ("--engine", "loopback")
 FRAME = encode_client_audio(bytes(IN_FRAME_BYTES))
 BOUND_S = 15.0  # every wait here is for a condition, bounded by this
@@ -73,7 +76,7 @@ def test_idle_sessions_are_closed_and_give_their_slots_back() -> None:
             assert errors and errors[-1].code == ErrorCode.IDLE_TIMEOUT and errors[-1].fatal and code == 1000
         assert time.monotonic() - t0 < 5
         wait_until("both slots free", lambda: server.health()[1].get("sessions_active") == 0)
-        run = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))
+        run = asyncio.run(stream_client(server.ws_url, speech(2), **ALL_BACK))
         assert run.close_code == 1000 and len(run.frames) == run.sent
         assert "ended (idle_timeout)" in server.log()
 
@@ -175,7 +178,7 @@ def test_audio_far_faster_than_real_time_is_refused_then_closed_and_spares_a_nei
                 return got, ws.close_code
 
         async def scenario() -> tuple[ClientRun, tuple[list[object], int | None]]:
-            neighbour = asyncio.create_task(stream_client(server.ws_url, speech(4), tail_s=0.5))
+            neighbour = asyncio.create_task(stream_client(server.ws_url, speech(4), **ALL_BACK))
             await asyncio.sleep(0.5)  # a start offset, not synchronisation
             flooded = await flood()
             return await neighbour, flooded
@@ -222,7 +225,7 @@ def test_a_hung_inference_process_is_noticed_its_sessions_told_and_it_is_replace
         assert "inference" in server.log() and "no heartbeat" in server.log()
         wait_until("a new inference process ready", lambda: server.health()[0] == 200, 30)
         assert server.child_pid("inference") not in (None, pid)
-        after = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))
+        after = asyncio.run(stream_client(server.ws_url, speech(2), **ALL_BACK))
         assert len(after.frames) == after.sent
 
 
@@ -233,7 +236,7 @@ def test_a_vad_crash_costs_no_session_and_speech_events_resume() -> None:
         async def scenario() -> tuple[ClientRun, float]:
             streaming = asyncio.Event()
             client = asyncio.create_task(stream_client(server.ws_url, speech(16), first_audio=streaming,
-                                                       tail_s=0.5))
+                                                       **ALL_BACK))
             await streaming.wait()
             killed_at = asyncio.get_running_loop().time()
             os.kill(pid, signal.SIGKILL)
@@ -265,19 +268,19 @@ def test_an_inference_crash_ends_only_its_sessions_and_the_server_comes_back() -
         assert not run.of_type(SessionEnd)  # a failure, not a planned stop
         assert re.search(r"inference\[\d+\] killed by SIGKILL", server.log())
         wait_until("ready again", lambda: server.health()[0] == 200, 30)
-        after = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))
+        after = asyncio.run(stream_client(server.ws_url, speech(2), **ALL_BACK))
         assert len(after.frames) == after.sent
 
 
 def test_a_network_crash_is_restarted_on_the_same_port() -> None:
     with ServerProcess(*LOOPBACK) as server:
-        before = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=0.5))  # slot 0's first session
+        before = asyncio.run(stream_client(server.ws_url, speech(1), **ALL_BACK))  # slot 0's first session
         assert len(before.frames) == before.sent
         pid = server.child_pid("network")
         os.kill(pid, signal.SIGKILL)
         wait_until("restarted", lambda: server.child_pid("network") not in (None, pid))
         wait_until("serving again", lambda: server.health()[0] == 200, 30)
-        run = asyncio.run(stream_client(server.ws_url, speech(2), tail_s=0.5))  # slot 0's first, again
+        run = asyncio.run(stream_client(server.ws_url, speech(2), **ALL_BACK))  # slot 0's first, again
         assert len(run.frames) == run.sent and run.close_code == 1000
 
 
@@ -358,13 +361,13 @@ def test_a_client_that_does_not_read_cannot_hold_up_a_stop() -> None:
 def test_sigterm_drains_live_sessions_finish_and_a_second_sigterm_stops_at_once() -> None:
     server = ServerProcess(*LOOPBACK, "--drain-timeout", "20")
     try:
-        earlier = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=0.3))  # a session already over
+        earlier = asyncio.run(stream_client(server.ws_url, speech(1), **ALL_BACK))  # a session already over
         assert earlier.close_code == 1000
 
         async def scenario() -> tuple[ClientRun, int, int]:
             streaming = asyncio.Event()
             client = asyncio.create_task(stream_client(server.ws_url, speech(4), first_audio=streaming,
-                                                       tail_s=0.3))
+                                                       **ALL_BACK))
             await streaming.wait()
             server.proc.send_signal(signal.SIGTERM)
             t0 = time.monotonic()
@@ -447,5 +450,5 @@ def test_near_the_open_files_limit_newcomers_get_capacity_and_health_still_answe
         assert isinstance(got[0], Error) and got[0].code == ErrorCode.CAPACITY and code == 1013, got
         status, body = server.health()
         assert status == 200 and body["status"] == "ok"  # it answers; and with the two gone, it takes more
-        run = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=0.5))
+        run = asyncio.run(stream_client(server.ws_url, speech(1), **ALL_BACK))
         assert run.close_code == 1000 and len(run.frames) == run.sent

@@ -34,6 +34,9 @@ from procs.network.ogg import OggFraming
 from procs.network.session import AudioOut, Close, PublishAudio, Release, Session, SessionRules
 from protocol import SessionEnd, session_start
 
+# Listen until every frame sent is answered (the loopback engine answers each), 5 s at most.
+ALL_BACK = {"until_frames": -1, "tail_s": 5.0}
+
 RATE = 24_000
 FRAME = 480  # 20 ms at 24 kHz
 TOKEN = "moshi-test-token"
@@ -321,7 +324,7 @@ def test_garbage_on_api_chat_ends_clearly_and_spares_a_ws_session(loopback_serve
             return kinds, ws.close_code
 
     async def both():
-        neighbour = asyncio.create_task(stream_client(ws_base(loopback_server) + "/ws", pcm16, tail_s=0.5))
+        neighbour = asyncio.create_task(stream_client(ws_base(loopback_server) + "/ws", pcm16, **ALL_BACK))
         bad = await garbage()
         return bad, await neighbour
 

@@ -36,6 +36,9 @@ from protocol import (
     session_start,
 )
 
+# Listen until every frame sent is answered (the loopback engine answers each), 5 s at most.
+ALL_BACK = {"until_frames": -1, "tail_s": 5.0}
+
 FRAME_S = 0.02
 
 
@@ -212,7 +215,7 @@ def test_opus_round_trip_through_the_loopback_engine(loopback_server: ServerProc
 
 
 def test_pcm_stays_the_default(loopback_server: ServerProcess, speech) -> None:
-    run = asyncio.run(stream_client(loopback_server.ws_url, speech[: IN_RATE], tail_s=0.5))
+    run = asyncio.run(stream_client(loopback_server.ws_url, speech[: IN_RATE], **ALL_BACK))
     assert run.session_start is not None
     assert (run.session_start.input.encoding, run.session_start.input.prefix) == ("pcm_s16le", 0x01)
     assert (run.session_start.output.encoding, run.session_start.output.prefix) == ("pcm_s16le", 0x02)
@@ -240,9 +243,9 @@ def test_bad_packets_get_errors_and_a_flood_closes_only_that_session(loopback_se
 
     async def three() -> list[ClientRun]:
         return list(await asyncio.gather(
-            stream_client(loopback_server.ws_url, pcm, codec="opus", inject=bad, tail_s=0.5),
-            stream_client(loopback_server.ws_url, pcm, codec="opus", tail_s=0.5),
-            stream_client(loopback_server.ws_url, pcm, codec="opus", inject=flood, tail_s=0.5),
+            stream_client(loopback_server.ws_url, pcm, codec="opus", inject=bad, **ALL_BACK),
+            stream_client(loopback_server.ws_url, pcm, codec="opus", **ALL_BACK),
+            stream_client(loopback_server.ws_url, pcm, codec="opus", inject=flood, **ALL_BACK),
         ))
 
     answered, neighbour, flooder = asyncio.run(three())

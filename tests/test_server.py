@@ -32,6 +32,9 @@ from protocol import (
     encode_client_control,
 )
 
+# Listen until every frame sent is answered (the loopback engine answers each), 5 s at most.
+ALL_BACK = {"until_frames": -1, "tail_s": 5.0}
+
 FRAME_S = 0.02
 # A client of the demo model listens until what it sent is answered (a slow CPU answers late, not less).
 ANSWERED = {"until_frames": 10**9, "tail_s": 3.0}
@@ -168,7 +171,7 @@ def test_bad_input_gets_errors_and_spares_the_neighbour(moshi_server: ServerProc
 def test_loopback_returns_the_audio_sent(loopback_server: ServerProcess) -> None:
     pcm = telugu_speech_16k()
     pcm = pcm[: len(pcm) // 1280 * 1280]
-    run = asyncio.run(stream_client(loopback_server.ws_url, pcm, tail_s=0.5))
+    run = asyncio.run(stream_client(loopback_server.ws_url, pcm, **ALL_BACK))
     assert_real_time(run)
     got = run.pcm().astype(np.float64)
     assert len(got) == len(pcm) * 3 // 2, "every frame comes back exactly once"
@@ -270,7 +273,7 @@ def test_sessions_that_end_before_any_audio_give_their_slot_back(loopback_server
             asyncio.run(leave_early(how))
             wait_for_sessions(loopback_server.url, 0)
     pcm = telugu_speech_16k()[: 2 * 16000]
-    run = asyncio.run(stream_client(loopback_server.ws_url, pcm, tail_s=0.5))
+    run = asyncio.run(stream_client(loopback_server.ws_url, pcm, **ALL_BACK))
     assert run.close_code == 1000 and not run.of_type(Error)
     assert_real_time(run)
     assert len(run.frames) == run.sent  # loopback: every frame came back
