@@ -46,7 +46,7 @@ import numpy as np
 from procs.audio.speech import conversation_16k, repeat_to
 from procs.client import ClientRun, stream_client
 from procs.launcher import ServerProcess, cpu_seconds, machine_busy_s, role_pids
-from procs.model.torch_setup import prepare_torch
+from procs.model.torch_setup import flush_subnormals, prepare_torch
 from protocol import Latency
 
 FRAME_S = 0.02
@@ -450,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     clients = Clients(args.random_phases, args.drift_ppm, args.jitter_ms, args.seed, args.burst)
     prepare_torch("cpu")  # the step timing runs the demo model here; before moshi is imported
+    flush_subnormals("cpu")  # as the server's inference process does
     if args.seconds < 2 * args.window + args.warmup:
         print(f"note: {args.seconds:.0f} s is short for two {args.window:.0f} s windows after warm-up; "
               "the windows shrink and overlap", file=sys.stderr)

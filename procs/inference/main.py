@@ -26,7 +26,7 @@ from procs.inference.clock import Feed, ImmediateScheduler, ReadyBlock, Schedule
 from procs.model.engine import Engine, EngineOOM
 from procs.model.loader import load_engine
 from procs.model.source import ModelSource
-from procs.model.torch_setup import prepare_torch
+from procs.model.torch_setup import flush_subnormals, prepare_torch
 from procs.runtime import LogThrottle, setup_child
 from procs.topology import Topology, WorkerLinks, inference_links
 from procs.worker import WorkerSessions
@@ -258,6 +258,7 @@ def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     setup_child(cfg.log_level, lambda: (stop.set(), topo.bell_inference.ring()),
                 log_format=cfg.log_format)
     prepare_torch(cfg.device)  # before load_engine imports moshi
+    flush_subnormals(cfg.device)
     # One torch thread on a CPU by default: measured on 2 cores, two threads stall steps for 1-2 s whenever
     # the network and VAD processes want the other core.
     threads = cfg.threads or (1 if cfg.device == "cpu" else None)

@@ -6,7 +6,7 @@ time: any non-empty value turns compile off), so the choice must be made first. 
 compiled step takes tens of seconds for little gain: compile is off. With CUDA, moshi's own default stands
 (compile on) unless the user set NO_TORCH_COMPILE. Every process and script that imports moshi calls
 `prepare_torch` first: the inference process, the demo-checkpoint builder, the tests, the benchmarks.
-On the CPU it also flushes subnormal floats to zero (see below).
+`flush_subnormals` is the inference process's own choice (see there).
 """
 
 from __future__ import annotations
@@ -41,11 +41,16 @@ def prepare_torch(device: str, *, compile: bool | None = None) -> bool:
         os.environ.pop("NO_TORCH_COMPILE", None)
     else:
         os.environ["NO_TORCH_COMPILE"] = "1"
+    return compile
+
+
+def flush_subnormals(device: str) -> None:
+    """For a process that steps a model on the CPU, and nothing else: subnormal floats (a streaming state
+    decaying towards zero) take a slow path on many x86 cores; flushed to zero, the demo's step at batch 2
+    went from 89 to 56 ms on this workplace's AMD EPYC (Zen 1). The flag is processor state of the calling
+    thread (where the inference process's one torch thread runs), so it is set only where the model steps:
+    other code in the same thread (a test's Hypothesis floats) would see floats that are not IEEE-754's."""
     if not wants_cuda(device):
-        # Subnormal floats (a streaming state decaying towards zero) take a slow path on many x86 cores:
-        # flushed to zero, the demo's step at batch 2 went from 89 to 56 ms on an AMD EPYC (Zen 1) here.
-        # The flag is the calling thread's, which is where the inference process's one torch thread runs.
         import torch
 
         torch.set_flush_denormal(True)
-    return compile

@@ -28,8 +28,9 @@ Definitions (the README's "Wire protocol" repeats the thresholds):
   `LOSS_WINDOW_S` of arrivals (jitter only ever delays a frame, so the window's best frame shows where the
   client's clock really is) above the session's lowest, in frames, is how many frames are missing. A frame
   that comes up to 1 s late is jitter, not loss; one still missing after that counts (and stays counted:
-  the inference process drops a backlog beyond 240 ms anyway). (2) frames that came too late for their
-  block: the inference process's `dropped` count (`SessionCounters.input_dropped`).
+  a stall the client makes up for is worked off by catch-up steps, or dropped beyond 640 ms). (2) frames
+  that came too late for their block: the inference process's `dropped` count
+  (`SessionCounters.input_dropped`).
 * **Latency spikes** (`spikes`): a report window is spiking when the p99 of a series in it, and at least
   `SPIKE_MIN_OVER` of its samples, are above
   max(`SPIKE_RATIO` x m, m + `SPIKE_MARGIN_MS`), m the series' running median over the `SPIKE_HISTORY` samples
