@@ -31,7 +31,9 @@ def open_fds() -> int:
 
 
 def soft_limit() -> int:
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    """The soft limit; an unlimited one (RLIM_INFINITY, -1 in Python) as a number larger than any need."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return _UNLIMITED_TARGET if soft == resource.RLIM_INFINITY else soft
 
 
 def raise_soft_limit() -> int:

@@ -61,8 +61,12 @@ class SafeText(logging.Filter):
       server reads it (names percent-decoded), and every value whose name is not a known harmless one
       (`codec`, moshi's sampling settings) is replaced, so `?tok%65n=...` or a token under another name
       (`auth_id`) is not written either.
+    * The values of credential headers (`Authorization`, `Proxy-Authorization`, `Cookie`, `Set-Cookie`) in
+      websockets' request and response lines are replaced too.
     * Control characters (CR, LF, ...) in a line are escaped, so text from a path, a header or a text frame
-      cannot forge a line of its own. A traceback is added by the formatter afterwards, untouched."""
+      cannot forge a line of its own.
+    * A traceback (an exception's message may quote a request line) is rendered here, redacted the same
+      way, and handed to the formatter as the record's text instead of the exception."""
 
     QUERY = re.compile(r"\?([^\s\"'<>]*)")
     CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
@@ -70,14 +74,26 @@ class SafeText(logging.Filter):
                           "pad_mult", "repetition_penalty_context", "repetition_penalty", "text_seed",
                           "audio_seed"})
 
+    CREDENTIAL_HEADER = re.compile(r"^([<>] )?(authorization|proxy-authorization|cookie|set-cookie):\s*.*$",
+                                   re.IGNORECASE)
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         clean = self.CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), message)
-        if "?" in clean and "=" in clean:
-            clean = self.QUERY.sub(lambda m: "?" + self._redact(m.group(1)), clean)
+        clean = self._redact_urls(self.CREDENTIAL_HEADER.sub(r"\1\2: <redacted>", clean))
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = self._redact_urls(text), None
+        elif record.exc_text:
+            record.exc_text = self._redact_urls(record.exc_text)
         return True
+
+    def _redact_urls(self, text: str) -> str:
+        if "?" not in text or "=" not in text:
+            return text
+        return self.QUERY.sub(lambda m: "?" + self._redact(m.group(1)), text)
 
     def _redact(self, query: str) -> str:
         pairs = []

@@ -123,8 +123,9 @@ class Latency(_Control, tag="latency"):
     dropped_frames: int  # input the model never heard because the session fell behind, so far
     window_s: float  # the window `p99_ms` covers
     realigned_frames: int = 0  # input frames dropped or repeated so far to keep it on the step clock
-    # The first input frames skipped to place the session on the step clock (set once its first block is
-    # in): the model's block k ends with input frame skipped + dropped + 4k + 3, realignments aside.
+    # Input frames skipped, right after the session's first block, to place it on the step clock: the
+    # model's block 0 ends with input frame 3, block k >= 1 with skipped + dropped + 4k + 3 (realignments
+    # aside).
     skipped_frames: int = 0
     quality: SessionQuality | None = None
 

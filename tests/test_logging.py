@@ -71,3 +71,28 @@ def test_our_session_lines_carry_their_context_in_both_formats() -> None:
         "f00d", 2, "session=f00d slot=2: ended (client_closed)")
     assert "session=f00d slot=2: ended (client_closed)" in logged("text", "session=%s slot=%d: ended (%s)",
                                                                  "f00d", 2, "client_closed")
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_traceback_that_quotes_a_request_line_is_redacted(log_format: str) -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("test-logging.traceback")
+    logger.propagate = False
+    logger.handlers = [log_handler(stream, log_format)]
+    logger.setLevel(logging.DEBUG)
+    try:
+        raise ValueError(f"unsupported protocol; expected HTTP/1.1: GET /ws?token={TOKEN} HTTP/2.0")
+    except ValueError:
+        logger.debug("! no valid HTTP request", exc_info=True)
+    finally:
+        logger.handlers = []
+    out = stream.getvalue()
+    assert TOKEN not in out and "<redacted>" in out and "ValueError" in out, out
+
+
+@pytest.mark.parametrize("header", ["Authorization: Bearer " + TOKEN, "Cookie: session=" + TOKEN,
+                                    "Proxy-Authorization: Basic " + TOKEN])
+def test_credential_headers_are_not_logged(header: str) -> None:
+    name, value = header.split(": ", 1)
+    line = logged("text", "< %s: %s", name, value)
+    assert TOKEN not in line and f"< {name}: <redacted>" in line, line

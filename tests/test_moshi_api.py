@@ -29,7 +29,7 @@ from procs.frames import ModelFrame
 from procs.launcher import ServerProcess
 from procs.network.auth import Access
 from procs.network.http import Health, HttpRoutes
-from procs.network.moshi_api import HANDSHAKE, MoshiAdapter, moshi_params
+from procs.network.moshi_api import HANDSHAKE, MAX_OGG_BURST_BYTES, MoshiAdapter, moshi_params
 from procs.network.ogg import OggFraming
 from procs.network.session import AudioOut, Close, PublishAudio, Release, Session, SessionRules
 from protocol import SessionEnd, session_start
@@ -465,13 +465,13 @@ def test_a_drain_refuses_new_moshi_clients_and_ends_live_ones_with_their_reason(
     assert exit_code == 0, server.log()[-3000:]
 
 
-def endless_packet_pages(pages: int, seq0: int = 2) -> list[bytes]:
+def endless_packet_pages(pages: int, serial: int = 1, seq0: int = 2) -> list[bytes]:
     """Ogg pages of the same stream, each 255 segments of 255 bytes that continue one packet (RFC 3533:
     every lacing value 255, so the packet never ends)."""
     out = []
     for i in range(pages):
         header = (b"OggS" + bytes([0, 1 if i else 0]) + (0).to_bytes(8, "little", signed=True)
-                  + (1).to_bytes(4, "little") + (seq0 + i).to_bytes(4, "little") + bytes(4) + bytes([255]))
+                  + serial.to_bytes(4, "little") + (seq0 + i).to_bytes(4, "little") + bytes(4) + bytes([255]))
         out.append(b"\x01" + header + bytes([255]) * 255 + bytes(255 * 255))
     return out
 
@@ -485,7 +485,8 @@ def test_an_ogg_packet_that_never_ends_is_refused_before_it_is_held() -> None:
     for message in ogg[:2]:  # OpusHead, OpusTags and the first audio
         adapter.receive(message, 0)
     malformed = adapter.session.counters.malformed
-    actions = adapter.receive(endless_packet_pages(1)[0], 0)
+    serial = int.from_bytes(ogg[0][1 + 14:1 + 18], "little")
+    actions = adapter.receive(endless_packet_pages(1, serial)[0], 0)
     assert [type(a) for a in actions] == [Release]
     error, _, close = adapter.next_outgoing(0), adapter.next_outgoing(0), adapter.next_outgoing(0)
     assert isinstance(error, bytes) and error.startswith(b"\x05bad Ogg/Opus stream: a packet longer than")
@@ -527,3 +528,41 @@ def test_audio_a_moshi_client_sends_before_the_handshake_is_kept_and_counted(loo
     samples = sum(decoded.append_bytes(page[1:]).shape[-1] for page in pages)
     # All of it but what the 24 -> 16 kHz resampler still holds (a few ms: one frame at most).
     assert samples * 16_000 // RATE // 320 - 1 <= frames_in <= samples * 16_000 // RATE // 320, frames_in
+
+
+def tags_pages(serial: int, pages: int, seq0: int = 2) -> list[bytes]:
+    """Ogg pages of one stream, each one complete 1,000-byte packet that starts like OpusTags: sphn's reader
+    skips such a packet (no audio, no error) and keeps its bytes."""
+    body = b"OpusTags" + bytes(992)
+    lacing = bytes([255, 255, 255, 235])
+    return [b"\x01" + b"OggS" + bytes([0, 0]) + bytes(8) + serial.to_bytes(4, "little")
+            + (seq0 + i).to_bytes(4, "little") + bytes(4) + bytes([len(lacing)]) + lacing + body
+            for i in range(pages)]
+
+
+def test_a_stream_of_packets_that_decode_to_nothing_is_bounded_in_rate() -> None:
+    adapter = new_adapter()
+    assert adapter.next_outgoing(0) == HANDSHAKE
+    ogg = ogg_stream(speech(0.5)[1])
+    adapter.receive(ogg[0], 0)
+    serial = int.from_bytes(ogg[0][1 + 14:1 + 18], "little")
+    released = []
+    for page in tags_pages(serial, 100):  # 100 KB at once, no audio from any of it
+        released += adapter.receive(page, 0)
+        if released:
+            break
+    assert [type(a) for a in released] == [Release]
+    assert adapter.ogg_bytes_in <= MAX_OGG_BURST_BYTES + 1100
+    error = adapter.next_outgoing(0)
+    assert isinstance(error, bytes) and error.startswith(b"\x05bad Ogg/Opus stream: more than 128 kbit/s")
+
+
+def test_a_second_logical_ogg_stream_is_refused() -> None:
+    adapter = new_adapter()
+    assert adapter.next_outgoing(0) == HANDSHAKE
+    ogg = ogg_stream(speech(0.5)[1])
+    adapter.receive(ogg[0], 0)
+    serial = int.from_bytes(ogg[0][1 + 14:1 + 18], "little")
+    assert [type(a) for a in adapter.receive(tags_pages(serial ^ 1, 1)[0], 0)] == [Release]
+    error = adapter.next_outgoing(0)
+    assert isinstance(error, bytes) and error.startswith(b"\x05bad Ogg/Opus stream: a second logical stream")

@@ -43,11 +43,11 @@ A block that completes after its tick's step (its frames came in a burst later t
 exceeded the lead) is queued and waits for the next tick: a bursty session waits at most one block longer
 than a smooth one. A slot may hold several blocks (a burst of eight frames brings two): each tick takes
 the oldest, so nothing a burst brings is dropped. A slot that holds two or more blocks at *every* tick for
-`backlog_ticks` in a row, or at its first tick (its first block came before it was placed and missed its
-tick), is behind for good (a stall that the client made up, a jitter spike that put it a
-block back), not bursty (whose queue empties between bursts): it gets catch-up steps, one block each,
-for what it holds beyond one block. Only a slot whose queue outgrows `max_queued_blocks` (the model cannot
-keep up) loses its oldest block, counted as dropped input.
+`backlog_ticks` in a row, or two or more at its first tick (blocks that came before its first tick, such as
+audio a client sent before it was admitted), is behind for good (a stall that the client made up, a jitter
+spike that put it a block back), not bursty (whose queue empties between bursts): it gets catch-up steps,
+one block each, for what it holds beyond one block. Only a slot whose queue outgrows `max_queued_blocks`
+(the model cannot keep up) loses its oldest block, counted as dropped input.
 
 Slot states (`StepScheduler`): none (no session) -> placing (first block not complete: its frames are fed,
 not timed) -> timed (placed; realigned for drift) -> none (closed).
@@ -80,7 +80,7 @@ class ClockRules:
     lateness_blocks: int = 12  # how far back a slot's usual lateness above its line is remembered
     backlog_ticks: int = 12  # ≥ 2 blocks queued at every tick for this many ticks (~1 s): behind, caught up
     max_queued_blocks: int = 8  # past this (640 ms) the oldest queued block is dropped: the model lags
-    owed_ticks: int = 2  # ticks already past that are still stepped, back to back, after a long step
+    owed_ticks: int = 2  # past ticks still stepped, back to back, when the clock moves on after a long step
 
 
 class Feed(enum.Enum):
@@ -152,10 +152,11 @@ class StepClock:
         return circular(block_complete_ns - self.window_centre_ns())
 
     def advance(self, now_ns: int) -> None:
-        """The step for this tick ran (or there was nothing to step): the next tick is 80 ms later. A tick
-        that is already past is still owed (its step runs at once, so a model a little faster than real time
-        works off a backlog back to back), but never more than `owed_ticks` of them: past that the model
-        cannot keep up, those ticks are skipped, and the queues' bound decides what is dropped."""
+        """The step for this tick runs now (`now_ns`: its start): the next tick is 80 ms later. A next tick
+        already past is still owed (its step runs at once, so a model a little faster than real time works
+        off a backlog back to back), but at most `owed_ticks` ticks may lie in the past when the clock moves
+        on: beyond that the model cannot keep up, the older ones are skipped (`missed_ticks`), and the queues'
+        bound decides what is dropped."""
         assert self.tick_ns is not None
         self.tick_ns += BLOCK_NS
         behind = (now_ns - self.tick_ns) // BLOCK_NS + 1 - self.rules.owed_ticks
@@ -234,7 +235,15 @@ class SessionTiming:
         waited for (its block joins the next tick)."""
         if self.missed or self.next_nominal_ns is None:
             return False
-        return self.next_nominal_ns + max(self._lateness, default=0) <= tick_ns
+        return self.next_nominal_ns + self.usual_lateness_ns() <= tick_ns
+
+    def usual_lateness_ns(self) -> int:
+        """How far above its line this session's blocks usually complete: the 75th percentile of the last
+        `lateness_blocks` (a clump pattern repeats within them; one spike of jitter is not usual)."""
+        if not self._lateness:
+            return 0
+        ordered = sorted(self._lateness)
+        return ordered[(3 * (len(ordered) - 1)) // 4]
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +358,7 @@ class StepScheduler(Generic[P]):
                 blocks.append(s.queue.popleft())
             elif s.timing.awaited(tick):
                 s.timing.missed = True
+            s.catch_up = min(s.catch_up, len(s.queue))  # what the tick took is not owed to a catch-up step
         self.clock.advance(now_ns)
         return blocks
 

@@ -78,6 +78,10 @@ KIND_ERROR: Final = 0x05  # kyutai's Rust server and web UI; moshi.server (Pytho
 MOSHI_RATE: Final = 24_000  # moshi.server's Opus streams: Mimi's rate, both ways
 HANDSHAKE: Final = bytes([KIND_HANDSHAKE])
 BROKEN_STREAM_CLOSE: Final = 1008
+# Ogg/Opus bytes a client may send: 128 kbit/s (moshi's clients send 30-64) plus 64 KiB of catching up.
+# sphn's reader keeps the whole stream it is given, so this bounds a session's memory by its length.
+MAX_OGG_BYTES_PER_S: Final = 16_000
+MAX_OGG_BURST_BYTES: Final = 64 * 1024
 # A close frame's reason is at most 123 bytes of UTF-8.
 _MAX_CLOSE_REASON: Final = 120
 
@@ -164,6 +168,7 @@ class MoshiAdapter:
         self._pending_latency: tuple[float, int] | None = None
         self._said_why = False  # a fatal error went out: the `session_end` after it adds nothing
         self.samples_in = 0  # 24 kHz samples decoded from the client's stream
+        self.ogg_bytes_in = 0  # Ogg bytes the client sent
         self.bytes_out = 0  # Ogg bytes sent to the client
 
     # ---- client -> session ------------------------------------------------------------------------------
@@ -178,6 +183,10 @@ class MoshiAdapter:
             return session.receive(message, now_ns)
         if (why := self.framing.feed(memoryview(message)[1:])) is not None:
             return self._break(why)  # before sphn keeps the bytes: what waits undecoded stays bounded
+        self.ogg_bytes_in += len(message) - 1
+        allowed = MAX_OGG_BYTES_PER_S * max(0.0, now_ns / 1e9 - session.started) + MAX_OGG_BURST_BYTES
+        if self.ogg_bytes_in > allowed:
+            return self._break(f"bad Ogg/Opus stream: more than {MAX_OGG_BYTES_PER_S * 8 // 1000} kbit/s")
         try:
             pcm24 = self.reader.append_bytes(message[1:])
         except Exception as exc:  # sphn raises ValueError; a foreign library's failure stays with the session

@@ -9,6 +9,11 @@ lists lacing values, and a value below 255 ends a packet. A stream whose pages k
 says when a packet grows past `max_packet_bytes` or a page does not start with `OggS`: a page's segment
 table is read before its body arrives, so an oversized packet is refused before its bytes are.
 
+Only one logical stream (one serial number) is followed: moshi's clients send one, and packets are kept
+per stream. And sphn's reader keeps every byte of the stream it was given, packets that decode to no
+audio included (it skips any that starts like a header), so what a session may send is also bounded in
+rate (procs/network/moshi_api.py: `MAX_OGG_BYTES_PER_S`).
+
 An Opus packet is at most 120 ms of audio (RFC 6716 §3.2.5); at Opus's highest rate, 510 kbit/s, that is
 7,650 bytes, and the header packets clients send (OpusHead, OpusTags) are a few hundred. 16 KiB is twice
 the largest packet a real encoder writes.
@@ -32,6 +37,7 @@ class OggFraming:
         self._body_left = 0  # bytes of the current page's body still to pass
         self.packet_bytes = 0  # bytes of the packet that has not ended yet
         self.pages = 0
+        self.serial: int | None = None  # the stream's serial number: one logical stream per connection
 
     def feed(self, data: bytes | memoryview) -> str | None:
         view = memoryview(data)
@@ -48,6 +54,11 @@ class OggFraming:
             if not _CAPTURE.startswith(bytes(self._header[:4])):
                 return "bad Ogg/Opus stream: a page does not start with OggS"
             size = len(self._header)
+            if size == _FIXED_HEADER:
+                serial = int.from_bytes(self._header[14:18], "little")
+                if self.serial is not None and serial != self.serial:  # a packet per stream would be kept
+                    return "bad Ogg/Opus stream: a second logical stream (one per connection)"
+                self.serial = serial
             if size >= _FIXED_HEADER and size == _FIXED_HEADER + self._header[26]:
                 if (why := self._page_table(self._header[_FIXED_HEADER:])) is not None:
                     return why

@@ -428,9 +428,10 @@ class NetworkServer:
             self.metrics.sessions_rejected.inc()
             if room:
                 log.info("refused %s: at capacity (%d sessions)", ws.remote_address, len(self.slots))
-            else:
-                log.warning("refused %s: the open-files limit (%d) is nearly reached with %d sessions",
-                            ws.remote_address, soft_limit(), len(self.slots))
+            elif (held_back := self.warnings.allow("open-files", time.monotonic())) is not None:
+                log.warning("refused %s: the open-files limit (%d) is nearly reached with %d sessions (%d "
+                            "refusals not logged)", ws.remote_address, soft_limit(), len(self.slots),
+                            held_back)
             with contextlib.suppress(ConnectionClosed):
                 refusals = moshi_capacity_refusal(CAPACITY_MESSAGE) if is_moshi(ws) else [capacity_refusal()]
                 for refusal in refusals:
