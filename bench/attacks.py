@@ -144,9 +144,15 @@ def stop_reading() -> Figures:
             "output frames dropped (counted)": int(dropped)}
 
 
+def warning_records(json_log: str) -> int:
+    """Records at WARNING in a `--log-format json` log (one JSON object a line)."""
+    return sum(1 for line in json_log.splitlines()
+               if line.startswith("{") and json.loads(line).get("level") == "WARNING")
+
+
 def flood() -> Figures:
     """A neighbour streams at real time; another client sends as fast as it can."""
-    with ServerProcess(*LOOPBACK, "--max-sessions", "2") as server:
+    with ServerProcess(*LOOPBACK, "--max-sessions", "2", "--log-format", "json") as server:
         alone = asyncio.run(stream_client(server.ws_url, speech(4), tail_s=0.5))
 
         async def flooder() -> tuple[int, int, int | None]:
@@ -166,9 +172,9 @@ def flood() -> Figures:
             flooded = await flooder()
             return await neighbour, flooded
 
-        lines_before = server.log().count("WARNING")
+        lines_before = warning_records(server.log())
         neighbour, (sent, errors, code) = asyncio.run(scenario())
-        warnings = server.log().count("WARNING") - lines_before
+        warnings = warning_records(server.log()) - lines_before
         refused = metric(server, "voice_input_frames_rate_limited_total")
     return {"neighbour median latency alone (ms)": round(statistics.median(latencies_ms(alone)), 1),
             "neighbour median latency with flood (ms)": round(statistics.median(latencies_ms(neighbour)), 1),
