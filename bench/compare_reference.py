@@ -464,7 +464,7 @@ def session_lines(sc: Scenario) -> list[str]:
         lat = f", answer p50 {_ms(1000 * np.array(s.latencies_s))} ms" if s.latencies_s else ""
         err = f", error: {s.error}" if s.error else ""
         if sc.contender.server == "ours":
-            err = f", first {s.skipped_frames} frames skipped to align, {s.dropped_frames} dropped" + err
+            err = f", {s.skipped_frames} frames skipped to place it, {s.dropped_frames} dropped" + err
         on_time = s.on_time_samples / (s.owed_blocks * STEP_SAMPLES) if s.owed_blocks else 0.0
         lines.append(
             f"  - client {i + 1}: {ws}, {hs}, {fa}, {s.audio_s:.1f} s of audio received, "
@@ -497,7 +497,7 @@ def render(scenarios: list[Scenario], args: argparse.Namespace) -> str:
         "³ last 20 ms frame of an 80 ms block handed to the socket → first output audio of the step that "
         "consumed that block (ours: per 20 ms frame; reference: per Opus packet), over all answered blocks; "
         "output is mapped to blocks by counting 1920-sample steps after the acoustic delay, shifted by the "
-        "frames ours skipped to align a session and the drops it reported. "
+        "frames ours skipped to place a session on its step clock and the drops it reported. "
         "⁴ first input frame sent → first output audio received. "
         "⁵ utime+stime of all server processes from /proc over the run / (sessions × seconds streamed). "
         "⁶ ours counts the input it dropped when behind (`latency` messages); the reference never drops.",
