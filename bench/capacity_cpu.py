@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="for the phases and the jitter")
     parser.add_argument("--burst", type=int, default=1,
                         help="clients send their frames in clumps of this many (4: one 80 ms page at a time)")
+    parser.add_argument("--keep-subnormals", action="store_true",
+                        help="step timing without flushing subnormal floats (the server flushes them)")
     parser.add_argument("--server-args", default="",
                         help="more flags for the server, e.g. '--engine loopback --step-clock on' (the clock "
                         "alone, no model cost)")
@@ -450,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     clients = Clients(args.random_phases, args.drift_ppm, args.jitter_ms, args.seed, args.burst)
     prepare_torch("cpu")  # the step timing runs the demo model here; before moshi is imported
-    flush_subnormals("cpu")  # as the server's inference process does
+    if not args.keep_subnormals:
+        flush_subnormals("cpu")  # as the server's inference process does
     if args.seconds < 2 * args.window + args.warmup:
         print(f"note: {args.seconds:.0f} s is short for two {args.window:.0f} s windows after warm-up; "
               "the windows shrink and overlap", file=sys.stderr)
