@@ -1,9 +1,10 @@
 """Inference process: client audio from the rings -> one batched model step -> model audio to the rings.
 
-Per session slot the process keeps a streaming 16 -> 24 kHz resampler and an 80 ms block being filled.
-When a step runs (the step clock, procs/inference/clock.py), every slot with a full block takes part in one
-batched encode -> LM step -> decode (`Engine.step_batch`); slots without one are masked and keep their
-state. Each decoded block leaves as four 20 ms frames.
+Per session slot the process keeps a streaming 16 -> 24 kHz resampler and an 80 ms block being filled;
+every frame in the rings is read at once, and each full block joins the slot's queue in the scheduler
+(procs/inference/clock.py), so a clump of frames is kept whole. When a step runs, the oldest queued block
+of every slot that has one takes part in one batched encode -> LM step -> decode (`Engine.step_batch`);
+slots without one are masked and keep their state. Each decoded block leaves as four 20 ms frames.
 
 The engine's batch size is the one truth about capacity: the loop serves that many slots, and says so in
 its `InferenceReady`, and the network process admits exactly that many sessions.
