@@ -46,10 +46,11 @@ def prepare_torch(device: str, *, compile: bool | None = None) -> bool:
 
 def flush_subnormals(device: str) -> None:
     """For a process that steps a model on the CPU, and nothing else: subnormal floats (a streaming state
-    decaying towards zero) take a slow path on many x86 cores; flushed to zero, the demo's step at batch 2
-    went from 89 to 56 ms on this workplace's AMD EPYC (Zen 1). The flag is processor state of the calling
-    thread (where the inference process's one torch thread runs), so it is set only where the model steps:
-    other code in the same thread (a test's Hypothesis floats) would see floats that are not IEEE-754's."""
+    decaying towards zero) take a slow path on many x86 cores, so they are flushed to zero (on the demo
+    model and its benchmark input no gain was measured: bench/RESULTS.md, issue 16). The flag is processor
+    state of the calling thread (where the inference process's one torch thread runs), so it is set only
+    where the model steps: other code in the same thread (a test's Hypothesis floats) would see floats that
+    are not IEEE-754's."""
     if not wants_cuda(device):
         import torch
 
