@@ -540,12 +540,17 @@ def tags_pages(serial: int, pages: int, seq0: int = 2) -> list[bytes]:
             for i in range(pages)]
 
 
-def test_a_stream_of_packets_that_decode_to_nothing_is_bounded_in_rate() -> None:
+def adapter_past_the_headers() -> tuple[MoshiAdapter, int]:
+    """An adapter past its handshake that has read a real stream's first page; the stream's serial."""
     adapter = new_adapter()
     assert adapter.next_outgoing(0) == HANDSHAKE
-    ogg = ogg_stream(speech(0.5)[1])
-    adapter.receive(ogg[0], 0)
-    serial = int.from_bytes(ogg[0][1 + 14:1 + 18], "little")
+    first = ogg_stream(speech(0.5)[1])[0]
+    adapter.receive(first, 0)
+    return adapter, int.from_bytes(first[1 + 14:1 + 18], "little")
+
+
+def test_a_stream_of_packets_that_decode_to_nothing_is_bounded_in_rate() -> None:
+    adapter, serial = adapter_past_the_headers()
     released = []
     for page in tags_pages(serial, 100):  # 100 KB at once, no audio from any of it
         released += adapter.receive(page, 0)
@@ -558,11 +563,7 @@ def test_a_stream_of_packets_that_decode_to_nothing_is_bounded_in_rate() -> None
 
 
 def test_a_second_logical_ogg_stream_is_refused() -> None:
-    adapter = new_adapter()
-    assert adapter.next_outgoing(0) == HANDSHAKE
-    ogg = ogg_stream(speech(0.5)[1])
-    adapter.receive(ogg[0], 0)
-    serial = int.from_bytes(ogg[0][1 + 14:1 + 18], "little")
+    adapter, serial = adapter_past_the_headers()
     assert [type(a) for a in adapter.receive(tags_pages(serial ^ 1, 1)[0], 0)] == [Release]
     error = adapter.next_outgoing(0)
     assert isinstance(error, bytes) and error.startswith(b"\x05bad Ogg/Opus stream: a second logical stream")
