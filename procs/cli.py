@@ -3,6 +3,7 @@
     voice-agent serve [FLAGS]          the server (supervisor.py's flags and VOICE_* variables)
     voice-agent client --url URL --wav IN.wav [--out OUT.wav]
     voice-agent build-demo [--out DIR] [--force]
+    voice-agent plan [MODEL FLAGS] [--json]    sessions per card for each way of holding the model
     voice-agent token --secret SECRET [--ttl S]   a short-lived token for --auth-secret servers
 
 moshi is installed apart (`pip install --no-deps moshi==0.2.13`: its release pins torch<2.10, which would
@@ -30,6 +31,7 @@ COMMANDS = {
     "client": "stream a WAV to a server and save its answer (voice-agent client --help)",
     "build-demo": "build the random-weight demo checkpoint into the cache now",
     "token": "mint a short-lived access token for a server run with --auth-secret",
+    "plan": "sessions per card (L4 ... H200) for bf16/int8 weights and full/reduced/fp8 KV cache",
 }
 
 
@@ -72,6 +74,15 @@ def build_demo(argv: list[str]) -> int:
     return main(argv, prog="voice-agent build-demo")
 
 
+def plan(argv: list[str]) -> int:
+    status = require_moshi("plan")
+    if status is not None:
+        return status
+    from procs.model.plan import main
+
+    return main(argv)
+
+
 def client(argv: list[str]) -> int:
     from procs.wav_client import main
 
@@ -110,7 +121,7 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     handlers: dict[str, Callable[[list[str]], int]] = {
-        "serve": serve, "client": client, "build-demo": build_demo, "token": token,
+        "serve": serve, "client": client, "build-demo": build_demo, "token": token, "plan": plan,
     }
     if not args:
         print(usage(), file=sys.stderr)

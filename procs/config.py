@@ -18,6 +18,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from procs.model.footprint import KV_FORMATS, MIN_CONTEXT, WEIGHT_FORMATS, Footprint
+from procs.model.source import ModelSource
+
 
 def default_web_dir() -> Path:
     """The page: the copy installed with the package (procs/web, see setup.py), else the checkout's web/."""
@@ -57,6 +60,11 @@ class ServerConfig:
     max_sessions: int = 4
     gpu_memory_fraction: float = 0.95
     session_memory_mb: float | None = None
+    # How the model is held (procs/model/footprint.py) and the card it is sized for (None: measured).
+    quantize: str = "model"
+    context: int | None = None
+    kv_dtype: str = "model"
+    gpu_memory_gb: float | None = None
     engine: str = "moshi"
     step_clock: str = "auto"
     threads: int | None = None
@@ -75,6 +83,10 @@ class ServerConfig:
     # HAProxy agent-check: a TCP port where the server tells the balancer its free slots (None: off).
     agent_port: int | None = None
     web_dir: Path = field(default=WEB_DIR)
+
+    @property
+    def footprint(self) -> Footprint:
+        return Footprint(weights=self.quantize, context=self.context, kv=self.kv_dtype)  # type: ignore[arg-type]
 
 
 def _positive_int(text: str) -> int:
@@ -102,6 +114,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+def _context(text: str) -> int:
+    value = _positive_int(text)
+    if value < MIN_CONTEXT:
+        raise ValueError(f"must be at least {MIN_CONTEXT} steps")
     return value
 
 
@@ -211,6 +230,18 @@ OPTIONS: tuple[Option, ...] = (
            "share of the GPU's memory the server may use (weights, sessions' state, working memory)"),
     Option("session_memory_mb", ("--session-memory-mb",), "VOICE_SESSION_MEMORY_MB", _positive_float,
            "memory the sessions' streaming state may take on any device; fewer sessions if it holds fewer"),
+    Option("quantize", ("--quantize",), "VOICE_QUANTIZE", _choice(WEIGHT_FORMATS),
+           "int8: the LM's linear weights as int8 with per-channel scales (half of bf16's memory); model "
+           "(the default): as the checkpoint stores them"),
+    Option("context", ("--context",), "VOICE_CONTEXT", _context,
+           "steps of attention the LM keeps, 80 ms each (default: the checkpoint's, 3000 = 4 minutes for "
+           "Moshi); fewer: less KV cache per session, the model remembers less far back", metavar="N"),
+    Option("kv_dtype", ("--kv-dtype",), "VOICE_KV_DTYPE", _choice(KV_FORMATS),
+           "fp8: the LM's KV cache stored as float8 with per-vector scales (about half of bf16's); model "
+           "(the default): in the model's dtype"),
+    Option("gpu_memory_gb", ("--gpu-memory-gb",), "VOICE_GPU_MEMORY_GB", _positive_float,
+           "size the sessions for a card of this many GB (10^9 bytes), less the weights, instead of the "
+           "free memory CUDA reports (a shared card; the same figure voice-agent plan uses)", metavar="X"),
     Option("engine", ("--engine",), "VOICE_ENGINE", _choice(ENGINES),
            "moshi, or loopback (no model: each session hears itself)"),
     Option("step_clock", ("--step-clock",), "VOICE_STEP_CLOCK", _choice(STEP_CLOCKS),
@@ -257,13 +288,12 @@ def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def build_parser(prog: str = "supervisor.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Real-time full-duplex Telugu speech-to-speech server (Moshi). With no model named it "
-        "runs the built-in demo checkpoint (random weights: it answers with noise).",
-    )
-    for option in OPTIONS:
+# The options that name a model (ModelSource's fields): `serve` and `plan` take the same ones.
+MODEL_SOURCE_OPTIONS = tuple(o for o in OPTIONS if o.dest in {f.name for f in fields(ModelSource)})
+
+
+def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...]) -> None:
+    for option in options:
         help_text = f"{option.help} [env {option.env}]"
         if option.parse is None:
             parser.add_argument(*option.flags, dest=option.dest, action="store_const",
@@ -271,17 +301,32 @@ def build_parser(prog: str = "supervisor.py") -> argparse.ArgumentParser:
         else:
             parser.add_argument(*option.flags, dest=option.dest, type=_argparse_type(option.parse),
                                 default=argparse.SUPPRESS, metavar=option.metavar, help=help_text)
+
+
+def build_parser(prog: str = "supervisor.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Real-time full-duplex Telugu speech-to-speech server (Moshi). With no model named it "
+        "runs the built-in demo checkpoint (random weights: it answers with noise).",
+    )
+    add_options(parser, OPTIONS)
     return parser
 
 
-def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None,
-                 prog: str = "supervisor.py") -> ServerConfig:
-    """Flags over environment variables over defaults; every value checked the same way wherever it came
-    from. Exits with status 2 and a usage message naming the flag or variable at fault."""
+def model_source(values: Any) -> ModelSource:
+    """The ModelSource a ServerConfig (or `read_options`' result as a namespace) names."""
+    return ModelSource(**{f.name: getattr(values, f.name) for f in fields(ModelSource)
+                          if hasattr(values, f.name)})
+
+
+def read_options(parser: argparse.ArgumentParser, options: tuple[Option, ...], argv: list[str] | None,
+                 environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The options' environment variables, then the command line over them (and the parser's own other
+    arguments); every value checked the same way wherever it came from. Exits with status 2 and a usage
+    message naming the flag or variable at fault."""
     env = os.environ if environ is None else environ
-    parser = build_parser(prog)
     values: dict[str, Any] = {}
-    for option in OPTIONS:
+    for option in options:
         text = env.get(option.env)
         if text is None:
             continue
@@ -294,6 +339,14 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
         except ValueError as error:
             parser.error(f"environment variable {option.env}={text!r} (for {option.flags[0]}): {error}")
     values.update(vars(parser.parse_args(argv)))
+    return values
+
+
+def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None,
+                 prog: str = "supervisor.py") -> ServerConfig:
+    """Flags over environment variables over defaults (`read_options`)."""
+    parser = build_parser(prog)
+    values = read_options(parser, OPTIONS, argv, environ)
     cfg = ServerConfig(**{f.name: values[f.name] for f in fields(ServerConfig) if f.name in values})
     if cfg.ssl_dir is not None and cfg.ssl_cert is None and cfg.ssl_key is None:
         cfg = replace(cfg, ssl_cert=cfg.ssl_dir / "cert.pem", ssl_key=cfg.ssl_dir / "key.pem")
@@ -315,6 +368,10 @@ def check_config(cfg: ServerConfig) -> str | None:
         return "--random-model builds a model in memory: it takes no --checkpoint, --hf-repo or weights"
     if cfg.engine == "loopback" and (cfg.checkpoint or cfg.hf_repo or cfg.random_model):
         return "--engine loopback runs no model: drop --checkpoint, --hf-repo and --random-model"
+    if cfg.engine == "loopback" and (not cfg.footprint.is_default or cfg.gpu_memory_gb is not None):
+        return "--engine loopback runs no model: drop --quantize, --context, --kv-dtype and --gpu-memory-gb"
+    if cfg.quantize == "int8" and not cfg.fuse_lora:
+        return "--quantize int8 stores fused weights: LoRA adapters are fused first (drop --no_fuse_lora)"
     if cfg.agent_port and cfg.agent_port == cfg.port:
         return f"--agent-port {cfg.agent_port} is the server's own --port: the agent needs a port of its own"
     if (cfg.ssl_cert is None) != (cfg.ssl_key is None):

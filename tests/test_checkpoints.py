@@ -18,6 +18,8 @@ from moshi.modules.lora import LoRALinear
 from procs.model.checkpoints import is_finetune_dir, resolve_checkpoint
 from procs.model.demo import LM_FILE, demo_checkpoint_dir
 from procs.model.engine import StepResult
+from procs.model.footprint import Footprint
+from procs.model.int8 import Int8Linear
 from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
@@ -165,3 +167,32 @@ def test_a_checkpoint_of_the_telugu_models_48k_text_vocabulary_loads_and_steps(
     assert results[-1].has_audio.all() and np.isfinite(results[-1].pcm).all()
     text_ids = np.concatenate([r.tokens[:, 0] for r in results])
     assert text_ids.max() < 48000
+
+
+@pytest.mark.parametrize("layout", ["demo", "hub", "lora directory", "full directory", "lora flags",
+                                    "full flags", "vocab48k"])
+def test_every_layout_serves_with_int8_weights_a_short_context_and_an_fp8_cache(
+    layout: str, finetunes: dict[str, Path], offline: Path, demo_dir: Path, tmp_path: Path
+) -> None:
+    """`serve --quantize int8 --context 20 --kv-dtype fp8` on each way a model is named (LoRA fused first)."""
+    lora, full = finetunes["lora"], finetunes["full"]
+    source = {
+        "demo": lambda: ModelSource(),
+        "hub": lambda: ModelSource(hf_repo=REPO),
+        "lora directory": lambda: ModelSource(checkpoint=str(lora), hf_repo=REPO),
+        "full directory": lambda: ModelSource(checkpoint=str(full), hf_repo=REPO),
+        "lora flags": lambda: ModelSource(hf_repo=REPO, lora_weight=str(lora / "lora.safetensors"),
+                                          config_path=str(lora / "config.json")),
+        "full flags": lambda: ModelSource(hf_repo=REPO, moshi_weight=str(full / "consolidated.safetensors"),
+                                          config_path=str(full / "config.json")),
+        "vocab48k": lambda: ModelSource(checkpoint=str(build_vocab_variant(demo_dir, tmp_path / "v", 48000))),
+    }[layout]()
+    footprint = Footprint(weights="int8", context=20, kv="fp8")
+    engine = load_engine("moshi", source=source, batch_size=2, log=LOG, greedy=True, footprint=footprint)
+    assert isinstance(engine, MoshiEngine)
+    assert engine.lm.context == 20 and isinstance(engine.lm.text_linear, Int8Linear)
+    assert not any(isinstance(m, LoRALinear | torch.nn.Linear) for m in engine.lm.modules())
+    rng = np.random.default_rng(5)
+    results = [engine.step_batch((0.1 * rng.standard_normal((2, FRAME))).astype(np.float32), np.ones(2, bool))
+               for _ in range(24)]  # past the context
+    assert results[-1].has_audio.all() and np.isfinite(results[-1].pcm).all()

@@ -21,12 +21,11 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from procs.audio.resample import Resampler16to24, float_to_int16
-from procs.config import ServerConfig
+from procs.config import ServerConfig, model_source
 from procs.frames import write_out_frame
 from procs.inference.clock import Feed, ImmediateScheduler, ReadyBlock, Scheduler, StepScheduler
 from procs.model.engine import Engine, EngineOOM
 from procs.model.loader import load_engine
-from procs.model.source import ModelSource
 from procs.model.torch_setup import flush_subnormals, prepare_torch
 from procs.runtime import LogThrottle, setup_child
 from procs.topology import Topology, WorkerLinks, inference_links
@@ -249,14 +248,6 @@ class InferenceLoop:
         self.scheduler.close(newest)
 
 
-def model_source(cfg: ServerConfig) -> ModelSource:
-    return ModelSource(
-        checkpoint=cfg.checkpoint, hf_repo=cfg.hf_repo, moshi_weight=cfg.moshi_weight,
-        mimi_weight=cfg.mimi_weight, tokenizer=cfg.tokenizer, config_path=cfg.config_path,
-        lora_weight=cfg.lora_weight, fuse_lora=cfg.fuse_lora, random_model=cfg.random_model,
-    )
-
-
 def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
     stop = threading.Event()
     # The stop flag is set from a signal handler; ring our own doorbell so a blocked wait returns at once.
@@ -278,7 +269,9 @@ def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
         dtype=cfg.dtype,
         batch_size=cfg.max_sessions,
         log=log,
+        footprint=cfg.footprint,
         session_memory_bytes=None if cfg.session_memory_mb is None else int(cfg.session_memory_mb * 2**20),
+        card_memory_bytes=None if cfg.gpu_memory_gb is None else int(cfg.gpu_memory_gb * 1e9),
         gpu_memory_fraction=cfg.gpu_memory_fraction,
     )
     t0 = time.monotonic()

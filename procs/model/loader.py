@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from procs.model.engine import Engine, LoopbackEngine
+from procs.model.footprint import AS_STORED, Footprint
 from procs.model.source import ModelSource
 
 
@@ -19,7 +20,9 @@ def load_engine(
     dtype: str | None = None,
     batch_size: int,
     log: logging.Logger,
+    footprint: Footprint = AS_STORED,
     session_memory_bytes: int | None = None,
+    card_memory_bytes: int | None = None,
     gpu_memory_fraction: float = 0.95,
     greedy: bool = False,
     seed: int | None = None,
@@ -27,8 +30,10 @@ def load_engine(
     """Builds the engine the inference process runs.
 
     kind "loopback": no model. kind "moshi": the model `source` names (procs/model/checkpoints.py; None: the
-    demo checkpoint). `batch_size` is clamped to what memory holds (`session_memory_bytes` on any device,
-    free GPU memory under `gpu_memory_fraction` on CUDA): read the result's `batch_size`.
+    demo checkpoint), held in memory as `footprint` says (int8 weights, context, KV cache format).
+    `batch_size` is clamped to what memory holds (`session_memory_bytes` on any device; a card of
+    `card_memory_bytes` on any device, else free GPU memory on CUDA, under `gpu_memory_fraction`): read the
+    result's `batch_size`.
     `greedy` replaces sampling by argmax (tests); `seed` seeds torch's RNG for sampling.
     """
     if kind == "loopback":
@@ -39,5 +44,6 @@ def load_engine(
     from procs.model.moshi_engine import load_moshi_engine  # imports moshi: prepare_torch ran first
 
     return load_moshi_engine(source=source or ModelSource(), device=device, dtype=dtype,
-                             batch_size=batch_size, log=log, session_memory_bytes=session_memory_bytes,
+                             batch_size=batch_size, log=log, footprint=footprint,
+                             session_memory_bytes=session_memory_bytes, card_memory_bytes=card_memory_bytes,
                              gpu_memory_fraction=gpu_memory_fraction, greedy=greedy, seed=seed)

@@ -23,10 +23,12 @@ from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen, LMModel
 
-from procs.model.capacity import sessions_that_fit, streaming_bytes_per_session
+from procs.model.capacity import CardMemory, sessions_that_fit, streaming_bytes_per_session, weight_bytes
 from procs.model.checkpoints import is_demo_checkpoint, parse_device, parse_dtype, resolve_checkpoint
+from procs.model.compact import apply_footprint
 from procs.model.demo import demo_checkpoint_dir
 from procs.model.engine import TEXT_PADDING_IDS, EngineOOM, StepResult
+from procs.model.footprint import AS_STORED, Footprint
 from procs.model.source import ModelSource
 
 
@@ -76,6 +78,7 @@ class MoshiEngine:
         self.frame_samples = mimi.frame_size
         self.sample_rate = mimi.sample_rate
         self.per_session_bytes = streaming_bytes_per_session(mimi, lm)
+        self.weights_bytes = weight_bytes(mimi, lm)
         self._pieces = text_piece_table(tokenizer)
         # Out of sync: slots start at different times, so "has this slot's delay filled" is per slot
         # (from the returned tokens), not LMGen's single batch-wide counter.
@@ -230,8 +233,17 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype, log: loggi
     return mimi, lm, tokenizer
 
 
+def card_memory(device: torch.device, told_bytes: int | None, weights: int) -> CardMemory | None:
+    """What the capacity clamp reads: a card of the size told (on any device), CUDA's free memory, or
+    nothing (the CPU, where only --session-memory-mb bounds the sessions)."""
+    if told_bytes is not None:
+        return CardMemory.told(told_bytes, weights)
+    return CardMemory.measured(device) if device.type == "cuda" else None
+
+
 def load_moshi_engine(*, source: ModelSource, device: str, dtype: str | None, batch_size: int,
-                      log: logging.Logger, session_memory_bytes: int | None = None,
+                      log: logging.Logger, footprint: Footprint = AS_STORED,
+                      session_memory_bytes: int | None = None, card_memory_bytes: int | None = None,
                       gpu_memory_fraction: float = 0.95, greedy: bool = False, seed: int | None = None
                       ) -> MoshiEngine:
     """`load_engine("moshi", ...)`: see there."""
@@ -253,6 +265,7 @@ def load_moshi_engine(*, source: ModelSource, device: str, dtype: str | None, ba
         lm = info.get_moshi(device=torch_device, dtype=torch_dtype, fuse_lora=source.fuse_lora)
         tokenizer = info.get_text_tokenizer()
         lm_gen_config = dict(info.lm_gen_config)
+    apply_footprint(lm, footprint)
     log.info("model %s: %s, dtype %s, device %s; Mimi %.1f M params, %d codebooks; tokenizer %d pieces",
              described, _describe_lm(lm), torch_dtype, torch_device, _param_count(mimi) / 1e6,
              mimi.num_codebooks, tokenizer.vocab_size())
@@ -263,8 +276,12 @@ def load_moshi_engine(*, source: ModelSource, device: str, dtype: str | None, ba
         log.warning("*** RANDOM DEMO WEIGHTS (%s): the model outputs noise, not speech. Pass "
                     "--checkpoint DIR or --hf-repo REPO for a real Moshi. ***", described)
 
-    per_session = streaming_bytes_per_session(mimi, lm)
-    batch_size = sessions_that_fit(batch_size, per_session, device=torch_device,
+    per_session, weights = streaming_bytes_per_session(mimi, lm), weight_bytes(mimi, lm)
+    log.info("memory: %s; weights %.2f GiB, %.1f MiB of streaming state per session",
+             footprint.describe(str(torch_dtype).removeprefix("torch."), lm.context), weights / 2**30,
+             per_session / 2**20)
+    batch_size = sessions_that_fit(batch_size, per_session, card=card_memory(torch_device, card_memory_bytes,
+                                                                             weights),
                                    session_memory_bytes=session_memory_bytes,
                                    gpu_memory_fraction=gpu_memory_fraction, log=log)
     if greedy:

@@ -1,0 +1,180 @@
+"""`voice-agent plan`: how many sessions of a checkpoint each card holds, for each way of holding the model.
+
+The checkpoint is named as `serve` names one (the demo, `--checkpoint DIR`, a fine-tune directory,
+`--hf-repo REPO`, moshi.server's per-file flags, `--random-model`); only its config is read (from a Hub repo:
+config.json alone, the weights are not fetched), and the model is built on the meta device: shapes, no
+weights. Each footprint (procs/model/footprint.py) is applied to a copy with the engine's own
+`apply_footprint`, and priced with the engine's own `session_bytes`, `weight_bytes` and `CardMemory`
+(procs/model/capacity.py): the number a row shows is the number `serve --gpu-memory-gb X` clamps to at
+start-up (tests/test_plan.py checks both). On a real card the engine reads CUDA's free memory instead, which
+also sees the CUDA context, so it may admit a session fewer than the row.
+
+A card's memory is counted as the GB (10^9 bytes) it is sold with; `--gpu-memory-gb X` plans one card of X.
+The figures are computed from memory; step time is not measured here (bench/gpu_check measures it).
+
+Imports moshi: call `procs.model.torch_setup.prepare_torch` first (`main` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from procs.model.footprint import MOSHI_CONTEXT, Footprint
+from procs.model.source import ModelSource
+
+# (name, memory in GB as sold)
+GPUS: tuple[tuple[str, float], ...] = (
+    ("L4", 24), ("A10G", 24), ("L40S", 48), ("A40", 48), ("A100 40GB", 40), ("A100 80GB", 80),
+    ("H100 80GB", 80), ("H200", 141),
+)
+NOTE = "computed from memory, step time not measured"
+_UNFETCHED = "(not read by the planner)"  # stands for weight files: CheckpointInfo would fetch them
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    gpu: str
+    gpu_memory_gb: float
+    weights: str  # "bf16" (the model's dtype) or "int8"
+    kv: str  # "bf16" (the model's dtype) or "fp8"
+    context: int
+    sessions: int
+    weights_gb: float
+    session_mb: float
+    note: str = NOTE
+
+
+def _config_only(source: ModelSource) -> ModelSource:
+    """`source` with placeholder weight files where moshi would fetch them from the Hub."""
+    from procs.model.checkpoints import is_finetune_dir
+
+    fetches = source.hf_repo is not None or (
+        source.checkpoint is not None and is_finetune_dir(Path(source.checkpoint).expanduser()))
+    if not fetches:
+        return source
+    return replace(source, moshi_weight=source.moshi_weight or _UNFETCHED,
+                   mimi_weight=source.mimi_weight or _UNFETCHED, tokenizer=source.tokenizer or _UNFETCHED,
+                   lora_weight=None)
+
+
+def meta_models(source: ModelSource, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module, str]:
+    """(Mimi, LM, description) of the checkpoint `source` names, on the meta device, LoRA fused (its shapes
+    are the base's)."""
+    from moshi.models import loaders
+
+    from procs.model.checkpoints import resolve_checkpoint
+    from procs.model.demo import demo_lm_config, demo_mimi_config
+
+    if source.random_model == "moshi-7b":
+        lm_config, mimi_config, described = dict(loaders._lm_kwargs), loaders._mimi_config, "random moshi-7b"
+    elif source.random_model == "demo":
+        from procs.model.checkpoints import checkpoint_info_from_dir
+        from procs.model.demo import demo_checkpoint_dir
+
+        tokenizer = checkpoint_info_from_dir(demo_checkpoint_dir()).get_text_tokenizer()
+        lm_config = demo_lm_config(text_card=tokenizer.vocab_size())
+        mimi_config, described = demo_mimi_config(), "random demo"
+    else:
+        info, described = resolve_checkpoint(_config_only(source))
+        lm_config = dict(info.lm_config) if info.lm_config is not None else dict(loaders._lm_kwargs)
+        mimi_config = info.mimi_config
+    for key in ("lora", "lora_rank", "lora_scaling"):
+        lm_config.pop(key, None)
+    num_codebooks = max(lm_config["dep_q"], lm_config["n_q"] - lm_config["dep_q"])
+    mimi = loaders.get_mimi(None, mimi_config, num_codebooks=num_codebooks, device="meta")
+    lm = loaders.get_moshi_lm(None, lm_kwargs=lm_config, device="meta", dtype=dtype)
+    return mimi, lm, described
+
+
+def footprints(reduced_context: int) -> list[Footprint]:
+    """The rows of a plan: bf16 / int8 weights x full context, `reduced_context`, fp8 KV, both."""
+    kv_options = [Footprint(), Footprint(context=reduced_context), Footprint(kv="fp8"),
+                  Footprint(context=reduced_context, kv="fp8")]
+    return [replace(kv, weights=weights) for weights in ("model", "int8") for kv in kv_options]
+
+
+def plan(source: ModelSource, *, dtype: torch.dtype = torch.bfloat16,
+         reduced_context: int = MOSHI_CONTEXT // 2, gpus: tuple[tuple[str, float], ...] = GPUS, gpu_memory_fraction: float = 0.95
+         ) -> tuple[list[PlanRow], str]:
+    """Every card x footprint (see the module docstring); and what the checkpoint was."""
+    from procs.model.capacity import CardMemory, streaming_bytes_per_session, weight_bytes
+    from procs.model.compact import apply_footprint
+
+    mimi, base_lm, described = meta_models(source, dtype)
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    rows = []
+    for footprint in footprints(min(reduced_context, base_lm.context)):
+        lm = apply_footprint(copy.deepcopy(base_lm), footprint)
+        per_session, weights = streaming_bytes_per_session(mimi, lm), weight_bytes(mimi, lm)
+        for name, gb in gpus:
+            card = CardMemory.told(int(gb * 1e9), weights)
+            rows.append(PlanRow(
+                gpu=name, gpu_memory_gb=gb, weights="int8" if footprint.weights == "int8" else dtype_name,
+                kv="fp8" if footprint.kv == "fp8" else dtype_name, context=lm.context,
+                sessions=card.sessions(per_session, gpu_memory_fraction), weights_gb=weights / 1e9,
+                session_mb=per_session / 1e6))
+    return rows, described
+
+
+def table(rows: list[PlanRow], described: str, gpu_memory_fraction: float) -> str:
+    combos = list(dict.fromkeys((r.weights, r.kv, r.context) for r in rows))
+    gpus = list(dict.fromkeys((r.gpu, r.gpu_memory_gb) for r in rows))
+    cell = {(r.gpu, r.weights, r.kv, r.context): r for r in rows}
+    lines = [f"Sessions per card for {described} ({NOTE}; {1 - gpu_memory_fraction:.0%} of each card kept "
+             "for working memory, --gpu-memory-fraction):", ""]
+    header = ["weights", "KV", "context", "weights GB", "MB/session", *(f"{g} {gb:g}GB" for g, gb in gpus)]
+    body = []
+    for weights, kv, context in combos:
+        first = cell[(gpus[0][0], weights, kv, context)]
+        sessions = [str(cell[(g, weights, kv, context)].sessions) for g, _ in gpus]
+        body.append([weights, kv, f"{context} ({context * 0.08 / 60:.1f} min)", f"{first.weights_gb:.2f}",
+                     f"{first.session_mb:.0f}", *sessions])
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    for row in [header, *body]:
+        lines.append("  ".join(text.rjust(width) if i >= 3 else text.ljust(width)
+                               for i, (text, width) in enumerate(zip(row, widths, strict=True))))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str = "voice-agent plan") -> int:
+    from procs.config import MODEL_SOURCE_OPTIONS, add_options, model_source, read_options
+    from procs.model.torch_setup import prepare_torch
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ", 1)[1])
+    add_options(parser, MODEL_SOURCE_OPTIONS)
+    parser.add_argument("--dtype", default="bf16", help="the model's dtype on the card (default bf16)")
+    parser.add_argument("--context", type=int, default=MOSHI_CONTEXT // 2, metavar="N",
+                        help="the reduced context to price, in 80 ms steps (default 1500: 2 minutes)")
+    parser.add_argument("--gpu-memory-gb", type=float, metavar="X", help="plan one card of X GB instead")
+    parser.add_argument("--gpu-memory-fraction", type=float, default=0.95,
+                        help="share of the card the server may use, as serve's flag (default 0.95)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    args = argparse.Namespace(**read_options(parser, MODEL_SOURCE_OPTIONS, argv))
+    if args.context < 16:
+        parser.error("--context must be at least 16 steps")
+    if not 0 < args.gpu_memory_fraction <= 1:
+        parser.error("--gpu-memory-fraction must be in (0, 1]")
+    gpus = GPUS if args.gpu_memory_gb is None else ((f"{args.gpu_memory_gb:g} GB card", args.gpu_memory_gb),)
+    prepare_torch("cpu")  # before moshi is imported: nothing runs, shapes only
+    from procs.model.checkpoints import parse_dtype
+
+    try:
+        rows, described = plan(model_source(args), dtype=parse_dtype(args.dtype, torch.device("cuda")),
+                               reduced_context=args.context, gpus=gpus,
+                               gpu_memory_fraction=args.gpu_memory_fraction)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        for row in rows:
+            print(json.dumps(asdict(row)))
+    else:
+        print(table(rows, described, args.gpu_memory_fraction))
+    return 0
