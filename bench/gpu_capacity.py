@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from procs.model.capacity import lm_kv_cache_bytes
+from procs.model.capacity import held_state_bytes, session_bytes, weight_bytes
+from procs.model.footprint import KV_FORMATS, WEIGHT_FORMATS, Footprint
 from procs.model.torch_setup import prepare_torch
 
 REAL_TIME_BUDGET_MS = 80.0  # one Mimi frame = 80 ms of audio; a step must finish before the next frame.
@@ -112,10 +113,10 @@ def tiny_configs() -> tuple[dict[str, tp.Any], dict[str, tp.Any]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Footprint:
+class ModelBytes:
     lm_weight_bytes: int
     mimi_weight_bytes: int
-    kv_bytes_per_session_formula: int  # LM layers x 2 (K, V) x context x dim x dtype bytes
+    kv_bytes_per_session_formula: int  # procs/model/capacity.py: LM layers x 2 (K, V) x context x ...
     kv_bytes_per_session_measured: int | None = None  # RingKVCache tensors of the LM at batch B, / B
     state_bytes_per_session_measured: int | None = None  # every streaming tensor (LM + Mimi), / B
 
@@ -128,56 +129,6 @@ class Footprint:
         and the whole KV ring of every session (moshi attends over the full capacity, masking the unused
         positions). Activations are negligible at these batch sizes."""
         return self.weight_bytes + self.kv_bytes_per_session_formula * batch_size
-
-
-def parameter_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def _streaming_tensors(
-    modules: tp.Iterable[torch.nn.Module],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(all tensors held by streaming states, the LM/Mimi KV-cache tensors among them)."""
-    from moshi.modules.streaming import State
-    from moshi.modules.transformer import RingKVCache
-
-    everything: list[torch.Tensor] = []
-    kv_caches: list[torch.Tensor] = []
-
-    def collect(value: tp.Any) -> None:
-        if isinstance(value, torch.Tensor):
-            everything.append(value)
-        elif isinstance(value, RingKVCache):
-            kv_caches.append(value.cache)
-            collect(vars(value))
-        elif isinstance(value, State):
-            collect(vars(value))
-        elif isinstance(value, dict):
-            for item in value.values():
-                collect(item)
-        elif isinstance(value, list | tuple):
-            for item in value:
-                collect(item)
-        # Anything else (CUDA graph wrappers, exit stacks, modules) holds no per-session state of its own.
-
-    for module in modules:
-        collect(getattr(module, "_streaming_state", None))
-    return everything, kv_caches
-
-
-def _unique_storage_bytes(tensors: list[torch.Tensor]) -> int:
-    seen: dict[tuple[str, int], int] = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
-    return sum(seen.values())
-
-
-def measured_state_bytes(lm: torch.nn.Module, mimi: torch.nn.Module) -> tuple[int, int]:
-    """(LM KV-cache bytes, all streaming-state bytes) currently held; call while streaming."""
-    _, lm_kv = _streaming_tensors(lm.modules())
-    everything, _ = _streaming_tensors([*lm.modules(), *mimi.modules()])
-    return _unique_storage_bytes(lm_kv), _unique_storage_bytes(everything)
 
 
 # ---------------------------------------------------------------------------------------------- bandwidth
@@ -299,7 +250,9 @@ def run_batch(
                 result.encode_ms.append(clock.elapsed_ms(marks[0], marks[1]))
                 result.lm_ms.append(clock.elapsed_ms(marks[1], marks[2]))
                 result.decode_ms.append(clock.elapsed_ms(marks[2], marks[3]))
-            result.kv_bytes_measured, result.state_bytes_measured = measured_state_bytes(lm_gen, mimi)
+            lm_modules = [lm_gen, *lm_gen.lm_model.modules()]
+            result.kv_bytes_measured = held_state_bytes(lm_modules)[0]
+            result.state_bytes_measured = held_state_bytes([*lm_modules, *mimi.modules()])[1]
             if clock.is_cuda:
                 result.peak_allocated_bytes = torch.cuda.max_memory_allocated(device)
                 result.in_use_allocated_bytes = torch.cuda.memory_allocated(device)
@@ -399,7 +352,7 @@ def _bytes_text(value: float | None) -> str:
     return f"{value / 1e9:.3f} GB" if value >= 1e8 else f"{value / 1e6:.3f} MB"
 
 
-def table_rows(results: list[BatchResult], footprint: Footprint, info: RunInfo) -> list[list[str]]:
+def table_rows(results: list[BatchResult], footprint: ModelBytes, info: RunInfo) -> list[list[str]]:
     rows = []
     for r in results:
         read_bytes = footprint.bytes_read_per_step(r.batch_size)
@@ -459,7 +412,7 @@ TABLE_HEADER = [
 ]
 
 
-def summary_lines(footprint: Footprint, info: RunInfo, capacity: Capacity) -> list[str]:
+def summary_lines(footprint: ModelBytes, info: RunInfo, capacity: Capacity) -> list[str]:
     vendor = (
         f"{info.vendor.bytes_per_s / 1e9:.0f} GB/s ({info.vendor.label}, vendor spec)"
         if info.vendor
@@ -476,10 +429,10 @@ def summary_lines(footprint: Footprint, info: RunInfo, capacity: Capacity) -> li
         f"CUDA graphs {'on' if info.cuda_graphs else 'off'}; {info.steps} timed steps after >= {info.warmup} "
         "warm-up steps per B",
         f"command: {info.command}",
-        f"weights: LM {_bytes_text(footprint.lm_weight_bytes)} (bf16) + "
+        f"weights: LM {_bytes_text(footprint.lm_weight_bytes)} + "
         f"Mimi {_bytes_text(footprint.mimi_weight_bytes)} (fp32) = {_bytes_text(footprint.weight_bytes)}",
         f"KV cache per session: formula {_bytes_text(footprint.kv_bytes_per_session_formula)} "
-        f"(layers x 2 x context x dim x 2 B), measured {measured_kv}; all streaming state per session "
+        f"(procs/model/capacity.py), measured {measured_kv}; all streaming state per session "
         f"(LM + Mimi) measured {measured_state}",
         f"memory bandwidth: {vendor}; measured device copy (read + write) "
         f"{info.measured_bandwidth / 1e9:.0f} GB/s",
@@ -585,6 +538,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="let moshi torch.compile its kernels (off by default: NO_TORCH_COMPILE=1)",
     )
     parser.add_argument("--no-cuda-graph", action="store_true", help="turn off moshi's CUDA graphs")
+    parser.add_argument("--quantize", choices=WEIGHT_FORMATS, default="model",
+                        help="int8: the LM's linear weights as int8 (serve's flag)")
+    parser.add_argument("--context", type=int, help="steps of attention the LM keeps (serve's flag)")
+    parser.add_argument("--kv-dtype", choices=KV_FORMATS, default="model",
+                        help="fp8: the LM's KV cache as float8 (serve's flag)")
     parser.add_argument(
         "--bandwidth-buffer-mib",
         type=int,
@@ -627,15 +585,18 @@ def install_huggingface_hub_stub_if_missing() -> None:
 
 
 def build_models(
-    lm_kwargs: dict[str, tp.Any], mimi_config: dict[str, tp.Any], device: torch.device
+    lm_kwargs: dict[str, tp.Any], mimi_config: dict[str, tp.Any], device: torch.device, footprint: Footprint
 ) -> tuple[tp.Any, tp.Any]:
-    """Random-weight Mimi (fp32) and LM (bf16) through moshi's own builders; torch's default init."""
+    """Random-weight Mimi (fp32) and LM (bf16) through moshi's own builders; torch's default init; held as
+    `footprint` says, by the engine's own `apply_footprint`."""
     from moshi.models import LMGen, loaders
+
+    from procs.model.compact import apply_footprint
 
     num_codebooks = max(lm_kwargs["dep_q"], lm_kwargs["n_q"] - lm_kwargs["dep_q"])
     mimi = loaders.get_mimi(None, mimi_config, device=device, num_codebooks=num_codebooks)
-    lm = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device=device, dtype=torch.bfloat16)
-    return mimi, LMGen(lm)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=dict(lm_kwargs), device=device, dtype=torch.bfloat16)
+    return mimi, LMGen(apply_footprint(lm, footprint))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -673,9 +634,11 @@ def main(argv: list[str] | None = None) -> int:
     release_memory(device)
 
     lm_kwargs, mimi_config = tiny_configs() if args.tiny else full_size_configs()
-    print(f"building the {'tiny' if args.tiny else '7B'} model on {device} ...", file=sys.stderr, flush=True)
+    held_as = Footprint(weights=args.quantize, context=args.context, kv=args.kv_dtype)
+    print(f"building the {'tiny' if args.tiny else '7B'} model on {device} ({held_as.describe()}) ...",
+          file=sys.stderr, flush=True)
     try:
-        mimi, lm_gen = build_models(lm_kwargs, mimi_config, device)
+        mimi, lm_gen = build_models(lm_kwargs, mimi_config, device, held_as)
     except torch.cuda.OutOfMemoryError:
         print(f"error: the model's weights alone do not fit in the memory of {args.device}", file=sys.stderr)
         return 1
@@ -693,8 +656,9 @@ def main(argv: list[str] | None = None) -> int:
             f"tiny (LM dim {lm_kwargs['dim']}, {lm_kwargs['num_layers']} layers)"
             if args.tiny
             else "Moshi 7B (random bf16 weights) + full-size Mimi"
-        ),
-        model_key="tiny" if args.tiny else "7B",
+        ) + f"; {held_as.describe(model_context=lm.context)}",
+        model_key=("tiny" if args.tiny else "7B") + ("" if held_as.is_default else
+                                                     f" {args.quantize} ctx {lm.context} kv {args.kv_dtype}"),
         torch_compile=args.torch_compile,
         cuda_graphs=is_cuda and not args.no_cuda_graph,
         steps=args.steps,
@@ -720,10 +684,10 @@ def main(argv: list[str] | None = None) -> int:
             break
 
     largest_ok = max((r for r in results if r.ok), key=lambda r: r.batch_size, default=None)
-    footprint = Footprint(
-        lm_weight_bytes=parameter_bytes(lm),
-        mimi_weight_bytes=parameter_bytes(mimi),
-        kv_bytes_per_session_formula=lm_kv_cache_bytes(lm_kwargs, torch.bfloat16),
+    footprint = ModelBytes(
+        lm_weight_bytes=weight_bytes(lm),
+        mimi_weight_bytes=weight_bytes(mimi),
+        kv_bytes_per_session_formula=session_bytes(mimi, lm).lm_kv,
         kv_bytes_per_session_measured=(
             None
             if largest_ok is None or largest_ok.kv_bytes_measured is None
@@ -749,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "cuda": str(torch.version.cuda),
             "moshi": moshi.__version__,
+            "footprint": {"weights": args.quantize, "context": lm.context, "kv": args.kv_dtype},
+            "weights_bytes": footprint.weight_bytes,
+            "session_bytes": session_bytes(mimi, lm).total,
             "batches": [{
                 "batch": r.batch_size,
                 "status": r.status,

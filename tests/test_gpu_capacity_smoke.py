@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from procs.model.capacity import lm_kv_cache_bytes
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "bench" / "gpu_capacity.py"
 TINY_CPU_ARGS = ["--tiny", "--device", "cpu", "--batch-sizes", "1,2", "--steps", "3", "--warmup", "1"]
@@ -130,5 +132,5 @@ def test_vendor_bandwidth_matches_device_names_as_torch_reports_them(gpu_capacit
 
 def test_kv_cache_per_session_of_the_7b_config_matches_design(gpu_capacity: types.ModuleType) -> None:
     lm_kwargs, _ = gpu_capacity.full_size_configs()
-    kv_bytes = gpu_capacity.lm_kv_cache_bytes(lm_kwargs, torch.bfloat16)
+    kv_bytes = lm_kv_cache_bytes(lm_kwargs, torch.bfloat16)
     assert kv_bytes == 32 * 2 * 3000 * 4096 * 2  # DESIGN.md: ~1.57 GB

@@ -101,8 +101,8 @@ def footprints(reduced_context: int) -> list[Footprint]:
 
 
 def plan(source: ModelSource, *, dtype: torch.dtype = torch.bfloat16,
-         reduced_context: int = MOSHI_CONTEXT // 2, gpus: tuple[tuple[str, float], ...] = GPUS, gpu_memory_fraction: float = 0.95
-         ) -> tuple[list[PlanRow], str]:
+         reduced_context: int = MOSHI_CONTEXT // 2, gpus: tuple[tuple[str, float], ...] = GPUS,
+         gpu_memory_fraction: float = 0.95) -> tuple[list[PlanRow], str]:
     """Every card x footprint (see the module docstring); and what the checkpoint was."""
     from procs.model.capacity import CardMemory, streaming_bytes_per_session, weight_bytes
     from procs.model.compact import apply_footprint
@@ -129,7 +129,8 @@ def table(rows: list[PlanRow], described: str, gpu_memory_fraction: float) -> st
     cell = {(r.gpu, r.weights, r.kv, r.context): r for r in rows}
     lines = [f"Sessions per card for {described} ({NOTE}; {1 - gpu_memory_fraction:.0%} of each card kept "
              "for working memory, --gpu-memory-fraction):", ""]
-    header = ["weights", "KV", "context", "weights GB", "MB/session", *(f"{g} {gb:g}GB" for g, gb in gpus)]
+    header = ["weights", "KV", "context", "weights GB", "MB/session",
+              *(g if "GB" in g else f"{g} {gb:g}GB" for g, gb in gpus)]
     body = []
     for weights, kv, context in combos:
         first = cell[(gpus[0][0], weights, kv, context)]
