@@ -263,8 +263,8 @@ A wheelhouse of {project['name']} {project['version']} for a machine with no net
 Target: CPython {args.python}, {platform} (resolved by uv as {uv_platform}).
 Not here, because the target must already have them (and what they need): {', '.join(sorted(have)) or '-'}.
 
-Install, into the Python that has those (on the GPU box: python3):
-    python -m pip install --no-index --no-deps {out}/*.whl
+Install, into the Python that has those (on the GPU box: python3), from the folder that holds {out.name}/:
+    python -m pip install --no-index --no-deps {out.name}/*.whl
 (--no-deps: nothing is resolved there, and packages listed here replace the machine's own copies.)
 Then, from a checkout of the project: PYTHON=python3 bench/gpu_check   (--tiny on a CPU)
 
