@@ -6,13 +6,14 @@ teacher-forced on the same inputs, and bf16 against fp32 as the floor.
     python bench/footprint_quality.py --model moshi-7b --device cuda        # the 7B shape (bench/gpu_check)
 
 Inputs: Telugu speech (espeak-ng; seeded noise at speech level where it is missing, as on a bare GPU box),
-encoded once by the fp32 model's Mimi. The teacher: the fp32 model run greedily through moshi's own
-`LMGen`, recording what LMGen fed its transformer each step (the 17 streams, after moshi's delays) and what
-it fed the depformer for each codebook. Every variant then steps the same recorded inputs through its
-streaming `forward_text` and `forward_depformer` (moshi's), so a difference at step t is the variant's
-own, not an earlier divergence. Per step: relative error ||l - l_ref|| / ||l_ref|| of the text logits and of
-the audio logits (all 8 codebooks), and whether the greedy text token agrees. Variants other than fp32 are
-compared with bf16 (the weights a GPU serves); bf16 with fp32.
+encoded once by the model's Mimi (fp32, as served). The LM's weights are bf16 values (as a checkpoint stores
+them) in every variant, so fp32 against bf16 measures the arithmetic alone. The teacher: the fp32 model run
+greedily through moshi's own `LMGen`, recording what LMGen fed its transformer each step (the 17 streams,
+after moshi's delays) and what it fed the depformer for each codebook. Every variant then steps the same
+recorded inputs through its streaming `forward_text` and `forward_depformer` (moshi's), so a difference at
+step t is the variant's own, not an earlier divergence. Per step: relative error ||l - l_ref|| / ||l_ref||
+of the text logits and of the audio logits (all 8 codebooks), and whether the greedy text token agrees.
+Variants other than fp32 are compared with bf16 (the weights a GPU serves); bf16 with fp32.
 
 Models: "demo" (the demo checkpoint: random weights), "wide" (moshi's 7B config with 2 transformer layers
 and 2 depformer layers, random weights: real widths, so int8's per-channel rows and fp8's per-vector scales
@@ -96,15 +97,16 @@ def configs(model: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch
     return lm_kwargs, loaders._mimi_config, None
 
 
-def base_lm(lm_kwargs: dict[str, Any], state: dict[str, torch.Tensor] | None) -> Any:
-    """The LM in float32 on the CPU: the checkpoint's weights, or seed 0's random ones."""
+def base_lm(lm_kwargs: dict[str, Any], state: dict[str, torch.Tensor] | None, device: torch.device) -> Any:
+    """The LM in bf16 on `device` (weights as a checkpoint stores them): the checkpoint's, or random ones
+    from seed 0. Every variant is a copy, so all share these values; fp32 computes with them exactly."""
     from moshi.models import loaders
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices="all" if device.type == "cuda" else []):
         torch.manual_seed(0)
-        lm = loaders.get_moshi_lm(None, lm_kwargs=dict(lm_kwargs), device="cpu", dtype=torch.float32)
+        lm = loaders.get_moshi_lm(None, lm_kwargs=dict(lm_kwargs), device=device, dtype=torch.bfloat16)
     if state is not None:
-        lm.load_state_dict({k: v.float() for k, v in state.items()})
+        lm.load_state_dict({k: v.to(torch.bfloat16) for k, v in state.items()})
     return lm.eval()
 
 
@@ -146,6 +148,7 @@ def record_teacher(lm: Any, codes: torch.Tensor) -> Teacher:
     """Runs `lm` greedily through moshi's LMGen on `codes`, recording its transformer's and depformer's
     inputs (instance attributes stand in for the two methods while it runs)."""
     from moshi.models import LMGen
+    from moshi.utils.compile import no_cuda_graph
 
     teacher = Teacher([], [])
     forward_text, forward_depformer = lm.forward_text, lm.forward_depformer
@@ -162,7 +165,8 @@ def record_teacher(lm: Any, codes: torch.Tensor) -> Teacher:
     lm.forward_text, lm.forward_depformer = recording_text, recording_depformer
     try:
         lm_gen = LMGen(lm, use_sampling=False)
-        with torch.no_grad(), lm_gen.streaming(1):
+        # no CUDA graphs: a replayed graph would not call the recorders
+        with torch.no_grad(), no_cuda_graph(), lm_gen.streaming(1):
             for t in range(codes.shape[-1]):
                 lm_gen.step(codes[:, :, t:t + 1])
     finally:
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    prepare_torch(args.device)
+    prepare_torch(args.device, compile=False)  # the same arithmetic, without minutes of compiling
     from moshi.models import loaders
 
     if args.threads:
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     variants = parse_variants(args.variants.format(context=args.context), args.context)
     lm_kwargs, mimi_config, state = configs(args.model)
-    base = base_lm(lm_kwargs, state)
+    base = base_lm(lm_kwargs, state, device)
     num_codebooks = max(lm_kwargs["dep_q"], lm_kwargs["n_q"] - lm_kwargs["dep_q"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
