@@ -1,6 +1,6 @@
 """The GPU check: one command that proves the serving core on a CUDA machine, and prints one table.
 
-    bench/gpu_check                      # on a CUDA pod (the 7B shape): about 6 minutes
+    bench/gpu_check                      # on a CUDA pod (the 7B shape): meant to fit in 8 minutes
     bench/gpu_check --tiny               # anywhere (the demo model on the CPU): the same code path, ~1 minute
     bench/gpu_check --markdown bench/RESULTS.md      # also write the table into that file (a marked block)
 
@@ -12,7 +12,11 @@
     says fits: the most sessions held, with bench/capacity_cpu.py's rule (every client got >= 95% of
     real-time output, its latency grew <= 20 ms, nothing dropped).
 (c) A masked, batched step (CUDA graphs on CUDA, captured by the warm-up) gives each slot the same greedy
-    tokens as the same session run alone, with sessions that start at different steps.
+    tokens as the same session run alone, with sessions that start at different steps: as stored, and with
+    int8 weights, an fp8 KV cache and a reduced context (procs/model/footprint.py).
+(a) also runs each way of holding the model that changes a step (`--quantize int8`, `--context 1500`,
+    `--kv-dtype fp8`), and (d) measures what int8 weights and an fp8 cache cost in quality: teacher-forced
+    logits against bf16, and greedy text-token agreement, over 250 steps (bench/footprint_quality.py).
 
 Needs the project importable (`pip install --no-deps -e .`, as the set-up does) and, for (a) and (b), CUDA
 unless --tiny.
@@ -49,6 +53,7 @@ from capacity_cpu import (
 )
 
 from procs.launcher import ServerProcess
+from procs.model.footprint import Footprint
 from procs.model.torch_setup import prepare_torch
 from protocol import Latency
 
@@ -63,32 +68,63 @@ SPAWN = multiprocessing.get_context("spawn")
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One way of holding the model: a label and serve's flags for it (gpu_capacity.py takes the same)."""
+
+    label: str
+    flags: tuple[str, ...]
+
+    @property
+    def footprint(self) -> Footprint:
+        values = dict(zip(self.flags[::2], self.flags[1::2], strict=True))
+        context = values.get("--context")
+        return Footprint(weights=values.get("--quantize", "model"),  # type: ignore[arg-type]
+                         context=None if context is None else int(context),
+                         kv=values.get("--kv-dtype", "model"))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class Plan:
     """What one run checks: the full 7B shape on CUDA, or --tiny, the demo shape on the CPU."""
 
     device: str
     capacity_args: tuple[str, ...]
+    variants: tuple[Variant, ...]  # the first: the model as stored
     server_args: tuple[str, ...]
     equivalence_model: str
     equivalence_slots: int
     equivalence_steps: int
+    quality_args: tuple[str, ...]
+
+
+def variants(reduced_context: int) -> tuple[Variant, ...]:
+    context = ("--context", str(reduced_context))
+    return (Variant("as stored", ()), Variant("int8 weights", ("--quantize", "int8")),
+            Variant(f"context {reduced_context}", context),
+            Variant(f"int8 weights, context {reduced_context}", ("--quantize", "int8", *context)),
+            Variant("int8 weights, fp8 KV", ("--quantize", "int8", "--kv-dtype", "fp8")))
 
 
 def plan(tiny: bool, batch_sizes: str, steps: int) -> Plan:
     if tiny:
         tiny_capacity = ("--tiny", "--device", "cpu", "--batch-sizes", "1,2", "--steps", "5", "--warmup", "3")
-        return Plan("cpu", tiny_capacity, ("--device", "cpu"), "demo", 3, 12)
-    return Plan("cuda", ("--device", "cuda", "--batch-sizes", batch_sizes, "--steps", str(steps)),
-                ("--random-model", "moshi-7b", "--device", "cuda"), "moshi-7b", 4, 24)
+        return Plan("cpu", tiny_capacity, variants(32), ("--device", "cpu"), "demo", 3, 12,
+                    ("--model", "demo", "--device", "cpu", "--steps", "30", "--context", "16",
+                     "--variants", "int8,fp8"))
+    return Plan("cuda", ("--device", "cuda", "--batch-sizes", batch_sizes, "--steps", str(steps),
+                         "--torch-compile"), variants(1500),
+                ("--random-model", "moshi-7b", "--device", "cuda"), "moshi-7b", 4, 24,
+                ("--model", "moshi-7b", "--device", "cuda", "--steps", "250", "--variants", "int8,fp8"))
 
 
 # ---- (a) step time against batch size ----------------------------------------------------------------------
 
 
-def step_times(p: Plan) -> dict:
+def step_times(p: Plan, variant: Variant) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "capacity.json"
-        command = [sys.executable, str(BENCH / "gpu_capacity.py"), *p.capacity_args, "--json", str(out)]
+        command = [sys.executable, str(BENCH / "gpu_capacity.py"), *p.capacity_args, *variant.flags,
+                   "--json", str(out)]
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"gpu_capacity.py failed ({run.returncode}):\n{run.stderr[-3000:]}")
@@ -188,13 +224,14 @@ def sessions_held(p: Plan, candidates: list[int], seconds: float) -> list[HeldRo
 
 @dataclass
 class EquivalenceRow:
+    variant: str
     slots: int
     steps: int
     identical: bool
     detail: str
 
 
-def masked_equals_alone(p: Plan) -> EquivalenceRow:
+def masked_equals_alone(p: Plan, variant: Variant) -> EquivalenceRow:
     """Sessions in the slots of one engine start at different steps (the others masked) and are run again
     one at a time in the same engine; greedy tokens must match slot by slot, step by step."""
     prepare_torch(p.device)  # before moshi is imported
@@ -203,7 +240,8 @@ def masked_equals_alone(p: Plan) -> EquivalenceRow:
 
     n, steps = p.equivalence_slots, p.equivalence_steps
     engine = load_engine("moshi", source=ModelSource(random_model=p.equivalence_model), device=p.device,
-                         batch_size=n, log=logging.getLogger("gpu_check"), greedy=True, seed=0)
+                         batch_size=n, log=logging.getLogger("gpu_check"), greedy=True, seed=0,
+                         footprint=variant.footprint)
     engine.warmup()  # as the server does before it says ready: on CUDA this captures the graphs
     rng = np.random.default_rng(7)
     audio = (0.1 * rng.standard_normal((n, steps, engine.frame_samples))).astype(np.float32)
@@ -230,31 +268,51 @@ def masked_equals_alone(p: Plan) -> EquivalenceRow:
         alone = run([slot])[slot]
         for step, (a, b) in enumerate(zip(together[slot], alone, strict=True)):
             if not np.array_equal(a, b):
-                return EquivalenceRow(n, steps, False, f"slot {slot} differs at its step {step}: {a} vs {b}")
-    return EquivalenceRow(n, steps, True, f"{n} slots x {steps} steps identical")
+                return EquivalenceRow(variant.label, n, steps, False,
+                                      f"slot {slot} differs at its step {step}: {a} vs {b}")
+    return EquivalenceRow(variant.label, n, steps, True, f"{n} slots x {steps} steps identical")
+
+
+# ---- (d) what int8 weights and an fp8 cache cost -----------------------------------------------------------
+
+
+def quality(p: Plan) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "quality.json"
+        command = [sys.executable, str(BENCH / "footprint_quality.py"), *p.quality_args, "--json", str(out)]
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"footprint_quality.py failed ({run.returncode}):\n{run.stderr[-3000:]}")
+        return json.loads(out.read_text())
 
 
 # ---- the table ---------------------------------------------------------------------------------------------
 
 
-def table(capacity: dict, held: list[HeldRow], equivalence: EquivalenceRow, p: Plan, seconds: float) -> str:
+def table(capacities: list[tuple[Variant, dict]], held: list[HeldRow], equivalence: list[EquivalenceRow],
+          quality_figures: dict, p: Plan, seconds: float) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: UP017
     model = "the demo model (--tiny)" if p.device == "cpu" else "Moshi 7B shape, random bf16 weights"
+    first = capacities[0][1]
     lines = [
-        f"**GPU check** on {capacity['device']}, {date}: torch {capacity['torch']}, CUDA {capacity['cuda']}, "
-        f"moshi {capacity['moshi']}; {model}. Command: `bench/gpu_check"
+        f"**GPU check** on {first['device']}, {date}: torch {first['torch']}, CUDA {first['cuda']}, "
+        f"moshi {first['moshi']}; {model}. Command: `bench/gpu_check"
         f"{' --tiny' if p.device == 'cpu' else ''}`.",
         "",
         "| check | figure |",
         "| --- | --- |",
     ]
-    for b in capacity["batches"]:
-        if b["status"] == "ok":
-            floor = f", floor {b['floor_ms']:.1f} ms" if b["floor_ms"] else ""
-            lines.append(f"| (a) step at batch {b['batch']} | p50 {b['p50_ms']:.1f} ms, "
-                         f"p99 {b['p99_ms']:.1f} ms, peak {b['peak_gib'] or 0:.1f} GiB{floor} |")
-        else:
-            lines.append(f"| (a) step at batch {b['batch']} | {b['status']} |")
+    for variant, capacity in capacities:
+        memory = (f"weights {capacity['weights_bytes'] / 1e9:.2f} GB, "
+                  f"{capacity['session_bytes'] / 1e6:.0f} MB per session")
+        for b in capacity["batches"]:
+            if b["status"] == "ok":
+                floor = f", floor {b['floor_ms']:.1f} ms" if b["floor_ms"] else ""
+                lines.append(f"| (a) {variant.label}: step at batch {b['batch']} | p50 {b['p50_ms']:.1f} ms, "
+                             f"p99 {b['p99_ms']:.1f} ms, peak {b['peak_gib'] or 0:.1f} GiB{floor}; "
+                             f"{memory} |")
+            else:
+                lines.append(f"| (a) {variant.label}: step at batch {b['batch']} | {b['status']} |")
     for r in held:
         verdict = "held" if r.held else f"NOT held ({r.why_not})"
         lines.append(f"| (b) {r.sessions} sessions for {seconds:.0f} s | {verdict}: real-time share "
@@ -262,8 +320,14 @@ def table(capacity: dict, held: list[HeldRow], equivalence: EquivalenceRow, p: P
                      f"sessions/step, wait {r.wait_mean_ms:.1f} ms, step p50 {r.step_p50_ms:.1f} ms |")
     most = max((r.sessions for r in held if r.held), default=0)
     lines.append(f"| (b) most sessions held | {most} |")
-    lines.append(f"| (c) masked batched step = alone | {'yes' if equivalence.identical else 'NO'}: "
-                 f"{equivalence.detail} |")
+    for e in equivalence:
+        lines.append(f"| (c) masked batched step = alone, {e.variant} | {'yes' if e.identical else 'NO'}: "
+                     f"{e.detail} |")
+    for q in quality_figures["rows"]:
+        lines.append(f"| (d) {q['variant']} against {q['against']}, {q['steps']} steps teacher-forced "
+                     f"({quality_figures['input']}) | text logits rel. err. {q['text_rel_err_mean']:.4f}, "
+                     f"audio {q['audio_rel_err_mean']:.4f}; greedy text agreement "
+                     f"{q['text_agreement']:.1%} |")
     return "\n".join(lines)
 
 
@@ -280,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the demo model on the CPU: the code path")
     parser.add_argument("--batch-sizes", default="1,8,16,32,64", help="(a) batch sizes")
     parser.add_argument("--steps", type=int, default=30, help="(a) timed steps per batch size")
-    parser.add_argument("--seconds", type=float, default=60.0, help="(b) seconds each N is held")
+    parser.add_argument("--seconds", type=float, default=30.0, help="(b) seconds each N is held")
     parser.add_argument("--sessions", help="(b) session counts to try (default: around what (a) fits)")
     parser.add_argument("--markdown", type=Path, help="also write the table into this file (a marked block)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
@@ -289,8 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     seconds = min(args.seconds, 8.0) if args.tiny else args.seconds
     started = time.monotonic()
 
-    capacity = step_times(p)
-    print(f"(a) done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    capacities = []
+    for variant in p.variants:
+        capacities.append((variant, step_times(p, variant)))
+        print(f"(a) {variant.label} done at {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    capacity = capacities[0][1]
     if args.sessions:
         candidates = sorted({int(v) for v in args.sessions.split(",")})
     else:
@@ -298,17 +365,24 @@ def main(argv: list[str] | None = None) -> int:
         candidates = [2] if args.tiny else sorted({max(1, fits // 2), fits, fits * 5 // 4})
     held = sessions_held(p, candidates, seconds)
     print(f"(b) done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
-    equivalence = masked_equals_alone(p)
+    equivalence = [masked_equals_alone(p, p.variants[0]),
+                   masked_equals_alone(p, Variant(f"{p.variants[3].label}, fp8 KV",
+                                                  (*p.variants[3].flags, "--kv-dtype", "fp8")))]
     print(f"(c) done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    quality_figures = quality(p)
+    print(f"(d) done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
 
-    text = table(capacity, held, equivalence, p, seconds)
+    text = table(capacities, held, equivalence, quality_figures, p, seconds)
     print(text)
     if args.markdown:
         write_block(args.markdown, text)
     if args.json:
-        args.json.write_text(json.dumps({"capacity": capacity, "held": [asdict(r) for r in held],
-                                         "equivalence": asdict(equivalence)}, indent=2))
-    return 0 if equivalence.identical else 1
+        args.json.write_text(json.dumps({
+            "capacity": capacity, "held": [asdict(r) for r in held], "equivalence": asdict(equivalence[0]),
+            "variants": [{"label": v.label, "flags": list(v.flags), "capacity": c} for v, c in capacities],
+            "equivalence_variants": [asdict(e) for e in equivalence], "quality": quality_figures,
+            "seconds": time.monotonic() - started}, indent=2))
+    return 0 if all(e.identical for e in equivalence) else 1
 
 
 if __name__ == "__main__":

@@ -25,8 +25,25 @@ def test_the_gpu_check_runs_its_three_parts_on_the_cpu(demo_checkpoint: str, tmp
     # (whether the demo keeps up on this CPU is the benchmarks' figure, not this test's: it ran and measured)
     assert held["sessions"] == 2 and 0 < held["min_share"] <= 1.05, held
     assert 0 < held["steps_per_s"] <= 12.75 and held["sessions_per_step"] > 1.5, held
-    # (c) a masked batched step gives each slot what the session gets alone
+    # (a) again for each way of holding the model, priced by the engine's own count
+    variants = {v["label"]: v for v in figures["variants"]}
+    assert list(variants) == ["as stored", "int8 weights", "context 32", "int8 weights, context 32",
+                              "int8 weights, fp8 KV"]
+    for variant in variants.values():
+        assert [b["status"] for b in variant["capacity"]["batches"]] == ["ok", "ok"], variant
+    stored, int8 = variants["as stored"]["capacity"], variants["int8 weights"]["capacity"]
+    assert int8["footprint"]["weights"] == "int8" and int8["weights_bytes"] < stored["weights_bytes"]
+    assert variants["context 32"]["capacity"]["footprint"]["context"] == 32
+    assert variants["context 32"]["capacity"]["session_bytes"] < stored["session_bytes"]
+    # (c) a masked batched step gives each slot what the session gets alone, as stored and held small
     assert figures["equivalence"]["identical"], figures["equivalence"]
+    assert [e["identical"] for e in figures["equivalence_variants"]] == [True, True]
+    # (d) teacher-forced logits: bf16 against fp32, int8 and fp8 against bf16
+    rows = {(q["variant"], q["against"]): q for q in figures["quality"]["rows"]}
+    assert set(rows) == {("bf16", "fp32"), ("int8", "bf16"), ("fp8", "bf16")}
+    assert all(q["steps"] == 30 and 0 < q["text_rel_err_mean"] < 1 and 0 <= q["text_agreement"] <= 1
+               for q in rows.values())
     text = markdown.read_text()
-    assert text.startswith("# Results\n\nbefore\n") and "(c) masked batched step = alone | yes" in text
+    assert text.startswith("# Results\n\nbefore\n")
+    assert "(c) masked batched step = alone, as stored | yes" in text
     assert "**GPU check**" in run.stdout
