@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from procs.config import OPTIONS, ServerConfig, parse_config
+from procs.model.footprint import Footprint
 
 
 def test_defaults_run_the_demo_checkpoint_on_the_cpu() -> None:
@@ -69,6 +70,12 @@ def test_moshi_servers_flags_mean_what_they_mean_there() -> None:
         ["--log-format", "xml"],
         ["--port", "8998", "--agent-port", "8998"],
         ["--ssl-cert", "/nonexistent/cert.pem", "--ssl-key", "/nonexistent/key.pem"],
+        ["--quantize", "int4"],
+        ["--kv-dtype", "int8"],
+        ["--context", "8"],
+        ["--gpu-memory-gb", "0"],
+        ["--engine", "loopback", "--quantize", "int8"],
+        ["--quantize", "int8", "--no_fuse_lora"],
     ],
 )
 def test_bad_options_are_refused_with_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,6 +99,9 @@ def test_bad_options_are_refused_with_usage(argv: list[str], capsys: pytest.Capt
         ("VOICE_SSL_CERT", "/nonexistent/cert.pem"),
         ("VOICE_SSL", "/nonexistent"),
         ("VOICE_AGENT_PORT", "abc"),
+        ("VOICE_QUANTIZE", "fp4"),
+        ("VOICE_CONTEXT", "ten"),
+        ("VOICE_KV_DTYPE", "fp4"),
     ],
 )
 def test_bad_environment_variables_are_refused_like_flags_naming_the_variable(
@@ -108,3 +118,11 @@ def test_cfg_coef_other_than_one_is_refused_with_the_reason(capsys: pytest.Captu
     with pytest.raises(SystemExit):
         parse_config(["--cfg-coef", "2"], environ={})
     assert "classifier-free guidance" in capsys.readouterr().err
+
+
+def test_the_memory_flags_name_one_footprint() -> None:
+    cfg = parse_config(["--quantize", "int8", "--context", "1500"], environ={"VOICE_KV_DTYPE": "fp8",
+                                                                             "VOICE_GPU_MEMORY_GB": "24"})
+    assert cfg.footprint == Footprint(weights="int8", context=1500, kv="fp8")
+    assert cfg.gpu_memory_gb == 24.0
+    assert parse_config([], environ={}).footprint.is_default

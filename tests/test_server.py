@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -337,3 +339,34 @@ def test_the_engine_owns_capacity_when_memory_holds_fewer_sessions_than_asked(de
         for run in runs:
             assert_real_time(run)
             assert run.session_start is not None and run.session_start.max_sessions == 2
+
+
+def test_a_server_holding_int8_weights_a_short_context_and_an_fp8_cache_serves_what_plan_says(
+    demo_checkpoint: str,
+) -> None:
+    """`voice-agent plan` prices the demo held small; `serve` with the same flags and the card size the plan
+    was asked about admits exactly the row's sessions, and a client converses with it."""
+    held = ["--quantize", "int8", "--context", "64", "--kv-dtype", "fp8"]
+
+    def plan_row(gpu_memory_gb: float) -> dict:
+        run = subprocess.run([sys.executable, "-m", "procs", "plan", "--dtype", "fp32", "--context", "64",
+                              "--gpu-memory-gb", repr(gpu_memory_gb), "--json"],
+                             capture_output=True, text=True, timeout=300, check=True)
+        rows = [json.loads(line) for line in run.stdout.splitlines()]
+        assert len(rows) == 8
+        assert {r["note"] for r in rows} == {"computed from memory, step time not measured"}
+        (row,) = [r for r in rows if r["weights"] == "int8" and r["kv"] == "fp8" and r["context"] == 64]
+        return row
+
+    sizes = plan_row(1.0)
+    card_gb = (sizes["weights_gb"] + 2.5 * sizes["session_mb"] / 1e3) / 0.95  # room for 2.5 sessions
+    row = plan_row(card_gb)
+    assert row["sessions"] == 2
+    pcm = telugu_speech_16k()[: 3 * 16000]
+    with ServerProcess(*held, "--gpu-memory-gb", repr(card_gb), "--max-sessions", "4") as server:
+        status, body = http_get(server.url + "/health")
+        assert status == 200 and json.loads(body)["max_sessions"] == row["sessions"]
+        assert "int8 weights, fp8 KV, context 64" in server.log()
+        run = asyncio.run(stream_client(server.ws_url, pcm, **ANSWERED))
+        assert run.session_start is not None and run.session_start.max_sessions == 2
+        assert_real_time(run)
