@@ -104,10 +104,18 @@ def plan(source: ModelSource, *, dtype: torch.dtype = torch.bfloat16,
          reduced_context: int = MOSHI_CONTEXT // 2, gpus: tuple[tuple[str, float], ...] = GPUS,
          gpu_memory_fraction: float = 0.95) -> tuple[list[PlanRow], str]:
     """Every card x footprint (see the module docstring); and what the checkpoint was."""
+    mimi, base_lm, described = meta_models(source, dtype)
+    return price(mimi, base_lm, reduced_context=reduced_context, gpus=gpus,
+                 gpu_memory_fraction=gpu_memory_fraction), described
+
+
+def price(mimi: torch.nn.Module, base_lm: torch.nn.Module, *, reduced_context: int,
+          gpus: tuple[tuple[str, float], ...], gpu_memory_fraction: float) -> list[PlanRow]:
+    """The rows for a built (meta-device) Mimi and LM as stored; `base_lm` is left as it is."""
     from procs.model.capacity import CardMemory, streaming_bytes_per_session, weight_bytes
     from procs.model.compact import apply_footprint
 
-    mimi, base_lm, described = meta_models(source, dtype)
+    dtype = base_lm.dtype
     dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     rows = []
     for footprint in footprints(min(reduced_context, base_lm.context)):
@@ -120,7 +128,7 @@ def plan(source: ModelSource, *, dtype: torch.dtype = torch.bfloat16,
                 kv="fp8" if footprint.kv == "fp8" else dtype_name, context=lm.context,
                 sessions=card.sessions(per_session, gpu_memory_fraction), weights_gb=weights / 1e9,
                 session_mb=per_session / 1e6))
-    return rows, described
+    return rows
 
 
 def table(rows: list[PlanRow], described: str, gpu_memory_fraction: float) -> str:

@@ -1,0 +1,79 @@
+"""One batched step of the demo checkpoint held as stored (fp32 on the CPU) and with int8 weights (and with
+int8 weights + an fp8 KV cache + a reduced context), at batch 8 and 32, one torch thread.
+
+Each footprint is timed in the same run as the model as stored, and the table prints its median against
+that baseline: these machines are shared and noisy, so only the ratio means something. bench/RESULTS.md
+(issue 17) has the figures and why int8 is not faster here.
+
+Run: .venv/bin/pytest bench/test_bench_footprint.py   (the table is printed at the end)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from procs.model.footprint import Footprint
+from procs.model.loader import load_engine
+from procs.model.moshi_engine import MoshiEngine
+from procs.model.source import ModelSource
+
+ROUNDS = 20
+WARMUP_ROUNDS = 3
+FOOTPRINTS = {
+    "as stored": Footprint(),
+    "int8": Footprint(weights="int8"),
+    "int8+fp8+ctx1500": Footprint(weights="int8", context=1500, kv="fp8"),
+}
+
+
+@pytest.fixture(scope="module")
+def medians(request: pytest.FixtureRequest):
+    found: dict[tuple[str, int], float] = {}
+    yield found
+    if not found:  # a --benchmark-disable smoke run: nothing was timed
+        return
+    lines = ["", f"Demo step by footprint, one thread (medians over {ROUNDS} steps; ratio: against as "
+             "stored)"]
+    for (name, batch), ms in sorted(found.items(), key=lambda item: (item[0][1], item[0][0])):
+        base = found.get(("as stored", batch))
+        ratio = f"{ms / base:.2f}x" if base else "-"
+        lines.append(f"  batch {batch:>2}  {name:<18} {ms:7.1f} ms  {ratio}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n".join(lines), flush=True)
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("batch", [8, 32])
+@pytest.mark.parametrize("name", list(FOOTPRINTS))
+def test_bench_footprint_step(benchmark, medians: dict, one_thread: None, name: str, batch: int) -> None:
+    engine = load_engine("moshi", source=ModelSource(), device="cpu", batch_size=batch,
+                         log=logging.getLogger("bench"), footprint=FOOTPRINTS[name])
+    assert isinstance(engine, MoshiEngine)
+    engine.warmup()
+    rng = np.random.default_rng(batch)
+    inputs = [(0.1 * rng.standard_normal((batch, engine.frame_samples))).astype(np.float32) for _ in range(4)]
+    ready = np.ones(batch, dtype=bool)
+    steps: list[bool] = []
+
+    def one_step() -> None:
+        steps.append(bool(engine.step_batch(inputs[len(steps) % len(inputs)], ready).has_audio.all()))
+
+    benchmark.pedantic(one_step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+    assert all(steps[1:])
+    if benchmark.disabled:
+        return
+    medians[(name, batch)] = benchmark.stats.stats.median * 1e3
+    benchmark.extra_info.update({"footprint": name, "batch": batch})
