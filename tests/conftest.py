@@ -31,6 +31,18 @@ def demo_checkpoint() -> str:
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The model steps in these tests are tiny; two intra-op threads on a shared 2-core machine only add
+    contention stalls. (Module-scoped: `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.)"""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def no_leaked_segments():
     """The test leaves no shared-memory segment of this process's test rings behind."""

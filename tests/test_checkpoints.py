@@ -25,6 +25,7 @@ from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
 from procs.model.variants import build_finetune, build_vocab_variant, write_hub_cache
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOG = logging.getLogger("test_checkpoints")
 REPO = "telugu-voice-agent/demo"
 FRAME = 1920
@@ -56,14 +57,6 @@ def offline(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def finetunes(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("finetunes")
     return {kind: build_finetune(demo_dir, root / kind / "consolidated", kind) for kind in ("lora", "full")}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def run(engine: MoshiEngine, steps: int = STEPS, seed: int = 3) -> list[StepResult]:

@@ -19,21 +19,13 @@ from procs.model.moshi_engine import MoshiEngine, text_piece_table
 from procs.model.source import ModelSource
 
 FRAME = 1920
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOG = logging.getLogger("test_engine")
 
 
 @pytest.fixture(scope="module")
 def demo_dir():
     return demo_checkpoint_dir()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The steps here are tiny; two intra-op threads on a shared 2-core machine only add contention stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def new_engine(batch_size: int, demo_dir) -> MoshiEngine:

@@ -25,6 +25,7 @@ from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOG = logging.getLogger("test_footprint")
 FRAME = 1920
 FOOTPRINTS = {
@@ -33,14 +34,6 @@ FOOTPRINTS = {
     "context": Footprint(context=20),
     "all": Footprint(weights="int8", context=20, kv="fp8"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def engine_for(footprint: Footprint, batch_size: int, source: ModelSource | None = None, **kwargs
