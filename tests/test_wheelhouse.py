@@ -1,0 +1,102 @@
+"""scripts/wheelhouse, end to end: the wheels for a machine with no network, installed with --no-index
+--no-deps into a fresh venv that has only torch and what a GPU box brings (numpy, safetensors,
+huggingface_hub), where `bench/gpu_check --tiny` then runs its three parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCH = "torch==2.13.0"  # as scripts/setup installs it
+BOX = ["numpy", "safetensors", "huggingface_hub"]  # what the GPU box has besides torch: the newest, uncapped
+LEFT_OUT = {"torch", "numpy", "safetensors", "huggingface-hub"}  # scripts/wheelhouse's default --have
+MAX_BYTES = 64 * 2**20
+# Imported from the fresh venv: the server's run-time needs, all of them from the wheelhouse or the box.
+IMPORTS = ("torch", "numpy", "safetensors", "huggingface_hub", "moshi", "msgspec", "websockets", "uvloop",
+           "silero_vad", "onnxruntime", "sentencepiece", "sphn", "soxr", "soundfile", "einops", "tqdm",
+           "pythonjsonlogger", "opuslib_next", "procs", "protocol", "ringbuf", "supervisor")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the repository's venv, PYTHONPATH or any VOICE_* setting."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("VOICE_") and k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    return env | extra
+
+
+def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert done.returncode == 0, f"{cmd}\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+@pytest.mark.slow
+def test_the_wheelhouse_installs_offline_and_runs_the_gpu_check(demo_checkpoint: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    house = tmp_path / "wheelhouse"
+    build = run([str(ROOT / "scripts" / "wheelhouse"), "--out", str(house)], timeout=600, cwd=tmp_path)
+    wheels = sorted(house.glob("*.whl"))
+    names = {canonicalize_name(parse_wheel_filename(w.name)[0]) for w in wheels}
+    assert len(names) == len(wheels), "two versions of one package"
+    assert not names & LEFT_OUT, names
+    assert {"telugu-voice-agent", "moshi", "onnxruntime", "silero-vad", "msgspec"} <= names, names
+    total = sum(w.stat().st_size for w in wheels)
+    assert total <= MAX_BYTES, f"{total / 2**20:.1f} MiB"
+    assert f"{total / 2**20:.2f} MiB" in build.stdout and "total" in build.stdout  # it prints the list
+    readme = (house / "README.txt").read_text()
+    assert "python -m pip install --no-index --no-deps" in readme
+    assert f"CPython {sys.version_info.major}.{sys.version_info.minor}" in readme
+    built_s = time.monotonic() - started
+
+    # A fresh venv with torch (from the registry, as scripts/setup installs it) and what the box has.
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)], timeout=120)
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+    python = str(venv / "bin" / "python")
+    env = clean_env()
+    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input"]
+    run([*pip, TORCH, *BOX], timeout=600, env=env)
+    # The rest only from the wheelhouse, resolving nothing.
+    run([*pip, "--no-index", "--no-deps", *map(str, wheels)], timeout=300, env=env)
+    installed_s = time.monotonic() - started - built_s
+
+    # From outside the checkout (the current directory is on sys.path): all of it from the fresh venv.
+    work = tmp_path / "work"
+    work.mkdir()
+    where = run([python, "-c", "import importlib, sys\n"
+                 "for name in sys.argv[1:]:\n    print(importlib.import_module(name).__file__)",
+                 *IMPORTS], timeout=120, cwd=work, env=env)
+    files = where.stdout.split()
+    assert len(files) == len(IMPORTS), files
+    assert all(f.startswith(str(venv / "lib")) and "site-packages" in f for f in files), files
+    assert not list(venv.glob("lib/python*/site-packages/__editable__*")), "an editable install"
+    run([str(venv / "bin" / "voice-agent"), "--help"], timeout=60, cwd=work, env=env)
+
+    # bench/ runs from the checkout, with the fresh venv's Python.
+    out = tmp_path / "gpu_check.json"
+    check = run([str(ROOT / "bench" / "gpu_check"), "--tiny", "--json", str(out)], timeout=600, cwd=ROOT,
+                env=clean_env(PYTHON=python))
+    figures = json.loads(out.read_text())
+    # (a) step time against batch size, from gpu_capacity.py
+    assert [b["batch"] for b in figures["capacity"]["batches"]] == [1, 2]
+    assert all(b["status"] == "ok" and 0 < b["p50_ms"] <= b["p99_ms"] for b in figures["capacity"]["batches"])
+    # (b) the real server on its step clock, driven by clients at real-time pace from another process
+    (held,) = figures["held"]
+    assert held["sessions"] == 2 and 0 < held["min_share"] <= 1.05, held
+    assert 0 < held["steps_per_s"] <= 12.75 and held["sessions_per_step"] > 1.5, held
+    # (c) a masked batched step gives each slot what the session gets alone
+    assert figures["equivalence"]["identical"], figures["equivalence"]
+    assert "**GPU check**" in check.stdout
+    checked_s = time.monotonic() - started - built_s - installed_s
+    print(f"wheelhouse: {len(wheels)} wheels, {total / 2**20:.1f} MiB, built in {built_s:.0f} s; fresh venv "
+          f"in {installed_s:.0f} s; gpu_check --tiny in {checked_s:.0f} s")
