@@ -105,8 +105,9 @@ def configs(model: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch
 
 
 def base_lm(lm_kwargs: dict[str, Any], state: dict[str, torch.Tensor] | None, device: torch.device) -> Any:
-    """The LM in bf16 on `device` (weights as a checkpoint stores them): the checkpoint's, or random ones
-    from seed 0. Every variant is a copy, so all share these values; fp32 computes with them exactly."""
+    """The LM in bf16 (weights as a checkpoint stores them), kept in host memory: the checkpoint's, or random
+    ones from seed 0 (drawn on `device`, quick on a GPU). Every variant is a copy of it moved to `device`, so
+    all share these values (fp32 computes with them exactly) and the card holds one variant at a time."""
     from moshi.models import loaders
 
     with torch.random.fork_rng(devices="all" if device.type == "cuda" else []):
@@ -114,14 +115,14 @@ def base_lm(lm_kwargs: dict[str, Any], state: dict[str, torch.Tensor] | None, de
         lm = loaders.get_moshi_lm(None, lm_kwargs=dict(lm_kwargs), device=device, dtype=torch.bfloat16)
     if state is not None:
         lm.load_state_dict({k: v.to(torch.bfloat16) for k, v in state.items()})
-    return lm.eval()
+    return lm.cpu().eval()
 
 
 def variant_lm(base: Any, dtype: torch.dtype, footprint: Footprint, device: torch.device) -> Any:
     """A copy of `base` in `dtype` on `device`, held as `footprint` says (the engine's apply_footprint)."""
     from procs.model.compact import apply_footprint
 
-    return apply_footprint(copy.deepcopy(base).to(device=device, dtype=dtype), footprint)
+    return apply_footprint(copy.deepcopy(base).to(device=device, dtype=dtype), footprint)  # copy on the host
 
 
 def input_codes(mimi: Any, steps: int, device: torch.device) -> tuple[torch.Tensor, str]:

@@ -1,6 +1,6 @@
 """The GPU check: one command that proves the serving core on a CUDA machine, and prints one table.
 
-    bench/gpu_check                      # on a CUDA pod (the 7B shape): meant to fit in 8 minutes
+    bench/gpu_check                      # on a CUDA pod (the 7B shape); not yet timed on one
     bench/gpu_check --tiny               # anywhere (the demo model on the CPU): the same code path, ~1 minute
     bench/gpu_check --markdown bench/RESULTS.md      # also write the table into that file (a marked block)
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import gc
 import json
 import logging
 import multiprocessing
@@ -273,6 +274,14 @@ def masked_equals_alone(p: Plan, variant: Variant) -> EquivalenceRow:
     return EquivalenceRow(variant.label, n, steps, True, f"{n} slots x {steps} steps identical")
 
 
+def release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 # ---- (d) what int8 weights and an fp8 cache cost -----------------------------------------------------------
 
 
@@ -365,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         candidates = [2] if args.tiny else sorted({max(1, fits // 2), fits, fits * 5 // 4})
     held = sessions_held(p, candidates, seconds)
     print(f"(b) done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
-    equivalence = [masked_equals_alone(p, p.variants[0]),
-                   masked_equals_alone(p, Variant(f"{p.variants[3].label}, fp8 KV",
-                                                  (*p.variants[3].flags, "--kv-dtype", "fp8")))]
+    equivalence = []
+    for variant in (p.variants[0], Variant(f"{p.variants[3].label}, fp8 KV",
+                                           (*p.variants[3].flags, "--kv-dtype", "fp8"))):
+        equivalence.append(masked_equals_alone(p, variant))
+        release(p.device)  # its engine is gone with the call: give the card back before the next
     print(f"(c) done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     quality_figures = quality(p)
     print(f"(d) done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)

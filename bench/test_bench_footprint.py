@@ -77,3 +77,41 @@ def test_bench_footprint_step(benchmark, medians: dict, one_thread: None, name: 
         return
     medians[(name, batch)] = benchmark.stats.stats.median * 1e3
     benchmark.extra_info.update({"footprint": name, "batch": batch})
+
+
+@pytest.fixture(scope="module")
+def linear_medians(request: pytest.FixtureRequest):
+    found: dict[tuple[str, int], float] = {}
+    yield found
+    if not found:
+        return
+    lines = ["", f"One 4096 x 4096 linear layer, one thread (medians over {ROUNDS * 5} calls; ratio: against "
+             "bf16)"]
+    for (kind, rows), ms in sorted(found.items(), key=lambda item: (item[0][1], item[0][0])):
+        base = found.get(("bf16", rows))
+        lines.append(f"  rows {rows:>2}  {kind:<5} {ms:7.2f} ms  {f'{ms / base:.2f}x' if base else '-'}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n".join(lines), flush=True)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_bench_linear_at_real_width(benchmark, linear_medians: dict, one_thread: None, kind: str,
+                                    rows: int) -> None:
+    """The 7B's width: where int8 rows save reads, as on a GPU (bf16 activations; on the CPU the int8 layer
+    takes torch._weight_int8pack_mm)."""
+    from torch import nn
+
+    from procs.model.int8 import Int8Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(4096, 4096, bias=False)
+    dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+    layer = Int8Linear.from_linear(linear.to(dtype)) if kind == "int8" else linear.to(dtype)
+    x = torch.randn(rows, 4096, dtype=dtype)
+    with torch.no_grad():
+        benchmark.pedantic(layer, args=(x,), rounds=ROUNDS * 5, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+        assert layer(x).shape == (rows, 4096)
+    if not benchmark.disabled:
+        linear_medians[(kind, rows)] = benchmark.stats.stats.median * 1e3

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +65,16 @@ def test_int8_rows_reproduce_a_linear_layer() -> None:
         dequantized = _dequantized_linear(x16, int8_bf16.weight, int8_bf16.scale) + int8_bf16.bias
     assert packed.dtype == torch.bfloat16
     assert torch.allclose(packed.float(), dequantized.float(), rtol=0.02, atol=0.02)
+    # fp16 (the path a CUDA card takes): rows are scaled before the product, so raw int8 values never
+    # multiply activations (127 x 4 x 11,264 inputs would pass fp16's 65,504)
+    wide = nn.Linear(11264, 8, bias=False)
+    int8_fp16 = Int8Linear.from_linear(wide)
+    x_fp16 = torch.full((2, 11264), 4.0, dtype=torch.float16)
+    with torch.no_grad():
+        y = _dequantized_linear(x_fp16, int8_fp16.weight, int8_fp16.scale)
+        reference = wide(x_fp16.float())
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    assert torch.allclose(y.float(), reference, rtol=0.02, atol=0.05)
 
 
 def test_int8_replaces_every_linear_layer_of_the_lm_and_halves_its_weights() -> None:
@@ -174,7 +183,7 @@ def test_the_engine_counts_the_state_its_sessions_hold(name: str) -> None:
     assert counted.lm_kv + counted.mimi <= everything_per_session <= 1.05 * counted.total + 64 * 1024
 
 
-def test_the_clamp_at_start_up_is_the_planners_number(tmp_path: Path) -> None:
+def test_the_clamp_at_start_up_is_the_planners_number() -> None:
     from procs.model.plan import plan
 
     for footprint in FOOTPRINTS.values():
@@ -196,3 +205,12 @@ def test_apply_footprint_refuses_what_cannot_be_combined() -> None:
         apply_footprint(copy.deepcopy(engine.lm), Footprint(context=4000))
     with pytest.raises(ValueError, match="at least"):
         Footprint(context=8)
+    from moshi.models import loaders
+
+    from procs.model.demo import demo_lm_config
+
+    # heads of 6 values: the float32 scale after each vector in the uint8 ring would sit misaligned
+    odd_heads = loaders.get_moshi_lm(None, lm_kwargs=demo_lm_config(400) | {"dim": 120, "num_heads": 20},
+                                     device="meta", dtype=torch.float32)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        apply_footprint(odd_heads, Footprint(kv="fp8"))

@@ -75,3 +75,14 @@ def test_a_hub_repo_is_planned_from_its_config_without_its_weights(
                                     reduced_context=64)
     assert "fine-tune" in described
     assert [r.session_mb for r in from_finetune] == [r.session_mb for r in from_directory]
+
+
+@pytest.mark.parametrize("argv", [["--gpu-memory-gb", "0"], ["--random-model", "demo", "--checkpoint", "/x"],
+                                  ["--dtype", "int4"], ["--context", "3"], ["--gpu-memory-fraction", "1.5"]])
+def test_bad_plan_arguments_are_refused_with_usage(argv: list[str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from procs.model.plan import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and "usage:" in capsys.readouterr().err

@@ -366,7 +366,6 @@ def test_a_server_holding_int8_weights_a_short_context_and_an_fp8_cache_serves_w
     with ServerProcess(*held, "--gpu-memory-gb", repr(card_gb), "--max-sessions", "4") as server:
         status, body = http_get(server.url + "/health")
         assert status == 200 and json.loads(body)["max_sessions"] == row["sessions"]
-        assert "int8 weights, fp8 KV, context 64" in server.log()
         run = asyncio.run(stream_client(server.ws_url, pcm, **ANSWERED))
         assert run.session_start is not None and run.session_start.max_sessions == 2
         assert_real_time(run)

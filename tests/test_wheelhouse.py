@@ -46,6 +46,7 @@ def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # its steps' own limits: a registry download, a venv, gpu_check --tiny
 def test_the_wheelhouse_installs_offline_and_runs_the_gpu_check(demo_checkpoint: str, tmp_path: Path) -> None:
     started = time.monotonic()
     house = tmp_path / "wheelhouse"

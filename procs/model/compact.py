@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from moshi.models.lm import LMModel
 from moshi.modules.lora import LoRALinear
-from moshi.modules.transformer import set_attention_context
+from moshi.modules.transformer import StreamingMultiheadAttention, set_attention_context
 
 from procs.model.footprint import Footprint
 from procs.model.int8 import quantize_linears
@@ -37,6 +37,11 @@ def apply_footprint(lm: LMModel, footprint: Footprint) -> LMModel:
         if any(isinstance(m, LoRALinear) for m in lm.modules()):
             raise ValueError("int8 weights need LoRA adapters fused into the weights first "
                              "(drop --no_fuse_lora)")
+        if lm.condition_provider is not None or lm.fuser is not None or any(
+                isinstance(m, StreamingMultiheadAttention) and m.cross_attention for m in lm.modules()):
+            # moshi's cross-attention reads its projection's float weight directly
+            raise ValueError("int8 weights are for Moshi's unconditioned LM: this model has conditioning or "
+                             "cross-attention")
         quantize_linears(lm)
     serve_attention(lm.transformer, footprint.kv, compute_dtype)
     if lm.depformer is not None:

@@ -13,9 +13,17 @@ measurements):
 * torchao's int8 weight-only layout ties the server to torchao's release for the pod's torch (the GPU box
   keeps its own torch), for the same arithmetic as the few lines below;
 * here, the forward is plain torch: on the CPU with bf16/fp16 activations `torch._weight_int8pack_mm` (a
-  vectorised int8 kernel, faster than a bf16 matmul), otherwise `linear(x, q.to(x.dtype)) * scale`, the
-  formulation torch.compile fuses into one kernel on CUDA (moshi compiles it there, as its own hot
-  functions, and its CUDA graphs capture it like any other op).
+  vectorised int8 kernel, faster than a bf16 matmul at the 7B's width: bench/test_bench_footprint.py);
+  elsewhere the rows are scaled back into the compute dtype and multiplied, `linear(x, q * scale)`
+  (scaling first: fp16 would overflow on raw int8 products), compiled by moshi's `torch_compile_lazy` on
+  CUDA like its own hot functions and captured by its CUDA graphs like any other op.
+
+What this costs on a GPU is not measured yet (no GPU was lent while it was written): there, each layer's
+rows are widened to bf16 as the step reaches them, so a step reads 1 byte per weight, writes 2 and reads
+them again, against bf16's 2 read, unless torch.compile fuses the widening into the matmul. int8 weights buy
+memory (sessions per card) for certain; whether they also keep a step within 80 ms at those batch sizes is
+`bench/gpu_check`'s part (a) to measure. PyTorch's own CUDA `_weight_int8pack_mm` takes float32
+activations and reads the weights once per row of the batch, so it is not used there.
 
 The module is not an `nn.Linear` on purpose: moshi's gating layers take the fused kernel path only for
 `nn.Linear` (reading `.weight` directly) and call any other module, which is what int8 weights need.
@@ -33,7 +41,7 @@ INT8_MAX = 127
 
 @torch_compile_lazy
 def _dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (F.linear(x, weight.to(x.dtype)) * scale).to(x.dtype)
+    return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None])
 
 
 class Int8Linear(nn.Module):

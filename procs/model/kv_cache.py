@@ -101,6 +101,10 @@ def serve_attention(module: torch.nn.Module, kv_format: KVFormat, compute_dtype:
         if isinstance(attention, StreamingMultiheadAttention) and not attention.cross_attention:
             if attention._streaming_state is not None:
                 raise RuntimeError("the KV cache format must be set before the model starts streaming")
+            if kv_format == "fp8" and (attention.embed_dim // attention.num_heads) % SCALE_BYTES:
+                # the scale's 4 bytes follow each vector in the uint8 ring and are read as one float32
+                raise ValueError(f"an fp8 KV cache needs a head dimension divisible by {SCALE_BYTES}, got "
+                                 f"{attention.embed_dim // attention.num_heads}")
             attention.__class__ = ServingAttention
             attention.kv_format = kv_format
             attention.compute_dtype = compute_dtype

@@ -13,6 +13,7 @@ Imports moshi: call `procs.model.torch_setup.prepare_torch` first.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -266,6 +267,11 @@ def load_moshi_engine(*, source: ModelSource, device: str, dtype: str | None, ba
         tokenizer = info.get_text_tokenizer()
         lm_gen_config = dict(info.lm_gen_config)
     apply_footprint(lm, footprint)
+    if torch_device.type == "cuda" and not footprint.is_default:
+        # The bf16 weights int8 replaced sit in torch's cache, which CUDA's free memory counts as used:
+        # hand them back before the capacity clamp reads it.
+        gc.collect()
+        torch.cuda.empty_cache()
     log.info("model %s: %s, dtype %s, device %s; Mimi %.1f M params, %d codebooks; tokenizer %d pieces",
              described, _describe_lm(lm), torch_dtype, torch_device, _param_count(mimi) / 1e6,
              mimi.num_codebooks, tokenizer.vocab_size())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from procs.model.footprint import MOSHI_CONTEXT, Footprint
+from procs.model.footprint import MIN_CONTEXT, MOSHI_CONTEXT, Footprint
 from procs.model.source import ModelSource
 
 # (name, memory in GB as sold)
@@ -153,29 +153,32 @@ def table(rows: list[PlanRow], described: str, gpu_memory_fraction: float) -> st
 
 
 def main(argv: list[str] | None = None, prog: str = "voice-agent plan") -> int:
-    from procs.config import MODEL_SOURCE_OPTIONS, add_options, model_source, read_options
+    from procs.config import DTYPES, MODEL_SOURCE_OPTIONS, OPTIONS, add_options, model_source, read_options
     from procs.model.torch_setup import prepare_torch
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ", 1)[1])
-    add_options(parser, MODEL_SOURCE_OPTIONS)
-    parser.add_argument("--dtype", default="bf16", help="the model's dtype on the card (default bf16)")
+    # serve's own options, with their checks and VOICE_* twins: what names the model, and the card's share
+    options = (*MODEL_SOURCE_OPTIONS,
+               *(o for o in OPTIONS if o.dest in ("gpu_memory_fraction", "gpu_memory_gb")))
+    add_options(parser, options)
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="the model's dtype on the card")
     parser.add_argument("--context", type=int, default=MOSHI_CONTEXT // 2, metavar="N",
                         help="the reduced context to price, in 80 ms steps (default 1500: 2 minutes)")
-    parser.add_argument("--gpu-memory-gb", type=float, metavar="X", help="plan one card of X GB instead")
-    parser.add_argument("--gpu-memory-fraction", type=float, default=0.95,
-                        help="share of the card the server may use, as serve's flag (default 0.95)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
-    args = argparse.Namespace(**read_options(parser, MODEL_SOURCE_OPTIONS, argv))
-    if args.context < 16:
-        parser.error("--context must be at least 16 steps")
-    if not 0 < args.gpu_memory_fraction <= 1:
-        parser.error("--gpu-memory-fraction must be in (0, 1]")
+    args = argparse.Namespace(**({"gpu_memory_fraction": 0.95, "gpu_memory_gb": None}
+                                 | read_options(parser, options, argv)))
+    if args.context < MIN_CONTEXT:
+        parser.error(f"--context must be at least {MIN_CONTEXT} steps")
+    source = model_source(args)
+    if source.random_model is not None and (source.checkpoint or source.hf_repo or source.file_overrides):
+        parser.error("--random-model builds a model in memory: it takes no --checkpoint, --hf-repo or "
+                     "weights")
     gpus = GPUS if args.gpu_memory_gb is None else ((f"{args.gpu_memory_gb:g} GB card", args.gpu_memory_gb),)
     prepare_torch("cpu")  # before moshi is imported: nothing runs, shapes only
     from procs.model.checkpoints import parse_dtype
 
     try:
-        rows, described = plan(model_source(args), dtype=parse_dtype(args.dtype, torch.device("cuda")),
+        rows, described = plan(source, dtype=parse_dtype(args.dtype, torch.device("cuda")),
                                reduced_context=args.context, gpus=gpus,
                                gpu_memory_fraction=args.gpu_memory_fraction)
     except (OSError, ValueError, KeyError) as error:
