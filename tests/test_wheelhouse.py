@@ -5,7 +5,6 @@ huggingface_hub), where `bench/gpu_check --tiny` then runs its three parts."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
+from tests.test_container import clean_env
 from tests.test_gpu_check import assert_gpu_check_figures
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,15 +28,6 @@ MAX_BYTES = 64 * 2**20
 IMPORTS = ("torch", "numpy", "safetensors", "huggingface_hub", "moshi", "msgspec", "websockets", "uvloop",
            "silero_vad", "onnxruntime", "sentencepiece", "sphn", "soxr", "soundfile", "einops", "tqdm",
            "pythonjsonlogger", "opuslib_next", "procs", "protocol", "ringbuf", "supervisor")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without the repository's venv, PYTHONPATH or any VOICE_* setting."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("VOICE_") and k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
-    return env | extra
 
 
 def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess[str]:
