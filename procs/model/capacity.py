@@ -10,7 +10,7 @@ compute dtype: that transient is counted per session too (one layer's K and V), 
 batch. `lm_kv_cache_bytes` computes the bf16 figure from a config (before any model exists, as
 bench/gpu_capacity.py needs); `session_bytes` sums a built model's attention modules; the two agree
 (tests/test_engine.py), and `held_state_bytes` measures what a streaming model really holds
-(tests/test_footprint.py, bench/footprint.py).
+(tests/test_footprint.py, bench/footprint_memory.py).
 """
 
 from __future__ import annotations
