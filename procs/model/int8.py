@@ -22,8 +22,9 @@ What this costs on a GPU is not measured yet (no GPU was lent while it was writt
 rows are widened to bf16 as the step reaches them, so a step reads 1 byte per weight, writes 2 and reads
 them again, against bf16's 2 read, unless torch.compile fuses the widening into the matmul. int8 weights buy
 memory (sessions per card) for certain; whether they also keep a step within 80 ms at those batch sizes is
-`bench/gpu_check`'s part (a) to measure. PyTorch's own CUDA `_weight_int8pack_mm` takes float32
-activations and reads the weights once per row of the batch, so it is not used there.
+`bench/gpu_check`'s part (a) to measure. PyTorch's CUDA `_weight_int8pack_mm`, as its source (int8mm.cu)
+reads, takes float32 activations and computes one output element per thread group, reading the weights
+again for each row of the batch, so it is not used there.
 
 The module is not an `nn.Linear` on purpose: moshi's gating layers take the fused kernel path only for
 `nn.Linear` (reading `.weight` directly) and call any other module, which is what int8 weights need.
