@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     from procs.model.capacity import held_state_bytes, session_bytes, weight_bytes
     from procs.model.checkpoints import checkpoint_info_from_dir
     from procs.model.compact import apply_footprint
-    from procs.model.demo import demo_checkpoint_dir
+    from procs.model.demo import demo_checkpoint_dir, mimi_codebooks
     from procs.model.moshi_engine import MoshiEngine
     from procs.model.plan import price
 
     lm_kwargs = dict(loaders._lm_kwargs) | {"num_layers": 2, "depformer_num_layers": 2}
-    num_codebooks = max(lm_kwargs["dep_q"], lm_kwargs["n_q"] - lm_kwargs["dep_q"])
+    num_codebooks = mimi_codebooks(lm_kwargs)
     meta_mimi = loaders.get_mimi(None, loaders._mimi_config, num_codebooks=num_codebooks, device="meta")
     meta_lm = loaders.get_moshi_lm(None, lm_kwargs=dict(lm_kwargs), device="meta", dtype=torch.bfloat16)
     planned = {(r.weights, r.kv, r.context): r for r in price(

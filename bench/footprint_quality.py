@@ -87,8 +87,9 @@ def parse_variants(text: str, context: int) -> dict[str, tuple[torch.dtype, Foot
     return {"fp32": known["fp32"], "bf16": known["bf16"], **chosen}
 
 
-def configs(model: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor] | None]:
-    """(LM kwargs, Mimi config, LM state dict or None for seeded random init)."""
+def configs(model: str, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, Any]:
+    """(LM kwargs, LM state dict or None for seeded random init, Mimi on `device`: the demo's own, or the
+    full-size one with seed 1's random weights)."""
     from moshi.models import loaders
     from safetensors.torch import load_file
 
@@ -97,11 +98,17 @@ def configs(model: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch
         from procs.model.demo import demo_checkpoint_dir
 
         info = checkpoint_info_from_dir(demo_checkpoint_dir())
-        return dict(info.lm_config or {}), info.mimi_config or {}, load_file(str(info.moshi_weights))
+        return dict(info.lm_config or {}), load_file(str(info.moshi_weights)), info.get_mimi(device=device)
+    from procs.model.demo import mimi_codebooks
+
     lm_kwargs = dict(loaders._lm_kwargs)
     if model == "wide":
         lm_kwargs |= {"num_layers": 2, "depformer_num_layers": 2}
-    return lm_kwargs, loaders._mimi_config, None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        mimi = loaders.get_mimi(None, loaders._mimi_config, num_codebooks=mimi_codebooks(lm_kwargs),
+                                device=device)
+    return lm_kwargs, None, mimi
 
 
 def base_lm(lm_kwargs: dict[str, Any], state: dict[str, torch.Tensor] | None, device: torch.device) -> Any:
@@ -250,23 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     prepare_torch(args.device, compile=False)  # the same arithmetic, without minutes of compiling
-    from moshi.models import loaders
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     variants = parse_variants(args.variants.format(context=args.context), args.context)
-    lm_kwargs, mimi_config, state = configs(args.model)
+    lm_kwargs, state, mimi = configs(args.model, device)
     base = base_lm(lm_kwargs, state, device)
-    num_codebooks = max(lm_kwargs["dep_q"], lm_kwargs["n_q"] - lm_kwargs["dep_q"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        mimi = loaders.get_mimi(None, mimi_config, num_codebooks=num_codebooks, device=device)
-    if args.model == "demo":
-        from procs.model.checkpoints import checkpoint_info_from_dir
-        from procs.model.demo import demo_checkpoint_dir
-
-        mimi = checkpoint_info_from_dir(demo_checkpoint_dir()).get_mimi(device=device)
     codes, audio_kind = input_codes(mimi, args.steps, device)
     print(f"input: {audio_kind}, {args.steps} steps", file=sys.stderr, flush=True)
 

@@ -592,9 +592,9 @@ def build_models(
     from moshi.models import LMGen, loaders
 
     from procs.model.compact import apply_footprint
+    from procs.model.demo import mimi_codebooks
 
-    num_codebooks = max(lm_kwargs["dep_q"], lm_kwargs["n_q"] - lm_kwargs["dep_q"])
-    mimi = loaders.get_mimi(None, mimi_config, device=device, num_codebooks=num_codebooks)
+    mimi = loaders.get_mimi(None, mimi_config, device=device, num_codebooks=mimi_codebooks(lm_kwargs))
     lm = loaders.get_moshi_lm(None, lm_kwargs=dict(lm_kwargs), device=device, dtype=torch.bfloat16)
     return mimi, LMGen(apply_footprint(lm, footprint))
 

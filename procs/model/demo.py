@@ -76,6 +76,12 @@ def demo_mimi_config() -> dict:
     return loaders._mimi_config | {"seanet": seanet, "quantizer": quantizer, "transformer": transformer}
 
 
+def mimi_codebooks(lm_config: dict) -> int:
+    """The codebooks Mimi must produce for an LM config: the larger of the LM's own (dep_q) and the user's
+    (n_q - dep_q) audio streams, as moshi's `CheckpointInfo.get_mimi` counts them."""
+    return max(lm_config["dep_q"], lm_config["n_q"] - lm_config["dep_q"])
+
+
 def demo_lm_config(text_card: int) -> dict:
     """Moshi's LM kwargs (n_q=16: 8 own + 8 user codebooks, dep_q=8, default delays) with a small width/depth.
 
@@ -219,7 +225,7 @@ def build_demo_checkpoint(out_dir: Path, *, seed: int = 0, progress: Progress | 
 
     mimi_config = demo_mimi_config()
     lm_config = demo_lm_config(text_card=vocab_size)
-    num_codebooks = max(lm_config["dep_q"], lm_config["n_q"] - lm_config["dep_q"])
+    num_codebooks = mimi_codebooks(lm_config)
     with _torch_seeded(seed):
         say("initialising Mimi with random weights")
         mimi = loaders.get_mimi(None, mimi_config, num_codebooks=num_codebooks)

@@ -212,24 +212,29 @@ def _describe_lm(lm: LMModel) -> str:
             f"{_param_count(lm) / 1e6:.1f} M params")
 
 
-def random_model(name: str, device: torch.device, dtype: torch.dtype, log: logging.Logger
-                 ) -> tuple[MimiModel, LMModel, sentencepiece.SentencePieceProcessor]:
-    """`--random-model`: Mimi and the LM built in memory with random weights, no checkpoint file. "moshi-7b"
-    has the real shapes (moshi's default 7B LM and full-size Mimi), for capacity checks on a GPU; "demo"
-    the demo checkpoint's. The tokenizer is the demo's (ids it cannot map are dropped)."""
+def random_model_configs(name: str) -> tuple[dict, dict, sentencepiece.SentencePieceProcessor]:
+    """(LM kwargs, Mimi config, tokenizer) of a `--random-model`: "moshi-7b" has the real shapes (moshi's
+    default 7B LM and full-size Mimi), "demo" the demo checkpoint's. The tokenizer is the demo's (ids it
+    cannot map are dropped)."""
     from procs.model.demo import TOKENIZER_FILE, demo_lm_config, demo_mimi_config
 
-    tokenizer_path = demo_checkpoint_dir() / TOKENIZER_FILE
-    tokenizer = sentencepiece.SentencePieceProcessor(str(tokenizer_path))
+    tokenizer = sentencepiece.SentencePieceProcessor(str(demo_checkpoint_dir() / TOKENIZER_FILE))
     if name == "moshi-7b":
-        lm_kwargs, mimi_config = dict(loaders._lm_kwargs), loaders._mimi_config
-    elif name == "demo":
-        lm_kwargs, mimi_config = demo_lm_config(text_card=tokenizer.vocab_size()), demo_mimi_config()
-    else:
-        raise ValueError(f"unknown random model {name!r}")
+        return dict(loaders._lm_kwargs), loaders._mimi_config, tokenizer
+    if name == "demo":
+        return demo_lm_config(text_card=tokenizer.vocab_size()), demo_mimi_config(), tokenizer
+    raise ValueError(f"unknown random model {name!r}")
+
+
+def random_model(name: str, device: torch.device, dtype: torch.dtype, log: logging.Logger
+                 ) -> tuple[MimiModel, LMModel, sentencepiece.SentencePieceProcessor]:
+    """`--random-model`: Mimi and the LM built in memory with random weights, no checkpoint file, for
+    capacity checks on a GPU (`random_model_configs` says which shapes)."""
+    from procs.model.demo import mimi_codebooks
+
+    lm_kwargs, mimi_config, tokenizer = random_model_configs(name)
     log.info("building a random-weight %s model in memory on %s", name, device)
-    num_codebooks = max(lm_kwargs["dep_q"], lm_kwargs["n_q"] - lm_kwargs["dep_q"])
-    mimi = loaders.get_mimi(None, mimi_config, num_codebooks=num_codebooks, device=device)
+    mimi = loaders.get_mimi(None, mimi_config, num_codebooks=mimi_codebooks(lm_kwargs), device=device)
     lm = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
     return mimi, lm, tokenizer
 

@@ -70,25 +70,19 @@ def meta_models(source: ModelSource, dtype: torch.dtype) -> tuple[torch.nn.Modul
     from moshi.models import loaders
 
     from procs.model.checkpoints import resolve_checkpoint
-    from procs.model.demo import demo_lm_config, demo_mimi_config
+    from procs.model.demo import mimi_codebooks
+    from procs.model.moshi_engine import random_model_configs
 
-    if source.random_model == "moshi-7b":
-        lm_config, mimi_config, described = dict(loaders._lm_kwargs), loaders._mimi_config, "random moshi-7b"
-    elif source.random_model == "demo":
-        from procs.model.checkpoints import checkpoint_info_from_dir
-        from procs.model.demo import demo_checkpoint_dir
-
-        tokenizer = checkpoint_info_from_dir(demo_checkpoint_dir()).get_text_tokenizer()
-        lm_config = demo_lm_config(text_card=tokenizer.vocab_size())
-        mimi_config, described = demo_mimi_config(), "random demo"
+    if source.random_model is not None:
+        lm_config, mimi_config, _ = random_model_configs(source.random_model)
+        described = f"random {source.random_model}"
     else:
         info, described = resolve_checkpoint(_config_only(source))
         lm_config = dict(info.lm_config) if info.lm_config is not None else dict(loaders._lm_kwargs)
         mimi_config = info.mimi_config
     for key in ("lora", "lora_rank", "lora_scaling"):
         lm_config.pop(key, None)
-    num_codebooks = max(lm_config["dep_q"], lm_config["n_q"] - lm_config["dep_q"])
-    mimi = loaders.get_mimi(None, mimi_config, num_codebooks=num_codebooks, device="meta")
+    mimi = loaders.get_mimi(None, mimi_config, num_codebooks=mimi_codebooks(lm_config), device="meta")
     lm = loaders.get_moshi_lm(None, lm_kwargs=lm_config, device="meta", dtype=dtype)
     return mimi, lm, described
 
