@@ -48,11 +48,9 @@ def _dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
 class Int8Linear(nn.Module):
     """An int8 linear layer (its bias, if any, in the compute dtype); see the module docstring."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.compute_dtype = compute_dtype
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -66,7 +64,7 @@ class Int8Linear(nn.Module):
         else:
             q, scale = quantize_rows(weight)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(q, scale, bias, weight.dtype)
+        return cls(q, scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
@@ -79,7 +77,7 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows, " \
-               f"compute {self.compute_dtype}, bias={self.bias is not None}"
+               f"bias={self.bias is not None}"
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

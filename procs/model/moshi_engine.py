@@ -272,7 +272,7 @@ def load_moshi_engine(*, source: ModelSource, device: str, dtype: str | None, ba
         tokenizer = info.get_text_tokenizer()
         lm_gen_config = dict(info.lm_gen_config)
     apply_footprint(lm, footprint)
-    if torch_device.type == "cuda" and not footprint.is_default:
+    if torch_device.type == "cuda" and footprint.weights == "int8":
         # The bf16 weights int8 replaced sit in torch's cache, which CUDA's free memory counts as used:
         # hand them back before the capacity clamp reads it.
         gc.collect()
