@@ -60,9 +60,9 @@ def serve(argv: list[str]) -> int:
         status = require_moshi("serve")
         if status is not None:
             return status
-    import supervisor
+    from procs.supervisor import serve as run_server
 
-    return supervisor.serve(cfg)
+    return run_server(cfg)
 
 
 def build_demo(argv: list[str]) -> int:

@@ -1,4 +1,5 @@
-"""Run the server (`python -m supervisor`) as a child process, wait until it is ready, watch its processes.
+"""Run the server (`python -m procs.supervisor`) as a child process, wait until it is ready, watch its
+processes.
 
 For the tests, the benchmarks and the GPU check: it starts the real supervisor with its three processes on
 a free port and reads the `READY <url>` line the supervisor prints once sessions can start; the helpers
@@ -109,7 +110,7 @@ def poll_until(condition: Callable[[], bool], timeout: float) -> float | None:
 
 
 class ServerProcess:
-    """`python -m supervisor --host 127.0.0.1 --port 0 ...`, ready once it prints its READY line."""
+    """`python -m procs.supervisor --host 127.0.0.1 --port 0 ...`, ready once it prints its READY line."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 120.0,
                  cwd: Path | None = None) -> None:
@@ -117,7 +118,7 @@ class ServerProcess:
         self.started = time.monotonic()
         self.agent_port: int | None = None  # the HAProxy agent check's port, from `agent=` on the READY line
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "--host", "127.0.0.1", "--port", "0", *args],
+            [sys.executable, "-m", "procs.supervisor", "--host", "127.0.0.1", "--port", "0", *args],
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=self.log_file,

@@ -283,7 +283,7 @@ def test_install_script_installs_a_working_server_in_a_fresh_venv(tmp_path: Path
 
     # Installed, not editable: the package and the page come from site-packages.
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import procs, supervisor; print(procs.__file__); print(supervisor.__file__)"],
+                            "import procs.supervisor as s; print(s.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True, timeout=60)
     for line in where.stdout.split():
         assert str(venv) in line and "site-packages" in line, where.stdout

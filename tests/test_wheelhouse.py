@@ -27,7 +27,7 @@ MAX_BYTES = 64 * 2**20
 # Imported from the fresh venv: the server's run-time needs, all of them from the wheelhouse or the box.
 IMPORTS = ("torch", "numpy", "safetensors", "huggingface_hub", "moshi", "msgspec", "websockets", "uvloop",
            "silero_vad", "onnxruntime", "sentencepiece", "sphn", "soxr", "soundfile", "einops", "tqdm",
-           "pythonjsonlogger", "opuslib_next", "procs", "protocol", "ringbuf", "supervisor")
+           "pythonjsonlogger", "opuslib_next", "procs", "procs.supervisor", "protocol", "ringbuf")
 
 
 def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess[str]:
