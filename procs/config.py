@@ -58,6 +58,8 @@ class ServerConfig:
     dtype: str | None = None
     cfg_coef: float = 1.0
     max_sessions: int = 4
+    inference_workers: int = 1
+    devices: tuple[str, ...] = ()
     gpu_memory_fraction: float = 0.95
     session_memory_mb: float | None = None
     # How the model is held (procs/model/footprint.py) and the card it is sized for (None: measured).
@@ -83,6 +85,10 @@ class ServerConfig:
     # HAProxy agent-check: a TCP port where the server tells the balancer its free slots (None: off).
     agent_port: int | None = None
     web_dir: Path = field(default=WEB_DIR)
+
+    def worker_devices(self) -> tuple[str, ...]:
+        """The device of each inference worker: `--devices`, else `--device` per `--inference-workers`."""
+        return self.devices or (self.device,) * self.inference_workers
 
     @property
     def footprint(self) -> Footprint:
@@ -164,6 +170,10 @@ def _device(text: str) -> str:
     raise ValueError("must be cpu, cuda, cuda:N or auto")
 
 
+def _devices(text: str) -> tuple[str, ...]:
+    return tuple(_device(part.strip()) for part in text.split(",") if part.strip())
+
+
 def _choice(options: tuple[str, ...], *, upper: bool = False, lower: bool = True) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.upper() if upper else text.lower() if lower else text
@@ -226,6 +236,10 @@ OPTIONS: tuple[Option, ...] = (
            "classifier-free guidance coefficient (only 1.0: see the README)"),
     Option("max_sessions", ("--max-sessions",), "VOICE_MAX_SESSIONS", _positive_int,
            f"sessions served at once, 1-{MAX_SESSIONS_LIMIT} (fewer if memory holds fewer)"),
+    Option("inference_workers", ("--inference-workers",), "VOICE_INFERENCE_WORKERS", _positive_int,
+           "inference processes, each with its own model copy and --max-sessions slots", metavar="N"),
+    Option("devices", ("--devices",), "VOICE_DEVICES", _devices,
+           "one inference process per device, e.g. cuda:0,cuda:1", metavar="LIST"),
     Option("gpu_memory_fraction", ("--gpu-memory-fraction",), "VOICE_GPU_MEMORY_FRACTION", _fraction,
            "share of the GPU's memory the server may use (weights, sessions' state, working memory)"),
     Option("session_memory_mb", ("--session-memory-mb",), "VOICE_SESSION_MEMORY_MB", _positive_float,

@@ -1,5 +1,6 @@
 """Supervisor: creates the shared-memory rings, spawns the network, VAD and inference processes, keeps them
-alive, and shuts them down in order.
+alive, and shuts them down in order. The children are the topology's table of places (procs/topology.py):
+the network, one inference process per device (`--devices`, `--inference-workers`), the VAD.
 
 It knows nothing of models: it owns the rings and the heartbeat board (and alone unlinks them), watches its
 children, and restarts one that dies or hangs:
@@ -7,8 +8,9 @@ children, and restarts one that dies or hangs:
 * a child hangs when its heartbeat (its word on the board, written from its loop at least every half
   second once it is ready) is older than HEARTBEAT_TIMEOUT_S: it is killed and treated as crashed;
 * the VAD is optional to a conversation: it is restarted and sessions go on (speech events resume);
-* the inference process ends the sessions it held (the network tells them: `error` internal, close 1011)
-  and is restarted; `/health` says `starting` until it is ready again;
+* an inference process ends the sessions it held (the network tells them: `error` internal, close 1011)
+  and is restarted; the other inference processes and their sessions go on; `/health` shows it `starting`
+  until it is ready again (and says `starting` itself while no inference process is ready);
 * the network process is restarted (clients reconnect by their back-off; the workers forget its sessions);
 * MAX_CRASHES within CRASH_WINDOW_S stop everything with exit status 1.
 
@@ -41,7 +43,7 @@ from multiprocessing.process import BaseProcess
 from procs.config import ServerConfig, parse_config
 from procs.fdlimit import FDS_PER_SESSION, RESERVE_FDS, open_fds, raise_soft_limit
 from procs.runtime import run_process, setup_logging
-from procs.topology import ROLES, OwnedTopology, descriptors
+from procs.topology import OwnedTopology, Place, descriptors
 from protocol.internal import NetworkReady, WorkerDown, decode_internal
 
 EXIT_USAGE = 2  # what was asked for cannot be served here (as for a bad flag)
@@ -57,10 +59,23 @@ CHILD_STOP_S = 3.0
 
 @dataclass
 class Child:
-    role: str
+    place: Place
     proc: BaseProcess
     status: Connection
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def label(self) -> str:
+        """How the log names it: `inference[1234]`, as `ps` would."""
+        return f"{self.place.role}[{self.proc.pid}]"
+
+    @property
+    def where(self) -> str:
+        """Which of its role's places it holds, for the log; empty for a role of one process."""
+        place = self.place
+        if place.role != "inference":
+            return ""
+        return f" ({place.name} on {place.device}, session slots {place.slots.start}-{place.slots.stop - 1})"
 
 
 def describe_exit(code: int | None) -> str:
@@ -101,14 +116,15 @@ class Supervisor:
         return signal.SIGINT in self.signals or self.signals.count(signal.SIGTERM) > 1
 
     # ---- children -------------------------------------------------------------------------------------
-    def spawn(self, role: str) -> None:
+    def spawn(self, place: Place) -> None:
         parent_end, child_end = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=run_process, args=(role, self.cfg, self.owned.topology, child_end),
-                                name=role)
+        proc = self.ctx.Process(target=run_process,
+                                args=(place.role, self.cfg, self.owned.topology, place.name, child_end),
+                                name=place.name)
         proc.start()
         child_end.close()
-        self.owned.board.set(ROLES.index(role), 0)  # no heartbeat until it is ready
-        self.children[role] = Child(role, proc, parent_end)
+        self.owned.board.set(place.beat, 0)  # no heartbeat until it is ready
+        self.children[place.name] = Child(place, proc, parent_end)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
@@ -116,20 +132,21 @@ class Supervisor:
         # Before the rings and the children (they inherit the limit): the supervisor and the network process
         # each map every ring, and the network process holds a socket per session besides.
         limit = raise_soft_limit()
-        need = open_fds() + descriptors(self.cfg.max_sessions) + self.cfg.max_sessions * FDS_PER_SESSION \
-            + RESERVE_FDS
+        devices = self.cfg.worker_devices()
+        sessions = len(devices) * self.cfg.max_sessions
+        need = open_fds() + descriptors(sessions, len(devices) + 2) + sessions * FDS_PER_SESSION + RESERVE_FDS
         if need > limit:
             log.error("the open-files limit (%d, after raising the soft limit to the hard one) is below "
-                      "the %d that --max-sessions %d needs: raise it (ulimit -n, systemd's LimitNOFILE, the "
-                      "container runtime's nofile) or lower --max-sessions", limit, need,
-                      self.cfg.max_sessions)
+                      "the %d that --max-sessions %d needs (on %d inference workers): raise it (ulimit -n, "
+                      "systemd's LimitNOFILE, the container runtime's nofile) or lower --max-sessions", limit,
+                      need, self.cfg.max_sessions, len(devices))
             return EXIT_USAGE
-        with OwnedTopology(self.cfg.max_sessions) as owned:
+        with OwnedTopology(devices, self.cfg.max_sessions) as owned:
             self.owned = owned
             self.to_network = owned.control_to_network(log)
-            for role in ROLES:
-                self.spawn(role)
-            log.info("started %s", ", ".join(f"{c.role}[{c.proc.pid}]" for c in self.children.values()))
+            for place in owned.topology.places:
+                self.spawn(place)
+            log.info("started %s", ", ".join(c.label + c.where for c in self.children.values()))
             self.watch()
             self.shutdown()
         log.info("supervisor exiting with %d", self.exit_code)
@@ -179,11 +196,11 @@ class Supervisor:
     def check_heartbeats(self) -> None:
         now = time.monotonic_ns()
         for child in list(self.children.values()):
-            beat = self.owned.board.get(ROLES.index(child.role))
+            beat = self.owned.board.get(child.place.beat)
             if beat and now - beat > HEARTBEAT_TIMEOUT_S * 1e9:
                 silent = (now - beat) / 1e9
-                log.error("%s[%d] stopped answering (no heartbeat for %.1f s): killing it", child.role,
-                          child.proc.pid, silent)
+                log.error("%s stopped answering (no heartbeat for %.1f s): killing it%s", child.label, silent,
+                          child.where)
                 child.proc.kill()
                 child.proc.join(5.0)
                 self.failed(child, f"hung (no heartbeat for {silent:.1f} s)")
@@ -211,7 +228,8 @@ class Supervisor:
         """A child died or hung: restart it, unless this is a crash loop or the server is stopping."""
         if self.stopping:
             return
-        log.error("%s[%d] %s after %.1f s", child.role, child.proc.pid, how, time.monotonic() - child.started)
+        name = child.place.name
+        log.error("%s %s after %.1f s%s", child.label, how, time.monotonic() - child.started, child.where)
         now = time.monotonic()
         self.crashes.append(now)
         while self.crashes and self.crashes[0] < now - CRASH_WINDOW_S:
@@ -221,10 +239,10 @@ class Supervisor:
             self.exit_code = 1
             return
         child.status.close()
-        if child.role != "network":
-            self.to_network.send(WorkerDown(role=child.role, why=how))  # type: ignore[arg-type]
-        self.spawn(child.role)
-        log.info("restarted %s as [%d]", child.role, self.children[child.role].proc.pid)
+        if child.place.role != "network":
+            self.to_network.send(WorkerDown(worker=name, why=how))
+        self.spawn(child.place)
+        log.info("restarted %s as [%d]%s", child.place.role, self.children[name].proc.pid, child.where)
 
     # ---- stopping -------------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -251,7 +269,7 @@ class Supervisor:
                 now_asked = True
                 deadline = min(deadline, time.monotonic() + NETWORK_STOP_S)
         self.stop([network], grace=1.0)
-        self.stop([self.children[r].proc for r in ("inference", "vad")], CHILD_STOP_S)
+        self.stop([c.proc for c in self.children.values() if c.place.role != "network"], CHILD_STOP_S)
 
     def stop(self, procs: list[BaseProcess], grace: float) -> None:
         for proc in procs:

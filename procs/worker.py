@@ -4,6 +4,9 @@ Both workers learn the same things the same way. A session's start shows in its 
 new to the slot: audio and control travel in different rings, which are not ordered with respect to each
 other); its id arrives in a `SessionOpen`, for the logs; its end arrives in a `SessionClose`, which may
 overtake its last frames, so frames of a closed or older generation are dropped as stale.
+
+A worker serves a range of session slots (`Place.slots`); here, as in its rings' lists, a slot is its index
+in that range ("local"), and the messages' session slots are turned into it on the way in.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from protocol import EndReason
 from protocol.internal import InternalMessage, SessionClose, SessionOpen
 from ringbuf import Ring
 
+IDLE_WAIT_S = 0.5  # a worker's loop wakes at least this often with nothing to do (to beat its heartbeat)
+
 
 @dataclass(frozen=True, slots=True)
 class ClosedSession:
-    slot: int
+    slot: int  # local
     session_id: str
     reason: EndReason
 
@@ -37,17 +42,22 @@ class InputFrame:
 class WorkerSessions:
     """Which session each slot holds, as a worker process sees it."""
 
-    def __init__(self, n_slots: int) -> None:
+    def __init__(self, slots: range) -> None:
+        self.slots = slots  # the session slots served, in order: local slot i is session slot slots[i]
+        n_slots = len(slots)
         self.gens = SlotGenerations(n_slots)
         self._ids: dict[tuple[int, int], str] = {}
         self._lost = [0] * n_slots  # frames a slot's ring overwrote while they were read (DROP_OLDEST)
 
     def apply(self, msg: InternalMessage) -> ClosedSession | None:
         """Take a control message from the network; says so if it closed a slot's open session."""
+        if not isinstance(msg, SessionOpen | SessionClose) or msg.slot not in self.slots:
+            return None
+        slot = self.slots.index(msg.slot)
         match msg:
-            case SessionOpen(slot=slot, gen=gen, session_id=sid):
+            case SessionOpen(gen=gen, session_id=sid):
                 self._ids[(slot, gen)] = sid
-            case SessionClose(slot=slot, gen=gen, reason=reason):
+            case SessionClose(gen=gen, reason=reason):
                 session_id = self._ids.pop((slot, gen), f"gen{gen}")
                 if self.gens.close(slot, gen):
                     return ClosedSession(slot, session_id, reason)

@@ -97,14 +97,15 @@ class NetworkHello(_Internal, tag="network_hello"):
 
 
 class WorkerDown(_Internal, tag="worker_down"):
-    """From the supervisor to the network: a worker died or hung and is being restarted."""
+    """From the supervisor to the network: a worker died or hung and is being restarted. `worker` is its
+    place's name in the topology ("inference-1", "vad")."""
 
-    role: Literal["inference", "vad"]
+    worker: str
     why: str
 
 
 class NetworkReady(_Internal, tag="network_ready"):
-    """To the supervisor: the server is listening, both workers are ready; sessions can start."""
+    """To the supervisor: the server is listening, every worker is ready; sessions can start."""
 
     host: str
     port: int

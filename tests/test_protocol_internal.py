@@ -64,7 +64,7 @@ internal_messages = st.one_of(
     ),
     st.builds(VadReady, model=st.text(max_size=20)),
     st.builds(NetworkHello),
-    st.builds(WorkerDown, role=st.sampled_from(["inference", "vad"]), why=st.text(max_size=20)),
+    st.builds(WorkerDown, worker=st.sampled_from(["inference-0", "vad"]), why=st.text(max_size=20)),
     st.builds(NetworkReady, host=st.text(max_size=9), port=st.integers(0, 65535), model=st.text(max_size=9)),
     st.builds(StepStats, step_s=floats, batch=st.integers(0, 64), wait_s=st.lists(floats, max_size=64)),
 )

@@ -55,3 +55,20 @@ def flush_subnormals(device: str) -> None:
         import torch
 
         torch.set_flush_denormal(True)
+
+
+def pin_cuda_device(device: str) -> str:
+    """For a process that serves one of several GPUs (`--devices cuda:0,cuda:1`): `cuda:N` narrows
+    CUDA_VISIBLE_DEVICES to that card and returns "cuda", so everything in the process (moshi's CUDA
+    graphs, the allocator, free-memory readings) sees one card as its default; other devices come back as
+    they are. It must run before CUDA is first used in the process (CUDA reads the variable then);
+    N counts among the cards visible already, as torch numbers them."""
+    if not device.startswith("cuda:"):
+        return device
+    index = int(device.removeprefix("cuda:"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    cards = [c.strip() for c in visible.split(",")] if visible else [str(i) for i in range(index + 1)]
+    if index >= len(cards):
+        raise ValueError(f"{device}: {len(cards)} CUDA devices visible (CUDA_VISIBLE_DEVICES={visible})")
+    os.environ["CUDA_VISIBLE_DEVICES"] = cards[index]
+    return "cuda"

@@ -30,8 +30,22 @@ FIXED_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".ttf": "fon
                ".woff": "font/woff", ".woff2": "font/woff2"}
 
 
+class WorkerHealth(msgspec.Struct, frozen=True):
+    """One inference worker in `/health`: its own model copy on `device`, its own slots."""
+
+    name: str  # "inference-0", ...
+    device: str
+    status: str  # "ready" or "starting" (also while it restarts after a crash or a hang)
+    sessions_active: int
+    max_sessions: int  # 0 until it is ready
+
+
 class Health(msgspec.Struct, frozen=True):
-    """Body of `GET /health`: 200 only while `status` is "ok" (ready, with a free slot), else 503."""
+    """Body of `GET /health`: 200 only while `status` is "ok" (ready, with a free slot), else 503.
+
+    The server's figures are the sums over its inference workers (`workers`): `max_sessions` counts the
+    ready ones', so a server one of whose workers restarts is "ok" with less room, and "starting" only while
+    none is ready."""
 
     status: str  # "ok", "full", "starting" or "draining"
     sessions_active: int
@@ -39,6 +53,7 @@ class Health(msgspec.Struct, frozen=True):
     model: str
     engine: str
     demo_weights: bool
+    workers: list[WorkerHealth] = msgspec.field(default_factory=list)
 
     @property
     def http_status(self) -> int:

@@ -43,7 +43,8 @@ class StopRelay:
             self._loop.call_soon_threadsafe(self._callback, drain)
 
 
-def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
+def main(cfg: ServerConfig, topo: Topology, name: str, status: Connection) -> None:
+    """The network process (`name`: its place in the topology, "network")."""
     relay = StopRelay()
     setup_child(cfg.log_level, relay.term, relay.now, log_format=cfg.log_format)
 

@@ -122,9 +122,18 @@ class Histogram:
 class ServerMetrics:
     """The series `GET /metrics` exposes."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: Sequence[str] = ("inference-0",)) -> None:
+        """`workers`: the inference workers' names (procs/topology.py), one series each below."""
         self.sessions_active = Gauge("voice_sessions_active", "Sessions holding a slot now")
-        self.sessions_max = Gauge("voice_sessions_max", "Session slots this server holds")
+        self.sessions_max = Gauge("voice_sessions_max", "Sessions held at once (the ready workers' sum)")
+        self.worker_up = LabelledGauge("voice_worker_up", "1 while the inference worker is ready, 0 while it "
+                                       "starts or restarts", "worker", workers)
+        self.worker_sessions_active = LabelledGauge(
+            "voice_worker_sessions_active", "Sessions holding a slot of the inference worker now", "worker",
+            workers)
+        self.worker_sessions_max = LabelledGauge(
+            "voice_worker_sessions_max", "Sessions the inference worker holds at once (0 until it is ready)",
+            "worker", workers)
         self.sessions_total = Counter("voice_sessions_total", "Sessions accepted")
         self.sessions_rejected = Counter("voice_sessions_rejected_total", "Sessions refused (capacity)")
         # Sums of every session's counters (procs.network.session.SessionCounters), set at scrape time.

@@ -9,6 +9,8 @@ uvloop + websockets. The rules live elsewhere, sans I/O: a session's in `session
   the close), so a slow client only ever delays itself;
 * the network doorbell (`add_reader`, no thread) wakes `_on_bell`, which reads the workers' control rings
   and every live session's model audio into its `Session`;
+* a new session goes to the inference worker with the most free slots (procs/network/workers.py); one
+  worker going down ends only the sessions in its slots;
 * one ticker drives every session's clock.
 
 Whatever way a connection ends, its handler's `finally` tells the session `connection_closed()`, so the
@@ -37,7 +39,7 @@ from procs.frames import read_out_frame, write_in_frame
 from procs.network.agent import AgentServer, health_reply
 from procs.network.auth import Access
 from procs.network.codec import SessionCodec, requested_codec
-from procs.network.http import MOSHI_PATH, Health, HttpRoutes, internal_error
+from procs.network.http import MOSHI_PATH, Health, HttpRoutes, WorkerHealth, internal_error
 from procs.network.metrics import ServerMetrics
 from procs.network.moshi_api import MoshiAdapter, moshi_params
 from procs.network.moshi_api import capacity_refusal as moshi_capacity_refusal
@@ -53,6 +55,7 @@ from procs.network.session import (
     SessionRules,
 )
 from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE, SessionSlots, capacity_refusal
+from procs.network.workers import InferenceWorkers
 from procs.runtime import LogThrottle
 from procs.topology import NetworkLinks, Topology, network_links
 from protocol import MAX_TEXT_BYTES, ClientStats, EndReason, session_start
@@ -113,12 +116,10 @@ class NetworkServer:
         self.cfg, self.status = cfg, status
         self.links: NetworkLinks = network_links(topo, log)
         self.slots: SessionSlots[LiveSession] = SessionSlots(topo.max_sessions)
-        self.metrics = ServerMetrics()
-        self.capacity = 0  # the engine's batch size, once inference says it is ready
-        self.metrics.sessions_max.set(self.capacity)
+        self.inference = InferenceWorkers(topo.inference)  # one ready record per inference worker
+        self.metrics = ServerMetrics([w.name for w in self.inference])
         self.ended = SessionCounters()  # what every session whose connection has closed counted
         self.closing: set[LiveSession] = set()  # released, still flushing their last messages
-        self.inference: InferenceReady | None = None
         self.vad: VadReady | None = None
         self.reported_ready = False
         self.draining = False
@@ -142,7 +143,13 @@ class NetworkServer:
     # ---- lifecycle -----------------------------------------------------------------------------------
     @property
     def is_ready(self) -> bool:
-        return self.inference is not None and self.vad is not None
+        """Sessions can be admitted: the VAD and at least one inference worker are ready."""
+        return self.inference.any_ready and self.vad is not None
+
+    @property
+    def capacity(self) -> int:
+        """Sessions admitted at once: the sum of the ready inference workers' batch sizes."""
+        return self.inference.capacity
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -150,8 +157,8 @@ class NetworkServer:
         ticker = asyncio.create_task(self._ticker(), name="ticker")
         # A restarted network process: the workers forget the sessions of the one before and say they are
         # ready (at the first start they say so anyway).
-        self.links.to_inference.send(NetworkHello())
-        self.links.to_vad.send(NetworkHello())
+        for worker in self.links.workers.values():
+            worker.to.send(NetworkHello())
         try:
             async with serve(
                 self._handle,
@@ -230,26 +237,30 @@ class NetworkServer:
             await asyncio.wait(self.handlers, timeout=GOODBYE_S)
 
     def _report_if_ready(self) -> None:
-        """Tell the supervisor once each time the server becomes ready (at start, after a worker restart)."""
-        if self.is_ready and hasattr(self, "port") and not self.reported_ready:
-            assert self.inference is not None
+        """Tell the supervisor once each time every worker is ready (at start, after a worker restart)."""
+        model = self.inference.first_ready
+        if (self.inference.all_ready and self.vad is not None and model is not None and hasattr(self, "port")
+                and not self.reported_ready):
             self.reported_ready = True
-            self.capacity = self.inference.max_sessions
-            self.metrics.sessions_max.set(self.capacity)
-            ready = NetworkReady(host=self.cfg.host, port=self.port, model=self.inference.model,
+            ready = NetworkReady(host=self.cfg.host, port=self.port, model=model.model,
                                  agent_port=None if self.agent is None else self.agent.port)
             self.status.send_bytes(encode_internal(ready))
-            log.info("ready: model=%s max_sessions=%d", self.inference.model, self.capacity)
+            log.info("ready: model=%s max_sessions=%d (%s)", model.model, self.capacity,
+                     ", ".join(f"{w.name}: {w.capacity}" for w in self.inference))
 
     # ---- inter-process input -------------------------------------------------------------------------
     def _on_bell(self) -> None:
         self.links.bell.drain()
-        for channel in self.links.from_workers:
+        # The supervisor's first: a `WorkerDown` queued before a restarted worker's `InferenceReady` in the
+        # same batch must be handled before it, not after (which would leave that worker "starting").
+        channels = [("supervisor", self.links.from_supervisor),
+                    *((name, w.came_from) for name, w in self.links.workers.items())]
+        for source, channel in channels:
             for msg in channel.receive():
                 try:
-                    self._on_internal(msg)
+                    self._on_internal(msg, source)
                 except Exception:  # one bad message must not stop the others (or the loop's reader)
-                    log.exception("handling %r", msg)
+                    log.exception("handling %r from %s", msg, source)
         for live in self.slots.live():
             ring = self.links.audio_from_inference[live.session.slot]
             while (view := ring.peek()) is not None:
@@ -257,7 +268,8 @@ class NetworkServer:
                 if ring.release():  # False: overwritten while read (counted by the ring)
                     self._apply_guarded(live, live.session.model_audio, frame)
 
-    def _on_internal(self, msg: InternalMessage) -> None:
+    def _on_internal(self, msg: InternalMessage, source: str) -> None:
+        """One message from `source`: "supervisor" or a worker's place name."""
         match msg:
             case StepStats(step_s=step_s, wait_s=waits):
                 self.metrics.step_seconds.observe(step_s)
@@ -273,23 +285,25 @@ class NetworkServer:
                 if (live := self.slots.get(slot, gen)) is not None:
                     log.warning("session=%s slot=%d: inference reports %s: %s", *live.ctx(), code, text)
                     self._apply(live, live.session.slot_error(code, text))
-            case InferenceReady() as ready:
-                self.inference = ready
-                log.info("inference ready: %s", ready)
+            case InferenceReady() as ready if (worker := self.inference.get(source)) is not None:
+                worker.ready = ready
+                log.info("%s ready: %s", source, ready)
                 self._report_if_ready()
             case VadReady() as ready:
                 self.vad = ready
                 log.info("vad ready: %s", ready)
                 self._report_if_ready()
-            case WorkerDown(role="inference", why=why):
-                log.error("the inference process is down (%s): ending its %d sessions", why, len(self.slots))
-                self.inference, self.reported_ready = None, False
-                for live in self.slots.live():
+            case WorkerDown(worker=name, why=why) if (worker := self.inference.get(name)) is not None:
+                ended = [live for live in self.slots.live() if live.session.slot in worker.place.slots]
+                log.error("%s is down (%s): ending its %d sessions; %d go on with the other workers", name,
+                          why, len(ended), len(self.slots) - len(ended))
+                worker.ready, self.reported_ready = None, False
+                for live in ended:
                     self._apply_guarded(live, live.session.internal_failure,
                                         "the model process failed; please reconnect")
-            case WorkerDown(role="vad", why=why):
-                log.warning("the VAD process is down (%s): sessions go on without speech events until it is "
-                            "back", why)
+            case WorkerDown(worker=name, why=why):
+                log.warning("%s is down (%s): sessions go on without speech events until it is back", name,
+                            why)
             case _:
                 log.warning("unexpected internal message %r", msg)
 
@@ -320,9 +334,7 @@ class NetworkServer:
         if not self.slots.release(session.slot, session.gen):
             raise RuntimeError("session={} slot={}: released twice".format(*live.ctx()))
         self.closing.add(live)
-        close = SessionClose(slot=session.slot, gen=session.gen, reason=reason)
-        self.links.to_inference.send(close)
-        self.links.to_vad.send(close)
+        self._tell_workers(session.slot, SessionClose(slot=session.slot, gen=session.gen, reason=reason))
         c = session.counters
         log.info("session=%s slot=%d: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d "
                  "realigned=%d rate-limited=%d lost=%d, output dropped=%d, latency spikes=%d", *live.ctx(),
@@ -330,6 +342,11 @@ class NetworkServer:
                  c.input_realigned, c.input_rate_limited, c.input_lost, c.output_dropped, c.latency_spikes)
         if self.draining and not len(self.slots):  # what a drain waits for (a drain sets it at its start)
             self.no_sessions.set()
+
+    def _tell_workers(self, slot: int, msg: SessionOpen | SessionClose) -> None:
+        """The slot's inference worker and the VAD."""
+        self.links.workers[self.inference.owner(slot).name].to.send(msg)
+        self.links.workers["vad"].to.send(msg)
 
     # ---- HTTP -----------------------------------------------------------------------------------------
     def _process_request(self, _conn: ServerConnection, request: Request) -> Response | None:
@@ -359,13 +376,18 @@ class NetworkServer:
             state = "full"
         else:
             state = "ok"
+        model = self.inference.first_ready
         return Health(
             status=state,
             sessions_active=active,
             max_sessions=self.capacity,
-            model=self.inference.model if self.inference else "",
+            model=model.model if model else "",
             engine=self.cfg.engine,
-            demo_weights=self.inference.demo_weights if self.inference else False,
+            demo_weights=model.demo_weights if model else False,
+            workers=[WorkerHealth(name=w.name, device=w.ready.device if w.ready else w.place.device or "",
+                                  status="ready" if w.ready else "starting",
+                                  sessions_active=self.slots.count(w.place.slots), max_sessions=w.capacity)
+                     for w in self.inference],
         )
 
     def _render_metrics(self) -> str:
@@ -375,6 +397,10 @@ class NetworkServer:
             totals.add(live.session.counters)
         m = self.metrics
         m.sessions_active.set(len(self.slots))
+        m.sessions_max.set(self.capacity)
+        m.worker_up.set_all({w.name: float(w.ready is not None) for w in self.inference})
+        m.worker_sessions_active.set_all({w.name: self.slots.count(w.place.slots) for w in self.inference})
+        m.worker_sessions_max.set_all({w.name: w.capacity for w in self.inference})
         m.frames_in.set_total(totals.frames_in)
         m.frames_out.set_total(totals.frames_out)
         m.input_frames_dropped.set_total(totals.input_dropped)
@@ -405,13 +431,14 @@ class NetworkServer:
             self.handlers.discard(task)
 
     def _open(self, ws: ServerConnection, slot: int, gen: int) -> LiveSession:
-        assert self.inference is not None
+        model = self.inference.first_ready
+        assert model is not None
         # `?codec=` is ours (checked in the handshake); moshi's wire is Ogg/Opus by its own adapter, and the
         # session under it speaks PCM whatever the query says.
         moshi = is_moshi(ws)
         codec = "pcm" if moshi else requested_codec(ws.request.path if ws.request is not None else "")
-        start = session_start(uuid.uuid4().hex[:12], model=self.inference.model,
-                              demo_weights=self.inference.demo_weights, max_sessions=self.capacity,
+        start = session_start(uuid.uuid4().hex[:12], model=model.model,
+                              demo_weights=model.demo_weights, max_sessions=self.capacity,
                               codec=codec)
         session = Session(start, slot, gen, now=time.monotonic(), rules=self.rules,
                           codec=SessionCodec() if codec == "opus" else None)
@@ -423,7 +450,10 @@ class NetworkServer:
     async def _session(self, ws: ServerConnection) -> None:
         # A free slot is not enough: the process's open files must leave the reserve free (procs/fdlimit.py).
         room = room_for_a_session()
-        live = self.slots.admit(self.capacity, lambda slot, gen: self._open(ws, slot, gen)) if room else None
+        worker = self.inference.choose(self.slots.count) if room else None
+        live = (None if worker is None else
+                self.slots.admit(worker.capacity, lambda slot, gen: self._open(ws, slot, gen),
+                                 within=worker.place.slots))
         if live is None:
             self.metrics.sessions_rejected.inc()
             if room:
@@ -448,9 +478,8 @@ class NetworkServer:
             while ring.peek() is not None:  # output left over from the slot's previous session
                 ring.release()
             self.metrics.sessions_total.inc()
-            open_msg = SessionOpen(slot=session.slot, gen=session.gen, session_id=session.session_id)
-            self.links.to_inference.send(open_msg)
-            self.links.to_vad.send(open_msg)
+            self._tell_workers(session.slot, SessionOpen(slot=session.slot, gen=session.gen,
+                                                         session_id=session.session_id))
             if live.adapter is None:
                 log.info("session=%s slot=%d: open from %s", *live.ctx(), ws.remote_address)
             else:  # the sampling settings a moshi client asks for are not honoured: say which were asked

@@ -25,24 +25,25 @@ class SessionSlots(Generic[T]):
     """`n` slots, at most `capacity` of them in use (the engine may hold fewer sessions than rings exist)."""
 
     def __init__(self, n: int) -> None:
-        self._free = list(range(n - 1, -1, -1))  # popped from the end: slot 0 first
         self._gen = [0] * n
         self._live: dict[int, tuple[int, T]] = {}
 
-    def admit(self, capacity: int, create: Callable[[int, int], T]) -> T | None:
-        """A new session, made by `create(slot, gen)` in a free slot; None when `capacity` sessions are live
-        already (or every slot is taken)."""
-        if not self._free or len(self._live) >= capacity:
+    def admit(self, capacity: int, create: Callable[[int, int], T], within: range | None = None) -> T | None:
+        """A new session, made by `create(slot, gen)` in the lowest free slot of `within` (all of them if
+        None: an inference worker's range otherwise); None when `capacity` sessions are live there already
+        (or every slot there is taken)."""
+        pool = range(len(self._gen)) if within is None else within
+        slot = next((s for s in pool if s not in self._live), None)
+        if slot is None or self.count(pool) >= capacity:
             return None
-        slot = self._free.pop()
         self._gen[slot] += 1
-        try:
-            session = create(slot, self._gen[slot])
-        except BaseException:
-            self._free.append(slot)
-            raise
+        session = create(slot, self._gen[slot])  # raises: the slot stays free (its gen is simply skipped)
         self._live[slot] = (self._gen[slot], session)
         return session
+
+    def count(self, within: range) -> int:
+        """Live sessions in the slots of `within`."""
+        return sum(1 for slot in self._live if slot in within)
 
     def release(self, slot: int, gen: int) -> bool:
         """Give the slot back; False (and nothing changes) unless session `gen` holds it."""
@@ -50,7 +51,6 @@ class SessionSlots(Generic[T]):
         if held is None or held[0] != gen:
             return False
         del self._live[slot]
-        self._free.append(slot)
         return True
 
     def get(self, slot: int, gen: int) -> T | None:

@@ -14,21 +14,20 @@ from multiprocessing.connection import Connection
 from procs.audio.silero import StreamingVad
 from procs.config import ServerConfig
 from procs.runtime import setup_child
-from procs.topology import Topology, WorkerLinks, vad_links
-from procs.worker import WorkerSessions
+from procs.topology import Topology, WorkerLinks, worker_links
+from procs.worker import IDLE_WAIT_S, WorkerSessions
 from protocol import FRAME_MS
 from protocol.internal import NetworkHello, VadReady, VoiceActivity
 from ringbuf import wait_any
 
 log = logging.getLogger("vad")
-IDLE_WAIT_S = 0.5
 
 
 class VadLoop:
     def __init__(self, links: WorkerLinks, stop: threading.Event) -> None:
         self.links, self.stop = links, stop
         self.vad = StreamingVad(len(links.audio_in))
-        self.sessions = WorkerSessions(len(links.audio_in))
+        self.sessions = WorkerSessions(links.slots)
         # Where each slot's VAD clock starts in its session's audio: 0, unless this process was restarted
         # while the session went on (then its first frame's index x 20 ms).
         self.origin_ms = [0.0] * len(links.audio_in)
@@ -52,10 +51,11 @@ class VadLoop:
             for edge in self.vad.process():
                 if not self.sessions.is_open(edge.slot):
                     continue
+                slot = self.links.slots[edge.slot]
                 log.debug("session=%s slot=%d: speech %s at %.0f ms",
-                          self.sessions.session_id(edge.slot), edge.slot, edge.event, edge.t_ms)
+                          self.sessions.session_id(edge.slot), slot, edge.event, edge.t_ms)
                 self.links.control_out.send(
-                    VoiceActivity(slot=edge.slot, gen=self.sessions.gen(edge.slot), event=edge.event,
+                    VoiceActivity(slot=slot, gen=self.sessions.gen(edge.slot), event=edge.event,
                                   t_ms=self.origin_ms[edge.slot] + edge.t_ms)
                 )
 
@@ -67,10 +67,11 @@ class VadLoop:
         self.links.control_out.send(VadReady(model="silero-vad"))
 
 
-def main(cfg: ServerConfig, topo: Topology, status: Connection) -> None:
+def main(cfg: ServerConfig, topo: Topology, name: str, status: Connection) -> None:
     stop = threading.Event()
-    setup_child(cfg.log_level, lambda: (stop.set(), topo.bell_vad.ring()), log_format=cfg.log_format)
-    loop = VadLoop(vad_links(topo, log), stop)
+    bell = topo.place(name).bell
+    setup_child(cfg.log_level, lambda: (stop.set(), bell.ring()), log_format=cfg.log_format)
+    loop = VadLoop(worker_links(topo, name, log), stop)
     loop.forget_all()  # a restarted process: whatever is queued belongs to sessions that were ended
     loop.run()
     log.info("vad stopped")

@@ -1,0 +1,120 @@
+"""Several inference workers in one server: `--inference-workers 2` on the CPU, as `--devices cuda:0,cuda:1`
+is on a GPU pod. The real supervisor, two inference processes each loading the demo checkpoint into its own
+model copy, their own rings and slot ranges, real WebSockets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import urllib.request
+
+import numpy as np
+import pytest
+
+from procs.audio.speech import repeat_to, telugu_speech_16k
+from procs.client import ClientRun, stream_client
+from procs.launcher import ServerProcess, child_pids, comm, poll_until
+from procs.runtime import process_name
+from protocol import Error, ErrorCode, SessionStart
+
+WORKERS = ("--inference-workers", "2", "--max-sessions", "2")
+BOUND_S = 60.0  # every wait here is for a condition, bounded by this (two demo models on two shared cores)
+
+
+@pytest.fixture(scope="module")
+def two_workers(demo_checkpoint: str):
+    with ServerProcess(*WORKERS, ready_timeout=240.0) as server:
+        yield server
+
+
+def speech(seconds: float) -> np.ndarray:
+    return repeat_to(telugu_speech_16k(), seconds)
+
+
+def inference_pids(server: ServerProcess) -> list[int]:
+    return [pid for pid in child_pids(server.proc.pid) if comm(pid) == process_name("inference")]
+
+
+def workers_of(server: ServerProcess) -> dict[str, dict]:
+    return {w["name"]: w for w in server.health()[1]["workers"]}
+
+
+def all_ready(server: ServerProcess) -> bool:
+    return all(w["status"] == "ready" for w in workers_of(server).values())
+
+
+def metric_samples(server: ServerProcess, name: str) -> dict[str, float]:
+    """`{worker: value}` of one per-worker series of /metrics."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {m[1]: float(m[2]) for m in re.finditer(rf'^{name}\{{worker="([^"]+)"\}} (\S+)$', text, re.M)}
+
+
+def test_each_worker_reports_its_slots_in_health_and_metrics_and_the_server_their_sum(two_workers) -> None:
+    status, body = two_workers.health()
+    assert status == 200 and body["status"] == "ok"
+    assert body["max_sessions"] == 4 and body["sessions_active"] == 0
+    assert [(w["name"], w["device"], w["status"], w["max_sessions"]) for w in body["workers"]] == [
+        ("inference-0", "cpu", "ready", 2), ("inference-1", "cpu", "ready", 2)]
+    assert metric_samples(two_workers, "voice_worker_up") == {"inference-0": 1.0, "inference-1": 1.0}
+    both = {"inference-0": 2.0, "inference-1": 2.0}
+    assert metric_samples(two_workers, "voice_worker_sessions_max") == both
+    assert len(inference_pids(two_workers)) == 2  # a process, and a model copy, per worker
+
+
+def test_sessions_spread_over_the_workers_and_a_killed_worker_costs_only_its_own(two_workers) -> None:
+    server = two_workers
+
+    async def scenario() -> tuple[list[ClientRun], dict[str, dict], Error | None, float]:
+        started = [asyncio.Event() for _ in range(4)]
+        clients = []
+        for i in range(4):  # one at a time, so each admission sees the ones before it
+            clients.append(asyncio.create_task(stream_client(
+                server.ws_url, speech(12), first_audio=started[i], tail_s=3.0)))
+            await asyncio.wait_for(started[i].wait(), BOUND_S)
+        spread = workers_of(server)
+        # A fifth finds every slot of both workers taken.
+        refused = await stream_client(server.ws_url, speech(1), tail_s=0.0)
+        victim = inference_pids(server)[0]
+        killed_at = asyncio.get_running_loop().time()
+        os.kill(victim, signal.SIGKILL)
+        runs = await asyncio.wait_for(asyncio.gather(*clients), 4 * BOUND_S)
+        capacity = next(iter(refused.of_type(Error)), None)
+        return runs, spread, capacity, killed_at
+
+    runs, spread, capacity, killed_at = asyncio.run(scenario())
+    assert {name: w["sessions_active"] for name, w in spread.items()} == {"inference-0": 2, "inference-1": 2}
+    assert capacity is not None and capacity.code == ErrorCode.CAPACITY
+    failed = [r for r in runs if r.close_code == 1011]
+    survived = [r for r in runs if r.close_code == 1000]
+    assert len(failed) == 2 and len(survived) == 2, [r.close_code for r in runs]
+    for run in failed:
+        assert run.of_type(Error)[-1].code == ErrorCode.INTERNAL
+    for run in survived:
+        assert not run.of_type(Error)
+        assert any(t > killed_at + 1.0 for t, _ in run.frames), "no model audio after the other worker died"
+    assert re.search(r"inference\[\d+\] killed by SIGKILL after [\d.]+ s \(inference-[01] on cpu",
+                     server.log())
+
+    # The worker comes back with a new model copy; the server admits into its slots again.
+    assert poll_until(lambda: all_ready(server), BOUND_S) is not None
+    assert len(inference_pids(server)) == 2
+    after = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=3.0))
+    assert isinstance(after.session_start, SessionStart) and after.frames and not after.of_type(Error)
+
+
+def test_while_a_worker_restarts_the_server_admits_into_the_other(two_workers) -> None:
+    server = two_workers
+    assert poll_until(lambda: all_ready(server), BOUND_S) is not None
+    os.kill(inference_pids(server)[0], signal.SIGKILL)
+    # Its replacement loads a model (seconds): meanwhile the server is up with the other worker's room.
+    one_restarting = ["ready", "starting"]
+    assert poll_until(lambda: sorted(w["status"] for w in workers_of(server).values()) == one_restarting,
+                      BOUND_S) is not None
+    status, body = server.health()
+    assert status == 200 and body["max_sessions"] == 2
+    run = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=3.0))
+    assert isinstance(run.session_start, SessionStart) and run.frames and not run.of_type(Error)
+    assert poll_until(lambda: all_ready(server), BOUND_S) is not None
