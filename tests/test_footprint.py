@@ -23,10 +23,11 @@ from procs.model.kv_cache import Float8RingKVCache, ServingAttention
 from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
+from protocol import OUT_SAMPLES_PER_BLOCK
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOG = logging.getLogger("test_footprint")
-FRAME = 1920
+FRAME = OUT_SAMPLES_PER_BLOCK  # one step's audio at 24 kHz
 FOOTPRINTS = {
     "int8": Footprint(weights="int8"),
     "fp8": Footprint(kv="fp8"),
