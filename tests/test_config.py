@@ -11,8 +11,9 @@ from procs.model.footprint import Footprint
 def test_defaults_run_the_demo_checkpoint_on_the_cpu() -> None:
     cfg = parse_config([], environ={})
     assert cfg == ServerConfig()
-    assert cfg.engine == "moshi" and cfg.checkpoint is None and cfg.hf_repo is None and cfg.device == "cpu"
-    assert cfg.fuse_lora and cfg.cfg_coef == 1.0 and cfg.step_clock == "auto"
+    assert cfg.engine == "moshi" and cfg.model.checkpoint is None and cfg.model.hf_repo is None
+    assert cfg.device == "cpu"
+    assert cfg.model.fuse_lora and cfg.cfg_coef == 1.0 and cfg.step_clock == "auto"
 
 
 def test_every_option_has_an_environment_twin_and_flags_win() -> None:
@@ -29,11 +30,11 @@ def test_every_option_has_an_environment_twin_and_flags_win() -> None:
         "VOICE_LORA_WEIGHT": "/ft/lora.safetensors",
     }
     cfg = parse_config([], environ=env)
-    assert (cfg.port, cfg.max_sessions, cfg.hf_repo, cfg.device, cfg.dtype, cfg.log_level) == (
+    assert (cfg.port, cfg.max_sessions, cfg.model.hf_repo, cfg.device, cfg.dtype, cfg.log_level) == (
         9100, 8, "kyutai/moshiko-pytorch-bf16", "cuda", "bfloat16", "DEBUG"
     )
-    assert (cfg.gpu_memory_fraction, cfg.step_clock, cfg.fuse_lora) == (0.8, "off", False)
-    assert cfg.lora_weight == "/ft/lora.safetensors"
+    assert (cfg.gpu_memory_fraction, cfg.step_clock, cfg.model.fuse_lora) == (0.8, "off", False)
+    assert cfg.model.lora_weight == "/ft/lora.safetensors"
     assert parse_config(["--port", "9200"], environ=env).port == 9200
     assert all(o.env.startswith("VOICE_") for o in OPTIONS)
     assert len({o.env for o in OPTIONS}) == len(OPTIONS)  # one variable per flag
@@ -44,11 +45,12 @@ def test_moshi_servers_flags_mean_what_they_mean_there() -> None:
             "mimi.safetensors", "--tokenizer", "tok.model", "--config-path", "config.json", "--lora-weight",
             "lora.safetensors", "--no_fuse_lora", "--half", "--cfg-coef", "1.0", "--device", "auto"]
     cfg = parse_config(argv, environ={})
-    files = (cfg.moshi_weight, cfg.mimi_weight, cfg.tokenizer, cfg.config_path, cfg.lora_weight)
-    assert cfg.hf_repo == "BNarayanaReddy/siba"
+    model = cfg.model
+    files = (model.moshi_weight, model.mimi_weight, model.tokenizer, model.config_path, model.lora_weight)
+    assert cfg.model.hf_repo == "BNarayanaReddy/siba"
     assert files == ("m.safetensors", "mimi.safetensors", "tok.model", "config.json", "lora.safetensors")
-    assert (cfg.fuse_lora, cfg.dtype, cfg.device) == (False, "float16", "auto")
-    assert parse_config(["--no-fuse-lora"], environ={}).fuse_lora is False  # the dashed spelling too
+    assert (cfg.model.fuse_lora, cfg.dtype, cfg.device) == (False, "float16", "auto")
+    assert parse_config(["--no-fuse-lora"], environ={}).model.fuse_lora is False  # the dashed spelling too
 
 
 @pytest.mark.parametrize(
