@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None, prog: str = "voice-agent plan") -> int:
     options = (*MODEL_SOURCE_OPTIONS,
                *(o for o in OPTIONS if o.dest in ("gpu_memory_fraction", "gpu_memory_gb")))
     add_options(parser, options)
-    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="the model's dtype on the card")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES,
+                        help="the model's dtype on the card (default: %(default)s)")
     parser.add_argument("--context", type=int, default=REDUCED_CONTEXT, metavar="N",
                         help=f"the reduced context to price, in {BLOCK_MS} ms steps (default %(default)s: "
                         f"{REDUCED_CONTEXT * BLOCK_MS / 60_000:g} minutes)")
