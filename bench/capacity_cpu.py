@@ -47,10 +47,9 @@ from procs.audio.speech import conversation_16k, repeat_to
 from procs.client import ClientRun, stream_client
 from procs.launcher import ServerProcess, cpu_seconds, machine_busy_s, role_pids
 from procs.model.torch_setup import flush_subnormals, prepare_torch
-from protocol import Latency
+from protocol import BLOCK_MS, FRAME_MS, Latency
 
-FRAME_S = 0.02
-BLOCK_MS = 80.0
+FRAME_S = FRAME_MS / 1000
 REAL_TIME_SHARE = 0.95
 LATENCY_GROWTH_MS = 20.0
 

@@ -78,12 +78,13 @@ from reference_client import (  # bench/ is on sys.path: the script's own folder
 
 from procs.launcher import machine_busy_s, process_tree, role_pids
 from procs.model.torch_setup import prepare_torch
+from protocol import OUT_SAMPLES_PER_BLOCK
 from ringbuf.procinfo import read_proc_stat
 
 SERVE_REFERENCE = "serve-reference"
 REFERENCE_THREADS_ENV = "COMPARE_REFERENCE_TORCH_THREADS"
 BLOCK_FRAMES = 4  # 20 ms frames per 80 ms model step
-STEP_SAMPLES = 1920  # output samples per step at 24 kHz
+STEP_SAMPLES = OUT_SAMPLES_PER_BLOCK  # output samples per step at 24 kHz
 READY_TIMEOUT_S = 180.0
 REFERENCE_READY_LINE = "======== Running on"  # aiohttp's run_app prints it once the socket listens
 CHECKPOINT_FILE_KEYS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name")

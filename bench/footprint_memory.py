@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_torch("cpu")
     from moshi.models import loaders
 
+    from procs.config import DEFAULTS
     from procs.model.capacity import held_state_bytes, session_bytes, weight_bytes
     from procs.model.checkpoints import checkpoint_info_from_dir
     from procs.model.compact import apply_footprint
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     meta_mimi = loaders.get_mimi(None, loaders._mimi_config, num_codebooks=num_codebooks, device="meta")
     meta_lm = loaders.get_moshi_lm(None, lm_kwargs=dict(lm_kwargs), device="meta", dtype=torch.bfloat16)
     planned = {(r.weights, r.kv, r.context): r for r in price(
-        meta_mimi, meta_lm, reduced_context=1500, gpus=(("any", 80.0),), gpu_memory_fraction=0.95)}
+        meta_mimi, meta_lm, reduced_context=1500, gpus=(("any", 80.0),),
+        gpu_memory_fraction=DEFAULTS.gpu_memory_fraction)}
     torch.manual_seed(0)
     mimi = loaders.get_mimi(None, loaders._mimi_config, num_codebooks=num_codebooks, device="cpu")
     base = loaders.get_moshi_lm(None, lm_kwargs=dict(lm_kwargs), device="cpu", dtype=torch.bfloat16)

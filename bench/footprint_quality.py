@@ -41,8 +41,9 @@ import torch
 
 from procs.model.footprint import Footprint
 from procs.model.torch_setup import prepare_torch
+from protocol import BLOCK_MS, OUT_SAMPLES_PER_BLOCK
 
-FRAME_24K = 1920
+FRAME_24K = OUT_SAMPLES_PER_BLOCK
 MODELS = ("demo", "wide", "moshi-7b")
 # What this project holds a footprint to: its mean relative error of the text and of the audio logits may
 # be at most this many times the floor (bf16 against fp32: the error every bf16 deployment already takes).
@@ -139,7 +140,7 @@ def input_codes(mimi: Any, steps: int, device: torch.device) -> tuple[torch.Tens
     try:
         from procs.audio.speech import conversation_16k, repeat_to
 
-        pcm16, kind = repeat_to(conversation_16k(), steps * 0.08), "Telugu speech (espeak-ng)"
+        pcm16, kind = repeat_to(conversation_16k(), steps * BLOCK_MS / 1000), "Telugu speech (espeak-ng)"
     except (OSError, RuntimeError, FileNotFoundError):
         rng = np.random.default_rng(0)
         pcm16, kind = (0.1 * rng.standard_normal(steps * 1280)).astype(np.float32), "noise (no espeak-ng)"

@@ -47,10 +47,11 @@ import torch
 from procs.model.capacity import held_state_bytes, session_bytes, weight_bytes
 from procs.model.footprint import KV_FORMATS, WEIGHT_FORMATS, Footprint
 from procs.model.torch_setup import prepare_torch
+from protocol import BLOCK_MS, OUT_SAMPLES_PER_BLOCK
 
-REAL_TIME_BUDGET_MS = 80.0  # one Mimi frame = 80 ms of audio; a step must finish before the next frame.
+REAL_TIME_BUDGET_MS = float(BLOCK_MS)  # one Mimi frame of audio; a step must finish before the next frame.
 DEFAULT_MARGIN = 0.8
-MIMI_FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
+MIMI_FRAME_SAMPLES = OUT_SAMPLES_PER_BLOCK  # 80 ms at 24 kHz
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 EXIT_USAGE = 2
 MARKDOWN_BLOCK_BEGIN = "<!-- gpu_capacity:begin {key} -->"

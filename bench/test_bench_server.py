@@ -59,6 +59,9 @@ from procs.audio.speech import conversation_16k
 from procs.client import ClientRun, stream_client
 from procs.launcher import ServerProcess, role_pids
 from protocol import (
+    BLOCK_MS,
+    FRAME_MS,
+    FRAMES_PER_BLOCK,
     IN_FRAME_SAMPLES,
     ClientSessionEnd,
     Latency,
@@ -68,8 +71,7 @@ from protocol import (
 )
 
 SPAWN = multiprocessing.get_context("spawn")
-FRAME_S = 0.02
-FRAMES_PER_BLOCK = 4
+FRAME_S = FRAME_MS / 1000
 SCENARIO_S = 12.0
 WARMUP_S = 1.0  # blocks sent in each client's first second are left out of the statistics
 SESSION_COUNTS = (1, 4, 8)
@@ -140,7 +142,7 @@ async def stream_clients(url: str, pcm: np.ndarray, phases_s: list[float]) -> li
 def phases(n: int) -> list[float]:
     """Each client's offset in the 80 ms block clock: random but the same in every run (a fixed seed)."""
     rng = np.random.default_rng(PHASE_SEED + n)
-    return sorted(float(p) for p in rng.uniform(0.0, 0.08, size=n))
+    return sorted(float(p) for p in rng.uniform(0.0, BLOCK_MS / 1000, size=n))
 
 
 def run_scenario(server: ServerProcess, pcm: np.ndarray, n: int) -> Scenario:

@@ -22,8 +22,9 @@ from procs.model.engine import StepResult
 from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
+from protocol import BLOCK_MS
 
-FRAME_MS = 80.0
+FRAME_MS = float(BLOCK_MS)  # one step: a Mimi frame
 ROUNDS = 40
 WARMUP_ROUNDS = 5
 

@@ -19,6 +19,8 @@ from websockets.exceptions import ConnectionClosed
 
 from procs.network.codec import UP_BITRATE, OpusDecoder, OpusEncoder
 from protocol import (
+    FRAME_MS,
+    FRAMES_PER_BLOCK,
     IN_FRAME_SAMPLES,
     IN_RATE,
     OUT_FRAME_BYTES,
@@ -34,9 +36,8 @@ from protocol import (
 )
 
 T = TypeVar("T")
-FRAME_S = 0.02
+FRAME_S = FRAME_MS / 1000
 CLOSE_WAIT_S = 10.0  # after the session ends, how long the server has to close it
-FRAMES_PER_BLOCK = 4  # one model step (80 ms) takes four 20 ms frames and gives four back
 
 
 @dataclass

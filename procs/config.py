@@ -5,6 +5,10 @@ The model flags are moshi.server's, with the same names and meanings (`--hf-repo
 so a command line written for moshi.server serves the same checkpoint here. An environment variable is
 checked exactly as its flag is (`VOICE_PORT=abc` is refused with the variable's name, before anything
 starts); a flag given on the command line wins over its variable.
+
+Every default lives in `ServerConfig` and nowhere else: `--help` and the README's flag table show it from
+there (tests/test_readme_flags.py compares them), and the functions below the configuration take their values
+from a ServerConfig (or `DEFAULTS`), not defaults of their own.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from procs.model.footprint import KV_FORMATS, MIN_CONTEXT, WEIGHT_FORMATS, Footprint
 from procs.model.source import ModelSource
@@ -45,21 +49,16 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8998
     # Where the model comes from (procs/model/checkpoints.py: resolve_checkpoint). Nothing named: the demo.
-    checkpoint: str | None = None
-    hf_repo: str | None = None
-    moshi_weight: str | None = None
-    mimi_weight: str | None = None
-    tokenizer: str | None = None
-    config_path: str | None = None
-    lora_weight: str | None = None
-    fuse_lora: bool = True
-    random_model: str | None = None
+    # Its flags (`--checkpoint`, `--hf-repo`, ...) fill it directly: their Options' dests are `model.<field>`.
+    model: ModelSource = field(default_factory=ModelSource)
     device: str = "cpu"
-    dtype: str | None = None
-    cfg_coef: float = 1.0
-    max_sessions: int = 4
+    # Inference processes, each with its own copy of the model and its own range of `max_sessions` slots;
+    # `devices`, when given, names each one's device (and so their number: parse_config sets both).
     inference_workers: int = 1
     devices: tuple[str, ...] = ()
+    dtype: str | None = None
+    cfg_coef: float = 1.0
+    max_sessions: int = 4  # per inference worker
     gpu_memory_fraction: float = 0.95
     session_memory_mb: float | None = None
     # How the model is held (procs/model/footprint.py) and the card it is sized for (None: measured).
@@ -86,13 +85,18 @@ class ServerConfig:
     agent_port: int | None = None
     web_dir: Path = field(default=WEB_DIR)
 
-    def worker_devices(self) -> tuple[str, ...]:
-        """The device of each inference worker: `--devices`, else `--device` per `--inference-workers`."""
-        return self.devices or (self.device,) * self.inference_workers
-
     @property
     def footprint(self) -> Footprint:
         return Footprint(weights=self.quantize, context=self.context, kv=self.kv_dtype)  # type: ignore[arg-type]
+
+    def worker_devices(self) -> tuple[str, ...]:
+        """The device of each inference worker: `--devices`, else `--device` for each of
+        `--inference-workers`."""
+        return self.devices or (self.device,) * self.inference_workers
+
+
+# The defaults, for code below the configuration that is called without one (tests, benchmarks, `plan`).
+DEFAULTS: Final = ServerConfig()
 
 
 def _positive_int(text: str) -> int:
@@ -171,7 +175,13 @@ def _device(text: str) -> str:
 
 
 def _devices(text: str) -> tuple[str, ...]:
-    return tuple(_device(part.strip()) for part in text.split(",") if part.strip())
+    devices = tuple(d.strip() for d in text.split(","))
+    for device in devices:
+        try:
+            _device(device)
+        except ValueError as error:
+            raise ValueError(f"device {device!r} {error}") from None
+    return devices
 
 
 def _choice(options: tuple[str, ...], *, upper: bool = False, lower: bool = True) -> Callable[[str], str]:
@@ -196,82 +206,97 @@ def _boolean(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Option:
-    """One flag: its destination in ServerConfig, its spellings, its variable and how its text is parsed."""
+    """One flag: its destination in ServerConfig, its spellings, its variable and how its text is parsed.
 
-    dest: str
+    Its default is the ServerConfig's (`option_default`); `default_text` says in words what a default of
+    None or nothing means where the value alone would not (`--dtype`: the device's usual dtype)."""
+
+    dest: str  # a ServerConfig field, or `model.<field>` for the nested ModelSource
     flags: tuple[str, ...]
     env: str
     parse: Callable[[str], Any] | None  # None: a switch (sets `switch_value`)
     help: str
     switch_value: Any = None
     metavar: str | None = None
+    default_text: str | None = None
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("host", ("--host",), "VOICE_HOST", str, "address to listen on"),
+    Option("host", ("--host",), "VOICE_HOST", str, "address to listen on (scripts/serve: 0.0.0.0)"),
     Option("port", ("--port",), "VOICE_PORT", _port, "TCP port (0 picks a free one)"),
-    Option("checkpoint", ("--checkpoint",), "VOICE_CHECKPOINT", str,
+    Option("model.checkpoint", ("--checkpoint",), "VOICE_CHECKPOINT", str,
            "local Moshi-format checkpoint directory, or a moshi-finetune `consolidated/` directory",
-           metavar="DIR"),
-    Option("hf_repo", ("--hf-repo",), "VOICE_HF_REPO", str,
+           metavar="DIR", default_text="the demo"),
+    Option("model.hf_repo", ("--hf-repo",), "VOICE_HF_REPO", str,
            "Hugging Face repo (e.g. kyutai/moshiko-pytorch-bf16); with a fine-tune, its base",
-           metavar="REPO"),
-    Option("moshi_weight", ("--moshi-weight",), "VOICE_MOSHI_WEIGHT", str, "local Moshi LM weights file"),
-    Option("mimi_weight", ("--mimi-weight",), "VOICE_MIMI_WEIGHT", str, "local Mimi weights file"),
-    Option("tokenizer", ("--tokenizer",), "VOICE_TOKENIZER", str, "local SentencePiece tokenizer file"),
-    Option("config_path", ("--config-path",), "VOICE_CONFIG_PATH", str,
-           "local config.json overriding the repo's"),
-    Option("lora_weight", ("--lora-weight",), "VOICE_LORA_WEIGHT", str, "LoRA adapters (lora.safetensors)"),
-    Option("fuse_lora", ("--no_fuse_lora", "--no-fuse-lora"), "VOICE_NO_FUSE_LORA", None,
+           metavar="REPO", default_text="the demo"),
+    Option("model.moshi_weight", ("--moshi-weight",), "VOICE_MOSHI_WEIGHT", str,
+           "local Moshi LM weights file", metavar="FILE", default_text="the repo's"),
+    Option("model.mimi_weight", ("--mimi-weight",), "VOICE_MIMI_WEIGHT", str, "local Mimi weights file",
+           metavar="FILE", default_text="the repo's"),
+    Option("model.tokenizer", ("--tokenizer",), "VOICE_TOKENIZER", str, "local SentencePiece tokenizer file",
+           metavar="FILE", default_text="the repo's"),
+    Option("model.config_path", ("--config-path",), "VOICE_CONFIG_PATH", str,
+           "local config.json overriding the repo's", metavar="FILE", default_text="the repo's"),
+    Option("model.lora_weight", ("--lora-weight",), "VOICE_LORA_WEIGHT", str,
+           "LoRA adapters (lora.safetensors)", metavar="FILE"),
+    Option("model.fuse_lora", ("--no_fuse_lora", "--no-fuse-lora"), "VOICE_NO_FUSE_LORA", None,
            "keep LoRA layers apart instead of fusing them into the linear layers", switch_value=False),
-    Option("random_model", ("--random-model",), "VOICE_RANDOM_MODEL", _choice(RANDOM_MODELS),
+    Option("model.random_model", ("--random-model",), "VOICE_RANDOM_MODEL", _choice(RANDOM_MODELS),
            "a model built in memory with random weights, no checkpoint: demo, or moshi-7b (the real 7B "
-           "shape, for GPU capacity checks)"),
+           "shape, for GPU capacity checks)", metavar="NAME"),
     Option("device", ("--device",), "VOICE_DEVICE", _device, "cpu, cuda, cuda:N or auto"),
+    Option("inference_workers", ("--inference-workers",), "VOICE_INFERENCE_WORKERS", _positive_int,
+           "inference processes, each with its own copy of the model and its own --max-sessions slots "
+           "(--devices sets it: one per device)", metavar="N"),
+    Option("devices", ("--devices",), "VOICE_DEVICES", _devices,
+           "comma-separated devices (e.g. cuda:0,cuda:1), each as --device: one inference worker on each",
+           metavar="LIST", default_text="--device for each worker"),
     Option("dtype", ("--dtype",), "VOICE_DTYPE", _choice(DTYPES),
-           "model dtype (default: bfloat16 on CUDA, float32 on CPU)"),
+           "model dtype: bfloat16, float16 or float32 (and their short names)",
+           default_text="bfloat16 on CUDA, float32 on CPU"),
     Option("dtype", ("--half",), "VOICE_HALF", None,
            "float16 instead of bfloat16 (older GPUs), as moshi.server", switch_value="float16"),
     Option("cfg_coef", ("--cfg-coef",), "VOICE_CFG_COEF", float,
            "classifier-free guidance coefficient (only 1.0: see the README)"),
     Option("max_sessions", ("--max-sessions",), "VOICE_MAX_SESSIONS", _positive_int,
-           f"sessions served at once, 1-{MAX_SESSIONS_LIMIT} (fewer if memory holds fewer)"),
-    Option("inference_workers", ("--inference-workers",), "VOICE_INFERENCE_WORKERS", _positive_int,
-           "inference processes, each with its own model copy and --max-sessions slots", metavar="N"),
-    Option("devices", ("--devices",), "VOICE_DEVICES", _devices,
-           "one inference process per device, e.g. cuda:0,cuda:1", metavar="LIST"),
+           f"sessions served at once per inference worker, 1-{MAX_SESSIONS_LIMIT} (fewer if memory holds "
+           "fewer); the server's total is the sum over its workers", metavar="N"),
     Option("gpu_memory_fraction", ("--gpu-memory-fraction",), "VOICE_GPU_MEMORY_FRACTION", _fraction,
            "share of the GPU's memory the server may use (weights, sessions' state, working memory)"),
     Option("session_memory_mb", ("--session-memory-mb",), "VOICE_SESSION_MEMORY_MB", _positive_float,
-           "memory the sessions' streaming state may take on any device; fewer sessions if it holds fewer"),
+           "memory the sessions' streaming state may take on any device; fewer sessions if it holds fewer",
+           default_text="no bound"),
     Option("quantize", ("--quantize",), "VOICE_QUANTIZE", _choice(WEIGHT_FORMATS),
-           "int8: the LM's linear weights as int8 with per-channel scales (half of bf16's memory); model "
-           "(the default): as the checkpoint stores them"),
+           "int8: the LM's linear weights as int8 with per-channel scales (half of bf16's memory); model: "
+           "as the checkpoint stores them"),
     Option("context", ("--context",), "VOICE_CONTEXT", _context,
-           "steps of attention the LM keeps, 80 ms each (default: the checkpoint's, 3000 = 4 minutes for "
-           "Moshi); fewer: less KV cache per session, the model remembers less far back", metavar="N"),
+           "steps of attention the LM keeps, 80 ms each (3000 = 4 minutes for Moshi); fewer: less KV cache "
+           "per session, the model remembers less far back", metavar="N", default_text="the checkpoint's"),
     Option("kv_dtype", ("--kv-dtype",), "VOICE_KV_DTYPE", _choice(KV_FORMATS),
-           "fp8: the LM's KV cache stored as float8 with per-vector scales (about half of bf16's); model "
-           "(the default): in the model's dtype"),
+           "fp8: the LM's KV cache stored as float8 with per-vector scales (about half of bf16's); model: "
+           "in the model's dtype"),
     Option("gpu_memory_gb", ("--gpu-memory-gb",), "VOICE_GPU_MEMORY_GB", _positive_float,
            "size the sessions for a card of this many GB (10^9 bytes), less the weights, instead of the "
-           "free memory CUDA reports (a shared card; the same figure voice-agent plan uses)", metavar="X"),
+           "free memory CUDA reports (a shared card; the same figure voice-agent plan uses)", metavar="X",
+           default_text="measured"),
     Option("engine", ("--engine",), "VOICE_ENGINE", _choice(ENGINES),
            "moshi, or loopback (no model: each session hears itself)"),
     Option("step_clock", ("--step-clock",), "VOICE_STEP_CLOCK", _choice(STEP_CLOCKS),
            "on: one batched step per 80 ms for every session; off: a step per ready block; auto: on for a "
            "model, off for loopback"),
     Option("threads", ("--threads",), "VOICE_THREADS", _positive_int,
-           "torch threads in the inference process (default: 1 on a CPU, torch's own on CUDA)"),
+           "torch threads in the inference process", metavar="N",
+           default_text="1 on a CPU, torch's own on CUDA"),
     Option("idle_timeout_s", ("--idle-timeout",), "VOICE_IDLE_TIMEOUT", _seconds_or_off,
            "close a session that sends no audio this many seconds (0: never)", metavar="S"),
     Option("max_session_s", ("--max-session-s",), "VOICE_MAX_SESSION_S", _seconds_or_off,
-           "end sessions at this age in seconds (default: no limit)", metavar="S"),
+           "end sessions at this age in seconds", metavar="S", default_text="no limit"),
     Option("drain_timeout_s", ("--drain-timeout",), "VOICE_DRAIN_TIMEOUT", _positive_float,
            "on SIGTERM, let live sessions go on this many seconds before ending them", metavar="S"),
     Option("allowed_origins", ("--allowed-origins",), "VOICE_ALLOWED_ORIGINS", _origins,
            "browser origins allowed to open sessions besides the page's own and localhost "
-           "(comma-separated; * allows any)", metavar="ORIGINS"),
+           "(comma-separated; * allows any)", metavar="ORIGINS", default_text="the page's own and localhost"),
     Option("auth_token", ("--auth-token",), "VOICE_AUTH_TOKEN", parse_secret,
            "a shared secret clients must pass as ?token=... (at least 16 characters)", metavar="TOKEN"),
     Option("auth_secret", ("--auth-secret",), "VOICE_AUTH_SECRET", parse_secret,
@@ -279,7 +304,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", ("--log-level",), "VOICE_LOG_LEVEL", _choice(LOG_LEVELS, upper=True),
            "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     Option("log_format", ("--log-format",), "VOICE_LOG_FORMAT", _choice(LOG_FORMATS),
-           "text (the default), or json: one JSON object a line, for a log collector"),
+           "text, or json: one JSON object a line, for a log collector"),
     Option("ssl_cert", ("--ssl-cert",), "VOICE_SSL_CERT", _readable_file,
            "TLS certificate chain (PEM): serve https:// and wss:// (with --ssl-key)", metavar="FILE"),
     Option("ssl_key", ("--ssl-key",), "VOICE_SSL_KEY", _readable_file,
@@ -288,8 +313,33 @@ OPTIONS: tuple[Option, ...] = (
            "a directory holding cert.pem and key.pem, as moshi.server's --ssl", metavar="DIR"),
     Option("agent_port", ("--agent-port",), "VOICE_AGENT_PORT", _port,
            "TCP port of the HAProxy agent-check (free slots as a weight; see deploy/README.md)",
-           metavar="PORT"),
+           metavar="PORT", default_text="off"),
 )
+
+
+def option_default(option: Option) -> Any:
+    """The option's default: the ServerConfig's value at its dest."""
+    value: Any = DEFAULTS
+    for name in option.dest.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def describe_default(option: Option) -> str:
+    """The option's default as `--help` and the README show it: its `default_text`, else the ServerConfig's
+    value (a switch: off)."""
+    if option.default_text is not None:
+        return option.default_text
+    value = option_default(option)
+    if option.parse is None:
+        return "off"
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -302,19 +352,21 @@ def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-# The options that name a model (ModelSource's fields): `serve` and `plan` take the same ones.
-MODEL_SOURCE_OPTIONS = tuple(o for o in OPTIONS if o.dest in {f.name for f in fields(ModelSource)})
+# The options that name a model (ServerConfig.model's fields): `serve` and `plan` take the same ones.
+MODEL_SOURCE_OPTIONS = tuple(o for o in OPTIONS if o.dest.startswith("model."))
 
 
 def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...]) -> None:
     for option in options:
-        help_text = f"{option.help} [env {option.env}]"
+        help_text = f"{option.help} (default: {describe_default(option)}) [env {option.env}]"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %-placeholders
         if option.parse is None:
             parser.add_argument(*option.flags, dest=option.dest, action="store_const",
                                 const=option.switch_value, default=argparse.SUPPRESS, help=help_text)
         else:
+            metavar = option.metavar or option.dest.rsplit(".", 1)[-1].upper()
             parser.add_argument(*option.flags, dest=option.dest, type=_argparse_type(option.parse),
-                                default=argparse.SUPPRESS, metavar=option.metavar, help=help_text)
+                                default=argparse.SUPPRESS, metavar=metavar, help=help_text)
 
 
 def build_parser(prog: str = "supervisor.py") -> argparse.ArgumentParser:
@@ -325,12 +377,6 @@ def build_parser(prog: str = "supervisor.py") -> argparse.ArgumentParser:
     )
     add_options(parser, OPTIONS)
     return parser
-
-
-def model_source(values: Any) -> ModelSource:
-    """The ModelSource a ServerConfig (or `read_options`' result as a namespace) names."""
-    return ModelSource(**{f.name: getattr(values, f.name) for f in fields(ModelSource)
-                          if hasattr(values, f.name)})
 
 
 def read_options(parser: argparse.ArgumentParser, options: tuple[Option, ...], argv: list[str] | None,
@@ -361,13 +407,23 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     """Flags over environment variables over defaults (`read_options`)."""
     parser = build_parser(prog)
     values = read_options(parser, OPTIONS, argv, environ)
-    cfg = ServerConfig(**{f.name: values[f.name] for f in fields(ServerConfig) if f.name in values})
+    if "devices" in values and "inference_workers" not in values:
+        values["inference_workers"] = len(values["devices"])  # one worker per device
+    cfg = config_from_values(values)
     if cfg.ssl_dir is not None and cfg.ssl_cert is None and cfg.ssl_key is None:
         cfg = replace(cfg, ssl_cert=cfg.ssl_dir / "cert.pem", ssl_key=cfg.ssl_dir / "key.pem")
     problem = check_config(cfg)
     if problem:
         parser.error(problem)
     return cfg
+
+
+def config_from_values(values: Mapping[str, Any]) -> ServerConfig:
+    """The ServerConfig of option values keyed by their dests (`read_options`): `model.<field>` ones make its
+    ModelSource; what is not given keeps ServerConfig's default."""
+    model = {f.name: values[f"model.{f.name}"] for f in fields(ModelSource) if f"model.{f.name}" in values}
+    top = {f.name: values[f.name] for f in fields(ServerConfig) if f.name in values and f.name != "model"}
+    return ServerConfig(model=ModelSource(**model), **top)
 
 
 def check_config(cfg: ServerConfig) -> str | None:
@@ -377,14 +433,17 @@ def check_config(cfg: ServerConfig) -> str | None:
     if cfg.cfg_coef != 1.0:
         return ("--cfg-coef other than 1.0 is not supported: classifier-free guidance doubles moshi's batch "
                 "and needs a conditioned model; this server batches unconditioned Moshi models per session")
-    named = cfg.checkpoint or cfg.hf_repo or cfg.moshi_weight or cfg.config_path or cfg.lora_weight
-    if cfg.random_model is not None and named:
+    if cfg.devices and len(cfg.devices) != cfg.inference_workers:
+        return (f"--devices names {len(cfg.devices)} devices but --inference-workers is "
+                f"{cfg.inference_workers}: one inference worker runs on each device (give --devices alone)")
+    model = cfg.model
+    if model.random_model is not None and (model.checkpoint or model.hf_repo or model.file_overrides):
         return "--random-model builds a model in memory: it takes no --checkpoint, --hf-repo or weights"
-    if cfg.engine == "loopback" and (cfg.checkpoint or cfg.hf_repo or cfg.random_model):
+    if cfg.engine == "loopback" and (model.checkpoint or model.hf_repo or model.random_model):
         return "--engine loopback runs no model: drop --checkpoint, --hf-repo and --random-model"
     if cfg.engine == "loopback" and (not cfg.footprint.is_default or cfg.gpu_memory_gb is not None):
         return "--engine loopback runs no model: drop --quantize, --context, --kv-dtype and --gpu-memory-gb"
-    if cfg.quantize == "int8" and not cfg.fuse_lora:
+    if cfg.quantize == "int8" and not model.fuse_lora:
         return "--quantize int8 stores fused weights: LoRA adapters are fused first (drop --no_fuse_lora)"
     if cfg.agent_port and cfg.agent_port == cfg.port:
         return f"--agent-port {cfg.agent_port} is the server's own --port: the agent needs a port of its own"

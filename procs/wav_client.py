@@ -32,7 +32,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 from websockets.uri import parse_uri
 
 from procs.client import ClientRun, stream_client
-from protocol import IN_FRAME_SAMPLES, IN_RATE, OUT_RATE, Error, Latency
+from protocol import FRAME_MS, IN_FRAME_SAMPLES, IN_RATE, OUT_RATE, Error, Latency
 
 NORMAL_CLOSES = (1000, 1001)
 
@@ -106,7 +106,7 @@ def summarize(url: str, run: ClientRun, frames_in_file: int) -> ClientReport:
     first = run.frames[0][0] - run.t_first_send if run.frames and run.send_times else None
     return ClientReport(
         url=url,
-        seconds_sent=round(run.sent * 0.02, 2),
+        seconds_sent=round(run.sent * FRAME_MS / 1000, 2),
         frames_sent=run.sent,
         frames_received=len(run.frames),
         first_audio_s=None if first is None else round(first, 3),
@@ -133,7 +133,7 @@ def render(report: ClientReport) -> str:
     if report.refused is not None:
         return f"refused: {report.refused}"
     lines = [f"sent {report.seconds_sent:.2f} s ({report.frames_sent} frames), "
-             f"received {report.frames_received * 0.02:.2f} s ({report.frames_received} frames)"]
+             f"received {report.frames_received * FRAME_MS / 1000:.2f} s ({report.frames_received} frames)"]
     lines.append("first audio: " + ("none" if report.first_audio_s is None
                                     else f"{report.first_audio_s * 1e3:.0f} ms after the first frame"))
     if report.latency_ms is not None:

@@ -7,6 +7,7 @@ described in `protocol.wire` (frames, check order) and `protocol.messages` (cont
 
 from protocol.codes import EndReason, ErrorCode
 from protocol.constants import (
+    BLOCK_MS,
     BYTES_PER_SAMPLE,
     CLIENT_AUDIO,
     CLIENT_OPUS,
@@ -16,12 +17,14 @@ from protocol.constants import (
     IN_FRAME_BYTES,
     IN_FRAME_SAMPLES,
     IN_RATE,
+    IN_SAMPLES_PER_BLOCK,
     MAX_OPUS_PACKET_BYTES,
     MAX_SAFE_INTEGER,
     MAX_TEXT_BYTES,
     OUT_FRAME_BYTES,
     OUT_FRAME_SAMPLES,
     OUT_RATE,
+    OUT_SAMPLES_PER_BLOCK,
     PROTOCOL_VERSION,
     SERVER_AUDIO,
     SERVER_OPUS,
@@ -70,6 +73,7 @@ from protocol.wire import (
 
 __all__ = [
     "AUDIO_FORMATS",
+    "BLOCK_MS",
     "BYTES_PER_SAMPLE",
     "CLIENT_AUDIO",
     "CLIENT_AUDIO_FORMAT",
@@ -81,12 +85,14 @@ __all__ = [
     "IN_FRAME_BYTES",
     "IN_FRAME_SAMPLES",
     "IN_RATE",
+    "IN_SAMPLES_PER_BLOCK",
     "MAX_OPUS_PACKET_BYTES",
     "MAX_SAFE_INTEGER",
     "MAX_TEXT_BYTES",
     "OUT_FRAME_BYTES",
     "OUT_FRAME_SAMPLES",
     "OUT_RATE",
+    "OUT_SAMPLES_PER_BLOCK",
     "PROTOCOL_VERSION",
     "SERVER_AUDIO",
     "SERVER_AUDIO_FORMAT",

@@ -31,8 +31,11 @@ OUT_RATE: Final = 24_000
 OUT_FRAME_SAMPLES: Final = OUT_RATE * FRAME_MS // 1000  # 480
 OUT_FRAME_BYTES: Final = OUT_FRAME_SAMPLES * BYTES_PER_SAMPLE  # 960
 
-# One model step (Mimi's 12.5 Hz frame) takes four 20 ms frames and gives four back.
+# One model step (Mimi's 12.5 Hz frame) takes four 20 ms frames and gives four back: a block.
 FRAMES_PER_BLOCK: Final = 4
+BLOCK_MS: Final = FRAME_MS * FRAMES_PER_BLOCK  # 80
+IN_SAMPLES_PER_BLOCK: Final = IN_FRAME_SAMPLES * FRAMES_PER_BLOCK  # 1280 at 16 kHz
+OUT_SAMPLES_PER_BLOCK: Final = OUT_FRAME_SAMPLES * FRAMES_PER_BLOCK  # 1920 at 24 kHz: one Mimi frame
 
 # Largest JSON control frame accepted, in UTF-8 bytes. Every legitimate control message is far
 # smaller; the cap bounds parsing work and nesting depth an untrusted peer can cause.

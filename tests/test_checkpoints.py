@@ -24,11 +24,12 @@ from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
 from procs.model.variants import build_finetune, build_vocab_variant, write_hub_cache
+from protocol import OUT_SAMPLES_PER_BLOCK
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOG = logging.getLogger("test_checkpoints")
 REPO = "telugu-voice-agent/demo"
-FRAME = 1920
+FRAME = OUT_SAMPLES_PER_BLOCK  # one step's audio at 24 kHz
 STEPS = 12
 
 

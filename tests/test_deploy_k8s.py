@@ -149,7 +149,7 @@ def test_every_voice_variable_is_a_real_option_and_parses() -> None:
     assert names <= known, f"not options of procs/config.py: {sorted(names - known)}"
     cfg = _server_config()  # exits (SystemExit) on a value the server would refuse at start
     assert cfg.device == "cuda"
-    assert cfg.hf_repo == ENV["VOICE_HF_REPO"]
+    assert cfg.model.hf_repo == ENV["VOICE_HF_REPO"]
     assert cfg.log_format == "json"
 
 

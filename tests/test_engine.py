@@ -17,8 +17,9 @@ from procs.model.engine import EngineOOM, LoopbackEngine, StepResult
 from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine, text_piece_table
 from procs.model.source import ModelSource
+from protocol import OUT_RATE, OUT_SAMPLES_PER_BLOCK
 
-FRAME = 1920
+FRAME = OUT_SAMPLES_PER_BLOCK  # one step's audio at 24 kHz
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOG = logging.getLogger("test_engine")
 
@@ -39,7 +40,7 @@ def new_engine(batch_size: int, demo_dir) -> MoshiEngine:
 def audio(seed: int, steps: int) -> np.ndarray:
     """[steps, 1920] of speech-band noise bursts: different seeds give different signals."""
     rng = np.random.default_rng(seed)
-    t = np.arange(steps * FRAME) / 24000
+    t = np.arange(steps * FRAME) / OUT_RATE
     pitch, wobble = rng.uniform(100, 300), rng.uniform(1, 4)
     tone = 0.2 * np.sin(2 * np.pi * pitch * t) * (1 + np.sin(2 * np.pi * wobble * t))
     return (tone + 0.05 * rng.standard_normal(t.shape)).astype(np.float32).reshape(steps, FRAME)

@@ -15,6 +15,7 @@ import torch
 from moshi.modules.transformer import RingKVCache
 from torch import nn
 
+from procs.config import DEFAULTS
 from procs.model.capacity import held_state_bytes, session_bytes, weight_bytes
 from procs.model.compact import apply_footprint
 from procs.model.footprint import Footprint
@@ -23,10 +24,11 @@ from procs.model.kv_cache import Float8RingKVCache, ServingAttention
 from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
+from protocol import OUT_SAMPLES_PER_BLOCK
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOG = logging.getLogger("test_footprint")
-FRAME = 1920
+FRAME = OUT_SAMPLES_PER_BLOCK  # one step's audio at 24 kHz
 FOOTPRINTS = {
     "int8": Footprint(weights="int8"),
     "fp8": Footprint(kv="fp8"),
@@ -188,9 +190,10 @@ def test_the_clamp_at_start_up_is_the_planners_number() -> None:
 
     for footprint in FOOTPRINTS.values():
         engine = engine_for(footprint, batch_size=1)
-        card_bytes = int((engine.weights_bytes + 5.5 * engine.per_session_bytes) / 0.95)  # room for 5.5
+        share = DEFAULTS.gpu_memory_fraction  # the engine's and the planner's, as serve's
+        card_bytes = int((engine.weights_bytes + 5.5 * engine.per_session_bytes) / share)  # room for 5.5
         rows, _ = plan(ModelSource(), dtype=torch.float32, reduced_context=20,
-                       gpus=(("card", card_bytes / 1e9),), gpu_memory_fraction=0.95)
+                       gpus=(("card", card_bytes / 1e9),), gpu_memory_fraction=share)
         (row,) = [r for r in rows if (r.weights == "int8") == (footprint.weights == "int8")
                   and (r.kv == "fp8") == (footprint.kv == "fp8") and r.context == engine.lm.context]
         assert row.session_mb * 1e6 == pytest.approx(engine.per_session_bytes, abs=1)  # the same count

@@ -375,9 +375,10 @@ export function errorText(error) {
   return hasKey(key) ? t(key) : String(error?.msg ?? code);
 }
 
-// The codes of a message the page sent that the server could not read (protocol/codes.py).
-const MALFORMED_CODES = ['empty_frame', 'bad_header', 'bad_length', 'bad_audio', 'oversize', 'bad_utf8',
-  'bad_json', 'unknown_type', 'bad_field'];
+// The codes of a message the page sent that the server could not read: the ones it raises as ProtocolError
+// (protocol/codes.py; tests/test_web_constants.py checks the list against the server's).
+export const MALFORMED_CODES = Object.freeze(['empty_frame', 'bad_header', 'bad_length', 'bad_audio', 'oversize',
+  'bad_utf8', 'bad_json', 'unknown_type', 'bad_field']);
 
 function hasKey(key) {
   return Object.hasOwn(STRINGS[current] ?? STRINGS.te, key);

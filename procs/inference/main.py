@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from procs.audio.resample import Resampler16to24, float_to_int16
-from procs.config import ServerConfig, model_source
+from procs.config import ServerConfig
 from procs.frames import write_out_frame
 from procs.inference.clock import Feed, ImmediateScheduler, ReadyBlock, Scheduler, StepScheduler
 from procs.model.engine import Engine, EngineOOM
@@ -304,7 +304,7 @@ def main(cfg: ServerConfig, topo: Topology, name: str, status: Connection) -> No
         torch.set_num_threads(threads)
     engine = load_engine(
         cfg.engine,
-        source=model_source(cfg),
+        source=cfg.model,
         device=device,
         dtype=cfg.dtype,
         batch_size=len(place.slots),

@@ -15,8 +15,10 @@ from typing import Protocol
 
 import numpy as np
 
-FRAME_SAMPLES = 1920  # one Mimi frame: 80 ms at 24 kHz
-SAMPLE_RATE = 24000
+from protocol.constants import OUT_RATE, OUT_SAMPLES_PER_BLOCK
+
+FRAME_SAMPLES = OUT_SAMPLES_PER_BLOCK  # one Mimi frame: a block, 80 ms at 24 kHz
+SAMPLE_RATE = OUT_RATE
 # Text ids moshi uses as padding in the inner monologue (`existing_text_end_padding_id`, `..._padding_id`).
 TEXT_PADDING_IDS = (0, 3)
 

@@ -7,30 +7,33 @@ from __future__ import annotations
 
 import logging
 
+from procs.config import DEFAULTS
 from procs.model.engine import Engine, LoopbackEngine
-from procs.model.footprint import AS_STORED, Footprint
+from procs.model.footprint import Footprint
 from procs.model.source import ModelSource
 
 
 def load_engine(
     kind: str,
     *,
-    source: ModelSource | None = None,
-    device: str = "cpu",
-    dtype: str | None = None,
+    # The server passes its ServerConfig's values; the defaults are that config's defaults (DEFAULTS),
+    # for the tests and benchmarks that call this directly.
+    source: ModelSource = DEFAULTS.model,
+    device: str = DEFAULTS.device,
+    dtype: str | None = DEFAULTS.dtype,
     batch_size: int,
     log: logging.Logger,
-    footprint: Footprint = AS_STORED,
+    footprint: Footprint = DEFAULTS.footprint,
     session_memory_bytes: int | None = None,
     card_memory_bytes: int | None = None,
-    gpu_memory_fraction: float = 0.95,
+    gpu_memory_fraction: float = DEFAULTS.gpu_memory_fraction,
     greedy: bool = False,
     seed: int | None = None,
 ) -> Engine:
     """Builds the engine the inference process runs.
 
-    kind "loopback": no model. kind "moshi": the model `source` names (procs/model/checkpoints.py; None: the
-    demo checkpoint), held in memory as `footprint` says (int8 weights, context, KV cache format).
+    kind "loopback": no model. kind "moshi": the model `source` names (procs/model/checkpoints.py; nothing
+    named: the demo checkpoint), held in memory as `footprint` says (int8 weights, context, KV cache format).
     `batch_size` is clamped to what memory holds (`session_memory_bytes` on any device; a card of
     `card_memory_bytes` on any device, else free GPU memory on CUDA, under `gpu_memory_fraction`): read the
     result's `batch_size`.
@@ -43,7 +46,7 @@ def load_engine(
         raise ValueError(f"unknown engine kind {kind!r}; use 'moshi' or 'loopback'")
     from procs.model.moshi_engine import load_moshi_engine  # imports moshi: prepare_torch ran first
 
-    return load_moshi_engine(source=source or ModelSource(), device=device, dtype=dtype,
+    return load_moshi_engine(source=source, device=device, dtype=dtype,
                              batch_size=batch_size, log=log, footprint=footprint,
                              session_memory_bytes=session_memory_bytes, card_memory_bytes=card_memory_bytes,
                              gpu_memory_fraction=gpu_memory_fraction, greedy=greedy, seed=seed)

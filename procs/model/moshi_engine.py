@@ -29,7 +29,7 @@ from procs.model.checkpoints import is_demo_checkpoint, parse_device, parse_dtyp
 from procs.model.compact import apply_footprint
 from procs.model.demo import demo_checkpoint_dir
 from procs.model.engine import TEXT_PADDING_IDS, EngineOOM, StepResult
-from procs.model.footprint import AS_STORED, Footprint
+from procs.model.footprint import Footprint
 from procs.model.source import ModelSource
 
 
@@ -248,11 +248,10 @@ def card_memory(device: torch.device, told_bytes: int | None, weights: int) -> C
 
 
 def load_moshi_engine(*, source: ModelSource, device: str, dtype: str | None, batch_size: int,
-                      log: logging.Logger, footprint: Footprint = AS_STORED,
-                      session_memory_bytes: int | None = None, card_memory_bytes: int | None = None,
-                      gpu_memory_fraction: float = 0.95, greedy: bool = False, seed: int | None = None
-                      ) -> MoshiEngine:
-    """`load_engine("moshi", ...)`: see there."""
+                      log: logging.Logger, footprint: Footprint, session_memory_bytes: int | None,
+                      card_memory_bytes: int | None, gpu_memory_fraction: float, greedy: bool,
+                      seed: int | None) -> MoshiEngine:
+    """`load_engine("moshi", ...)`: see there (every value is the caller's: no defaults here)."""
     torch_device = parse_device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
     if torch_device.type == "cpu" and torch_dtype != torch.float32:

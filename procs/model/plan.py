@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from procs.config import DEFAULTS
 from procs.model.footprint import MIN_CONTEXT, MOSHI_CONTEXT, Footprint
 from procs.model.source import ModelSource
+from protocol.constants import BLOCK_MS
 
 # (name, memory in GB as sold)
 GPUS: tuple[tuple[str, float], ...] = (
@@ -35,6 +37,7 @@ GPUS: tuple[tuple[str, float], ...] = (
     ("H100 80GB", 80), ("H200", 141),
 )
 NOTE = "computed from memory, step time not measured"
+REDUCED_CONTEXT = MOSHI_CONTEXT // 2  # the reduced context a plan prices unless told (`--context`)
 _UNFETCHED = "(not read by the planner)"  # stands for weight files: CheckpointInfo would fetch them
 
 
@@ -95,9 +98,10 @@ def footprints(reduced_context: int) -> list[Footprint]:
 
 
 def plan(source: ModelSource, *, dtype: torch.dtype = torch.bfloat16,
-         reduced_context: int = MOSHI_CONTEXT // 2, gpus: tuple[tuple[str, float], ...] = GPUS,
-         gpu_memory_fraction: float = 0.95) -> tuple[list[PlanRow], str]:
-    """Every card x footprint (see the module docstring); and what the checkpoint was."""
+         reduced_context: int = REDUCED_CONTEXT, gpus: tuple[tuple[str, float], ...] = GPUS,
+         gpu_memory_fraction: float = DEFAULTS.gpu_memory_fraction) -> tuple[list[PlanRow], str]:
+    """Every card x footprint (see the module docstring); and what the checkpoint was. The card's share is
+    serve's unless told (`gpu_memory_fraction`)."""
     mimi, base_lm, described = meta_models(source, dtype)
     return price(mimi, base_lm, reduced_context=reduced_context, gpus=gpus,
                  gpu_memory_fraction=gpu_memory_fraction), described
@@ -137,7 +141,8 @@ def table(rows: list[PlanRow], described: str, gpu_memory_fraction: float) -> st
     for weights, kv, context in combos:
         first = cell[(gpus[0][0], weights, kv, context)]
         sessions = [str(cell[(g, weights, kv, context)].sessions) for g, _ in gpus]
-        body.append([weights, kv, f"{context} ({context * 0.08 / 60:.1f} min)", f"{first.weights_gb:.2f}",
+        minutes = context * BLOCK_MS / 60_000
+        body.append([weights, kv, f"{context} ({minutes:.1f} min)", f"{first.weights_gb:.2f}",
                      f"{first.session_mb:.0f}", *sessions])
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     for row in [header, *body]:
@@ -147,7 +152,15 @@ def table(rows: list[PlanRow], described: str, gpu_memory_fraction: float) -> st
 
 
 def main(argv: list[str] | None = None, prog: str = "voice-agent plan") -> int:
-    from procs.config import DTYPES, MODEL_SOURCE_OPTIONS, OPTIONS, add_options, model_source, read_options
+    from procs.config import (
+        DTYPES,
+        MODEL_SOURCE_OPTIONS,
+        OPTIONS,
+        add_options,
+        check_config,
+        config_from_values,
+        read_options,
+    )
     from procs.model.torch_setup import prepare_torch
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ", 1)[1])
@@ -155,26 +168,30 @@ def main(argv: list[str] | None = None, prog: str = "voice-agent plan") -> int:
     options = (*MODEL_SOURCE_OPTIONS,
                *(o for o in OPTIONS if o.dest in ("gpu_memory_fraction", "gpu_memory_gb")))
     add_options(parser, options)
-    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="the model's dtype on the card")
-    parser.add_argument("--context", type=int, default=MOSHI_CONTEXT // 2, metavar="N",
-                        help="the reduced context to price, in 80 ms steps (default 1500: 2 minutes)")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES,
+                        help="the model's dtype on the card (default: %(default)s)")
+    parser.add_argument("--context", type=int, default=REDUCED_CONTEXT, metavar="N",
+                        help=f"the reduced context to price, in {BLOCK_MS} ms steps (default %(default)s: "
+                        f"{REDUCED_CONTEXT * BLOCK_MS / 60_000:g} minutes)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
-    args = argparse.Namespace(**({"gpu_memory_fraction": 0.95, "gpu_memory_gb": None}
-                                 | read_options(parser, options, argv)))
+    values = read_options(parser, options, argv)
+    args = argparse.Namespace(**values)
+    # serve's options as serve reads them (the rest of the ServerConfig at its defaults), checked as there
+    cfg = config_from_values({k: v for k, v in values.items() if k in {o.dest for o in options}})
     if args.context < MIN_CONTEXT:
         parser.error(f"--context must be at least {MIN_CONTEXT} steps")
-    source = model_source(args)
-    if source.random_model is not None and (source.checkpoint or source.hf_repo or source.file_overrides):
-        parser.error("--random-model builds a model in memory: it takes no --checkpoint, --hf-repo or "
-                     "weights")
-    gpus = GPUS if args.gpu_memory_gb is None else ((f"{args.gpu_memory_gb:g} GB card", args.gpu_memory_gb),)
+    problem = check_config(cfg)
+    if problem:
+        parser.error(problem)
+    source = cfg.model
+    gpus = GPUS if cfg.gpu_memory_gb is None else ((f"{cfg.gpu_memory_gb:g} GB card", cfg.gpu_memory_gb),)
     prepare_torch("cpu")  # before moshi is imported: nothing runs, shapes only
     from procs.model.checkpoints import parse_dtype
 
     try:
         rows, described = plan(source, dtype=parse_dtype(args.dtype, torch.device("cuda")),
                                reduced_context=args.context, gpus=gpus,
-                               gpu_memory_fraction=args.gpu_memory_fraction)
+                               gpu_memory_fraction=cfg.gpu_memory_fraction)
     except (OSError, ValueError, KeyError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 1
@@ -182,5 +199,5 @@ def main(argv: list[str] | None = None, prog: str = "voice-agent plan") -> int:
         for row in rows:
             print(json.dumps(asdict(row)))
     else:
-        print(table(rows, described, args.gpu_memory_fraction))
+        print(table(rows, described, cfg.gpu_memory_fraction))
     return 0
