@@ -5,6 +5,7 @@ model copy, their own rings and slot ranges, real WebSockets on loopback."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -15,9 +16,16 @@ import pytest
 
 from procs.audio.speech import repeat_to, telugu_speech_16k
 from procs.client import ClientRun, stream_client
+from procs.inference.clock import StepScheduler
+from procs.inference.main import InferenceSlot, QueuedBlock, SlotSnapshot
 from procs.launcher import ServerProcess, child_pids, comm, poll_until
+from procs.model.engine import LoopbackEngine
+from procs.network.slots import SessionSlots
+from procs.network.workers import InferenceWorkers
 from procs.runtime import process_name
-from protocol import Error, ErrorCode, SessionStart
+from procs.topology import OwnedTopology
+from protocol import FRAMES_PER_BLOCK, IN_FRAME_SAMPLES, OUT_SAMPLES_PER_BLOCK, Error, ErrorCode, SessionStart
+from protocol.internal import InferenceReady
 
 WORKERS = ("--inference-workers", "2", "--max-sessions", "2")
 BOUND_S = 60.0  # every wait here is for a condition, bounded by this (two demo models on two shared cores)
@@ -118,3 +126,56 @@ def test_while_a_worker_restarts_the_server_admits_into_the_other(two_workers) -
     run = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=3.0))
     assert isinstance(run.session_start, SessionStart) and run.frames and not run.of_type(Error)
     assert poll_until(lambda: all_ready(server), BOUND_S) is not None
+
+
+# ---- the rules under it, sans I/O -------------------------------------------------------------------------
+
+
+def test_a_new_session_goes_to_the_ready_worker_with_the_most_free_slots() -> None:
+    with OwnedTopology(("cpu", "cpu"), 2) as owned:
+        topo = owned.topology
+        assert [(p.name, p.slots) for p in topo.inference] == [("inference-0", range(2)),
+                                                                ("inference-1", range(2, 4))]
+        assert topo.owner(3).name == "inference-1" and topo.max_sessions == 4
+        workers = InferenceWorkers(topo.inference)
+        slots: SessionSlots[int] = SessionSlots(topo.max_sessions)
+
+        def admit() -> int | None:
+            worker = workers.choose(slots.count)
+            if worker is None:
+                return None
+            return slots.admit(worker.capacity, lambda slot, gen: slot, within=worker.place.slots)
+
+        assert admit() is None and workers.capacity == 0  # none ready yet
+        workers.get("inference-1").ready = InferenceReady(model="m", demo_weights=True, max_sessions=2,
+                                                          device="cpu")
+        assert admit() == 2 and workers.capacity == 2  # the one that is ready
+        workers.get("inference-0").ready = InferenceReady(model="m", demo_weights=True, max_sessions=1,
+                                                          device="cpu")  # its memory held one session
+        assert [admit(), admit(), admit()] == [0, 3, None]  # most free first; then both are full
+        assert slots.release(2, 1) and admit() == 2
+
+
+def test_an_inference_slot_opens_closes_and_says_what_it_holds() -> None:
+    engine = LoopbackEngine(2)
+    scheduler = StepScheduler[QueuedBlock](2)
+    slot = InferenceSlot(1, 5, engine, scheduler)
+    empty = SlotSnapshot(slot=5, is_open=False, opened_ns=0, out_seq=0, dropped=0, realigned=0, skipped=0,
+                         audio_t_ms=0.0, block_fill=0)
+    assert slot.snapshot() == empty
+    slot.open(1000)
+    frame = np.zeros(IN_FRAME_SAMPLES, dtype=np.int16)
+    blocks = [slot.push(frame, t) for t in range(FRAMES_PER_BLOCK + 1)]
+    assert all(b is None for b in blocks[:FRAMES_PER_BLOCK - 1]) and blocks[FRAMES_PER_BLOCK] is None
+    block = blocks[FRAMES_PER_BLOCK - 1]
+    assert block is not None and block.pcm.shape == (OUT_SAMPLES_PER_BLOCK,) and block.t_in_ns == 3
+    slot.dropped, slot.out_seq, slot.audio_t_ms = 4, 8, 160.0
+    held = slot.snapshot()
+    assert held.is_open and held.opened_ns == 1000
+    assert held.block_fill == OUT_SAMPLES_PER_BLOCK // FRAMES_PER_BLOCK  # the fifth frame's
+    assert (held.dropped, held.out_seq, held.audio_t_ms) == (4, 8, 160.0)
+    assert scheduler.timing(1) is not None
+    slot.close()
+    assert scheduler.timing(1) is None and not slot.snapshot().is_open
+    slot.open(2000)  # a new session starts from nothing
+    assert slot.snapshot() == dataclasses.replace(empty, is_open=True, opened_ns=2000)

@@ -33,21 +33,18 @@ from procs.model.torch_setup import flush_subnormals, pin_cuda_device, prepare_t
 from procs.runtime import LogThrottle, setup_child
 from procs.topology import Topology, WorkerLinks, worker_links
 from procs.worker import IDLE_WAIT_S, WorkerSessions
-from protocol import FRAME_MS, FRAMES_PER_BLOCK, OUT_FRAME_SAMPLES, ErrorCode
+from protocol import BLOCK_MS, FRAMES_PER_BLOCK, OUT_FRAME_SAMPLES, OUT_SAMPLES_PER_BLOCK, ErrorCode
 from protocol.internal import InferenceReady, ModelText, NetworkHello, SlotError, StepStats
 from ringbuf import Ring, wait_any
 
 log = logging.getLogger("inference")
-
-OUT_BLOCK_SAMPLES = FRAMES_PER_BLOCK * OUT_FRAME_SAMPLES  # one model step's audio at 24 kHz
-BLOCK_MS = FRAMES_PER_BLOCK * FRAME_MS
 
 
 @dataclass(frozen=True, slots=True)
 class QueuedBlock:
     """An 80 ms block of a session's audio at 24 kHz, queued for a step (the scheduler holds the queue)."""
 
-    pcm: np.ndarray  # OUT_BLOCK_SAMPLES float32
+    pcm: np.ndarray  # OUT_SAMPLES_PER_BLOCK float32
     t_in_ns: int  # when the network received its last frame
     resample_ns: int  # resampling that frame took
 
@@ -77,7 +74,7 @@ class InferenceSlot:
         self.row, self.slot = row, slot  # the engine's batch row; the session slot (messages, logs)
         self.engine, self.scheduler = engine, scheduler
         self.resampler = Resampler16to24()
-        self.block = np.zeros(OUT_BLOCK_SAMPLES, dtype=np.float32)
+        self.block = np.zeros(OUT_SAMPLES_PER_BLOCK, dtype=np.float32)
         self.is_open = False
         self._reset(0)
 
