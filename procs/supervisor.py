@@ -63,6 +63,7 @@ class Child:
     proc: BaseProcess
     status: Connection
     started: float = field(default_factory=time.monotonic)
+    down: bool = False  # died or hung while the server stops: told to the network, not restarted
 
     @property
     def label(self) -> str:
@@ -196,6 +197,8 @@ class Supervisor:
     def check_heartbeats(self) -> None:
         now = time.monotonic_ns()
         for child in list(self.children.values()):
+            if child.down:
+                continue
             beat = self.owned.board.get(child.place.beat)
             if beat and now - beat > HEARTBEAT_TIMEOUT_S * 1e9:
                 silent = (now - beat) / 1e9
@@ -225,10 +228,16 @@ class Supervisor:
             resource_tracker.register("/" + name, "shared_memory")
 
     def failed(self, child: Child, how: str) -> None:
-        """A child died or hung: restart it, unless this is a crash loop or the server is stopping."""
-        if self.stopping:
-            return
+        """A child died or hung: restart it, unless this is a crash loop or the server is stopping (then
+        a worker's sessions are still ended: the drain goes on for the others)."""
         name = child.place.name
+        if self.stopping:
+            if not child.down:
+                child.down = True
+                log.error("%s %s while stopping%s", child.label, how, child.where)
+                if child.place.role != "network":
+                    self.to_network.send(WorkerDown(worker=name, why=how))
+            return
         log.error("%s %s after %.1f s%s", child.label, how, time.monotonic() - child.started, child.where)
         now = time.monotonic()
         self.crashes.append(now)
@@ -259,8 +268,21 @@ class Supervisor:
         os.set_blocking(self.wake_r, False)
         allowed = NETWORK_STOP_S if now_asked else self.cfg.drain_timeout_s + NETWORK_STOP_S
         deadline = time.monotonic() + allowed
+        next_check = time.monotonic() + CHECK_EVERY_S
         while network.is_alive() and time.monotonic() < deadline:
-            wait([network.sentinel, self.wake_r], max(0.0, deadline - time.monotonic()))
+            # The workers are still watched while the network drains: one that dies or hangs now has its
+            # sessions ended (`internal`) rather than left silent until the drain is over.
+            workers = {c.proc.sentinel: c for c in self.children.values()
+                       if c.place.role != "network" and not c.down}
+            until = min(deadline, next_check)
+            for ready in wait([network.sentinel, self.wake_r, *workers], max(0.0, until - time.monotonic())):
+                if ready in workers:
+                    child = workers[ready]
+                    child.proc.join(1.0)
+                    self.failed(child, describe_exit(child.proc.exitcode))
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + CHECK_EVERY_S
+                self.check_heartbeats()
             with contextlib.suppress(BlockingIOError):
                 os.read(self.wake_r, 64)
             if self.stop_now and not now_asked and network.is_alive():

@@ -179,3 +179,29 @@ def test_an_inference_slot_opens_closes_and_says_what_it_holds() -> None:
     assert scheduler.timing(1) is None and not slot.snapshot().is_open
     slot.open(2000)  # a new session starts from nothing
     assert slot.snapshot() == dataclasses.replace(empty, is_open=True, opened_ns=2000)
+
+
+# ---- a worker that fails while the server stops ----------------------------------------------------------
+
+
+def test_an_inference_worker_that_dies_during_a_drain_ends_its_sessions_at_once() -> None:
+    # Without the supervisor watching its workers during the drain, the session would go silent until the
+    # drain (60 s here) was over: the client's wait below would run out first.
+    with ServerProcess("--engine", "loopback", "--drain-timeout", "60") as server:
+        pid = server.child_pid("inference")
+
+        async def scenario() -> ClientRun:
+            streaming = asyncio.Event()
+            client = asyncio.create_task(stream_client(server.ws_url, speech(40), first_audio=streaming,
+                                                       end_session=False))
+            await asyncio.wait_for(streaming.wait(), BOUND_S)
+            server.proc.send_signal(signal.SIGTERM)  # drain: the session may go on
+            draining = await asyncio.to_thread(poll_until, lambda: server.health()[1]["status"] == "draining",
+                                               BOUND_S)
+            assert draining is not None
+            os.kill(pid, signal.SIGKILL)
+            return await asyncio.wait_for(client, 20)
+
+        run = asyncio.run(scenario())
+        assert run.of_type(Error)[-1].code == ErrorCode.INTERNAL and run.close_code == 1011
+        assert re.search(r"inference\[\d+\] killed by SIGKILL while stopping", server.log())
