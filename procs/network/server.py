@@ -1,12 +1,13 @@
 """The network process's asyncio layer: it moves bytes between the sockets, the rings and each `Session`.
 
-uvloop + websockets. The rules live elsewhere, sans I/O: a session's in `session.py`, admission in
-`slots.py`, plain HTTP in `http.py`. This layer feeds them events and carries out their actions:
+uvloop + websockets. The rules live elsewhere, sans I/O: a session's in `session.py`, each wire's bytes in
+its edge (`wires.py` for `/ws`, `moshi_api.py` for `/api/chat`), admission in `slots.py`, plain HTTP in
+`http.py`. This layer feeds them events and carries out their actions:
 
-* one handler task per WebSocket reads client messages into its `Session` and publishes the audio it is
-  handed to the inference and VAD rings, without waiting on anyone;
-* one sender task per session writes what the session has to send (control first, then model audio, then
-  the close), so a slow client only ever delays itself;
+* one handler task per WebSocket reads client messages through its wire's edge into its `Session` and
+  publishes the audio it is handed to the inference and VAD rings, without waiting on anyone;
+* one sender task per session drains the session's outbox through the same edge (control first, then model
+  audio, then the close; quality reports into the metrics), so a slow client only ever delays itself;
 * the network doorbell (`add_reader`, no thread) wakes `_on_bell`, which reads the workers' control rings
   and every live session's model audio into its `Session`;
 * one ticker drives every session's clock.
