@@ -524,7 +524,10 @@ class NetworkServer:
                     await live.wake.wait()
                     live.wake.clear()
                 elif isinstance(item, QualityReport):
-                    self._observe_quality(live, item)
+                    try:  # a failure in the metrics stays there: the client's messages go on
+                        self._observe_quality(live, item)
+                    except Exception:
+                        log.exception("session=%s slot=%d: observing its quality report failed", *live.ctx())
                 elif isinstance(item, AudioOut):
                     await ws.send(item.data)
                     if item.latency_s is not None:
