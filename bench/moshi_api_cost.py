@@ -18,16 +18,18 @@ import sphn
 
 from procs.audio.resample import Resampler16to24, float_to_int16
 from procs.audio.speech import conversation_16k
+from procs.config import ServerConfig
 from procs.frames import ModelFrame
 from procs.network.moshi_api import MoshiAdapter
 from procs.network.session import Session, SessionRules
+from procs.network.wires import PcmWire
 from protocol import encode_client_audio, session_start
 
 FRAME24 = 480
 
 
 def new_session() -> Session:
-    rules = SessionRules(idle_timeout_s=None, rate_frames_per_s=1e9, rate_burst_frames=1e9)
+    rules = SessionRules.of(ServerConfig(idle_timeout_s=None), rate_frames_per_s=1e9, rate_burst_frames=1e9)
     return Session(session_start("bench", "m", False, 1), 0, 1, now=0.0, rules=rules)
 
 
@@ -60,7 +62,7 @@ def main() -> None:
             sent += 1
     t_out = time.process_time() - t0
 
-    plain = new_session()
+    plain = PcmWire(new_session())  # /ws's edge, as the server holds it
     frames16 = [encode_client_audio(pcm16[i:i + 320].tobytes()) for i in range(0, len(pcm16), 320)]
     t0 = time.process_time()
     for message in frames16:
@@ -68,7 +70,7 @@ def main() -> None:
     t_plain_in = time.process_time() - t0
     t0 = time.process_time()
     for k, pcm in enumerate(out24):
-        plain.model_audio(frame(pcm, k))
+        plain.session.model_audio(frame(pcm, k))
         while plain.next_outgoing(0) is not None:
             pass
     t_plain_out = time.process_time() - t0

@@ -8,7 +8,9 @@ engine (what goes in comes out) and the demo checkpoint, several sessions at onc
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
 import signal
 import time
 import urllib.error
@@ -25,13 +27,16 @@ from bench.reference_client import ReferenceClient, StreamPlan, run_sessions
 from procs.audio.resample import Resampler16to24
 from procs.audio.speech import telugu_speech_16k
 from procs.client import stream_client
+from procs.config import ServerConfig
 from procs.frames import ModelFrame
 from procs.launcher import ServerProcess
+from procs.network import moshi_api
 from procs.network.auth import Access
 from procs.network.http import Health, HttpRoutes
 from procs.network.moshi_api import HANDSHAKE, MAX_OGG_BURST_BYTES, MoshiAdapter, moshi_params
 from procs.network.ogg import OggFraming
-from procs.network.session import AudioOut, Close, PublishAudio, Release, Session, SessionRules
+from procs.network.session import ClientAudio, Close, PublishAudio, Release, Session, SessionRules
+from procs.network.wires import AudioOut
 from protocol import SessionEnd, session_start
 
 # Listen until every frame sent is answered (the loopback engine answers each), 5 s at most.
@@ -176,6 +181,36 @@ def test_adapter_turns_ogg_in_into_20ms_frames_and_model_audio_into_ogg_out() ->
     assert np.sqrt(np.mean(out[FRAME:] ** 2)) == pytest.approx(8000 / 32768 / np.sqrt(2), rel=0.15)
 
 
+class RecordingSession(Session):
+    """A real session that keeps what its edge handed it."""
+
+    def __init__(self) -> None:
+        super().__init__(session_start("s1", model="m", demo_weights=False, max_sessions=4), 0, 1, now=0.0)
+        self.inputs: list[object] = []
+
+    def receive(self, decoded: object, now_ns: int) -> list:
+        self.inputs.append(decoded)
+        return super().receive(decoded, now_ns)  # type: ignore[arg-type]
+
+
+def test_api_chat_hands_its_session_the_pcm_it_decoded_and_never_decodes_what_we_encoded() -> None:
+    session = RecordingSession()
+    adapter = MoshiAdapter(session)
+    for i, message in enumerate(ogg_stream(speech(0.5)[1])):
+        adapter.receive(message, now_ns=i * 40_000_000)
+    assert session.inputs and all(isinstance(x, ClientAudio) and x.decode is None and x.data.nbytes == 640
+                                  for x in session.inputs)  # PCM as sphn decoded it: no /ws frame to parse
+    # Structurally: the moshi edge neither writes a /ws message for its session to parse nor parses one the
+    # session wrote; what it takes from the session is typed (Struct, ModelAudio, Close, QualityReport).
+    tree = ast.parse(inspect.getsource(moshi_api))
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    used |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             for alias in node.names}
+    ours = {"encode_client_audio", "decode_client_audio", "decode_client", "encode_server_audio",
+            "decode_server_audio", "encode_server_control", "decode_server_control", "decode_server"}
+    assert used & ours == set()
+
+
 def test_adapter_sends_text_and_fatal_errors_only() -> None:
     adapter = new_adapter()
     adapter.session.model_text(" నమస్కారం", 80.0)
@@ -199,7 +234,8 @@ def test_adapter_says_why_a_shutdown_or_a_time_limit_ends_it_once() -> None:
         HANDSHAKE, b"\x05session over: server_shutdown", b"\x02 [session over: server_shutdown]",
         Close(1001, "server shutting down")]
     start = session_start("s2", model="m", demo_weights=False, max_sessions=4)
-    limited = MoshiAdapter(Session(start, 0, 1, now=0.0, rules=SessionRules(max_session_s=5.0)))
+    rules = SessionRules.of(ServerConfig(max_session_s=5.0))
+    limited = MoshiAdapter(Session(start, 0, 1, now=0.0, rules=rules))
     limited.receive(ogg_stream(speech(0.2)[1])[0], 0)
     limited.session.tick(5.0)
     assert [limited.next_outgoing(0) for _ in range(4)] == [

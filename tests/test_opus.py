@@ -4,6 +4,7 @@ real server (loopback engine) over loopback WebSockets with Telugu speech at rea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,11 +13,13 @@ from websockets.exceptions import InvalidStatus
 
 from procs.audio.speech import telugu_speech_16k
 from procs.client import ClientRun, messages_until_closed, stream_client
+from procs.config import ServerConfig
 from procs.frames import ModelFrame
 from procs.launcher import ServerProcess
 from procs.network.codec import UP_BITRATE, OpusDecoder, OpusEncoder, SessionCodec, requested_codec
 from procs.network.http import HttpRoutes
-from procs.network.session import AudioOut, PublishAudio, Session
+from procs.network.session import PublishAudio, Session, SessionRules
+from procs.network.wires import AudioOut, OpusWire
 from protocol import (
     CLIENT_OPUS,
     IN_FRAME_BYTES,
@@ -121,49 +124,68 @@ def test_http_refuses_an_unknown_codec_in_the_handshake(tmp_path) -> None:
 # --- the session's rules, sans I/O ----------------------------------------------------------------------
 
 
-def opus_session() -> Session:
-    return Session(session_start("s1", "m", False, 2, codec="opus"), slot=0, gen=1, now=0.0,
-                   codec=SessionCodec())
+def opus_session() -> OpusWire:
+    """An Opus session behind its edge, as the server holds it: `/ws?codec=opus` in, Opus out."""
+    session = Session(session_start("s1", "m", False, 2, codec="opus"), slot=0, gen=1, now=0.0)
+    return OpusWire(session, SessionCodec())
 
 
 def test_opus_session_decodes_before_the_rings_and_encodes_for_the_client() -> None:
-    session = opus_session()
-    start = decode_server(session.next_outgoing(0))
+    wire = opus_session()
+    session = wire.session
+    start = decode_server(wire.next_outgoing(0))
     assert isinstance(start, SessionStart)
     assert (start.input.encoding, start.input.prefix, start.input.sample_rate) == ("opus", 0x03, 16000)
     assert (start.output.encoding, start.output.prefix, start.output.sample_rate) == ("opus", 0x04, 24000)
     assert start.input.frame_ms == start.output.frame_ms == 20
     assert start.input.frame_bytes == MAX_OPUS_PACKET_BYTES
-    actions = session.receive(encode_client_opus(speech_packets(0.1)[0]), 10_000_000)
+    actions = wire.receive(encode_client_opus(speech_packets(0.1)[0]), 10_000_000)
     assert len(actions) == 1 and isinstance(actions[0], PublishAudio)
     assert actions[0].pcm.nbytes == IN_FRAME_BYTES  # what the rings take, as from a PCM client
     frame = ModelFrame(seq=0, t_in_ns=0, gen=1, block_pos=0, queue_us=0, step_us=0, resample_us=0,
                        dropped=0, realigned=0, pcm=np.zeros(480, np.int16).tobytes())
     session.model_audio(frame)
-    out = session.next_outgoing(20_000_000)
+    out = wire.next_outgoing(20_000_000)
     assert isinstance(out, AudioOut) and out.data[0] == 0x04
     assert len(OpusDecoder(OUT_RATE).decode(decode_server_opus(out.data))) == 960
 
 
 def test_bad_packets_are_answered_and_counted_and_the_session_goes_on() -> None:
-    session = opus_session()
-    session.next_outgoing(0)
+    wire = opus_session()
+    session = wire.session
+    wire.next_outgoing(0)
     t_ns = 0
     for data, code in BAD_FRAMES.values():
         t_ns += 20_000_000
-        assert session.receive(data, t_ns) == []
-        error = decode_server(session.next_outgoing(t_ns))
+        assert wire.receive(data, t_ns) == []
+        error = decode_server(wire.next_outgoing(t_ns))
         assert isinstance(error, Error) and error.code == code and not error.fatal
     assert session.counters.malformed == len(BAD_FRAMES)
-    actions = session.receive(encode_client_opus(speech_packets(0.1)[0]), t_ns + 20_000_000)
+    actions = wire.receive(encode_client_opus(speech_packets(0.1)[0]), t_ns + 20_000_000)
     assert isinstance(actions[0], PublishAudio)
     # A flood of them ends the session like any malformed flood: 1008, one Release.
     released = []
     for i in range(session.rules.garbage_limit):
-        released += session.receive(bytes([CLIENT_OPUS, 0x03, 0xFF]), t_ns + (i + 2) * 1_000_000)
+        released += wire.receive(bytes([CLIENT_OPUS, 0x03, 0xFF]), t_ns + (i + 2) * 1_000_000)
     assert len(released) == 1 and session.close is not None and session.close.code == 1008
     session.connection_closed()
-    assert session.codec is not None and session.codec.decoder._state is None  # freed with the connection
+    wire.close()  # the server's, with the connection (procs/network/server.py)
+    assert wire.codec.decoder._state is None  # freed with the connection
+
+
+def test_a_packet_refused_by_the_rate_limit_is_never_decoded() -> None:
+    """The edge frames a packet; the session decodes it only once its rate limit admits the frame, so a
+    flood costs no libopus work beyond the burst: packets that do not decode are counted malformed only
+    while admitted, the rest as rate-limited."""
+    session = Session(session_start("s1", "m", False, 2, codec="opus"), slot=0, gen=1, now=0.0,
+                      rules=dataclasses.replace(SessionRules.of(ServerConfig()), garbage_limit=10_000,
+                                                rate_close_after=10_000))
+    wire = OpusWire(session, SessionCodec())
+    burst = int(session.rules.rate_burst_frames)
+    for _ in range(burst + 30):  # all at once: the bucket admits its burst, then refuses
+        wire.receive(bytes([CLIENT_OPUS, 0x03, 0xFF]), 0)
+    assert session.counters.malformed == burst  # each admitted one failed to decode
+    assert session.counters.input_rate_limited == 30  # the refused ones never reached the decoder
 
 
 # --- the real server -------------------------------------------------------------------------------------

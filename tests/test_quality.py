@@ -22,6 +22,7 @@ from procs.network.quality import (
     to_dbfs,
 )
 from procs.network.session import Phase, Session
+from procs.network.wires import PcmWire
 from protocol import (
     IN_FRAME_SAMPLES,
     OUT_FRAME_BYTES,
@@ -29,7 +30,6 @@ from protocol import (
     Error,
     ErrorCode,
     Latency,
-    decode_server_control,
     encode_client_audio,
     encode_client_control,
     session_start,
@@ -268,30 +268,29 @@ def test_client_counts_are_monotone_and_bounded_by_the_session_age() -> None:
 def test_the_latency_report_carries_the_quality_and_client_stats_are_validated() -> None:
     session = Session(session_start("s1", model="m", demo_weights=True, max_sessions=4), slot=0, gen=1,
                       now=0.0)
+    wire = PcmWire(session)  # /ws's edge: client messages in as a page sends them
     pcm = tone_frame(32767 * 10 ** (-20 / 20), 0)
     for i in range(50):
-        session.receive(encode_client_audio(pcm.tobytes()), int(i * 0.02 * 1e9))
+        wire.receive(encode_client_audio(pcm.tobytes()), int(i * 0.02 * 1e9))
     session.model_audio(ModelFrame(seq=0, t_in_ns=int(0.9e9), gen=1, block_pos=0, queue_us=0, step_us=0,
                                    resample_us=0, dropped=0, realigned=0, pcm=bytes(OUT_FRAME_BYTES)))
     while session.next_outgoing(int(0.92e9)) is not None:  # session_start, then the answer (its latency)
         pass
     bad = json.dumps({"type": "client_stats", "underruns": -1, "concealed_ms": 0, "late_frames": 0,
                       "playout_delay_ms": 40})
-    session.receive(bad, int(0.95e9))
-    session.receive(encode_client_control(ClientStats(underruns=2, concealed_ms=40.0, late_frames=1,
+    wire.receive(bad, int(0.95e9))
+    wire.receive(encode_client_control(ClientStats(underruns=2, concealed_ms=40.0, late_frames=1,
                                                       playout_delay_ms=35.0, rtt_ms=3.5)), int(0.96e9))
     session.tick(1.0)
     sent = []
     while (item := session.next_outgoing(int(1e9))) is not None:
-        if isinstance(item, str):
-            sent.append(decode_server_control(item))
+        sent.append(item)
     errors = [m for m in sent if isinstance(m, Error)]
     assert [e.code for e in errors] == [ErrorCode.BAD_FIELD] and not errors[0].fatal
     assert session.phase is Phase.OPEN
     session.tick(2.0)
     while (item := session.next_outgoing(int(2e9))) is not None:
-        if isinstance(item, str):
-            sent.append(decode_server_control(item))
+        sent.append(item)
     first, second = [m.quality for m in sent if isinstance(m, Latency)]
     assert first is not None and second is not None
     assert first.level_dbfs == pytest.approx(-23.0, abs=0.2)

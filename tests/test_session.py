@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.frames import CloseCode
 
+from procs.config import ServerConfig
 from procs.frames import ModelFrame
-from procs.network.session import AudioOut, Close, Phase, PublishAudio, Release, Session, SessionRules
+from procs.network.quality import QualityReport
+from procs.network.session import (
+    CLOSE_CODES,
+    ClientAudio,
+    Close,
+    ModelAudio,
+    Phase,
+    PublishAudio,
+    Release,
+    Session,
+    SessionRules,
+)
 from procs.network.slots import SessionSlots, capacity_refusal
+from procs.network.wires import decode_ws
 from protocol import (
     IN_FRAME_BYTES,
     OUT_FRAME_BYTES,
@@ -28,7 +44,6 @@ from protocol import (
     Vad,
     decode_client,
     decode_server,
-    decode_server_control,
     encode_client_audio,
     encode_client_control,
     session_start,
@@ -36,6 +51,16 @@ from protocol import (
 
 MS = 1_000_000
 AUDIO = encode_client_audio(bytes(IN_FRAME_BYTES))
+
+
+def rules_with(**limits: float | None) -> SessionRules:
+    """The rules of a server with ServerConfig's defaults, `limits` changed."""
+    return dataclasses.replace(SessionRules.of(ServerConfig()), **limits)
+
+
+def receive(session: Session, message: str | bytes, now_ns: int) -> list[object]:
+    """A `/ws` client's message, decoded at the edge as the server does (procs/network/wires.py)."""
+    return session.receive(decode_ws(message), now_ns)
 
 
 def new_session(gen: int = 1, rules: SessionRules | None = None) -> Session:
@@ -51,10 +76,12 @@ def model_frame(gen: int = 1, block_pos: int = 0, t_in_ns: int = 0, dropped: int
 
 
 def drain(session: Session, now_ns: int = 0) -> list[object]:
-    """Everything the session has to send now, decoded: control messages, AudioOut and Close as they are."""
+    """Everything the session has for its client now, as typed values (control messages, ModelAudio,
+    Close); quality reports, which go to the server's metrics and never to a client, left out."""
     out: list[object] = []
     while (item := session.next_outgoing(now_ns)) is not None:
-        out.append(decode_server_control(item) if isinstance(item, str) else item)
+        if not isinstance(item, QualityReport):
+            out.append(item)
     return out
 
 
@@ -76,8 +103,8 @@ def test_session_start_is_the_first_message() -> None:
 
 def test_client_audio_is_published_in_order_with_its_arrival_time() -> None:
     session = opened()
-    first = session.receive(encode_client_audio(bytes(range(256)) * 2 + bytes(128)), 5 * MS)
-    second = session.receive(AUDIO, 25 * MS)
+    first = receive(session, encode_client_audio(bytes(range(256)) * 2 + bytes(128)), 5 * MS)
+    second = receive(session, AUDIO, 25 * MS)
     assert [type(a) for a in first + second] == [PublishAudio, PublishAudio]
     assert (first[0].seq, first[0].t_ns, second[0].seq, second[0].t_ns) == (0, 5 * MS, 1, 25 * MS)
     assert bytes(first[0].pcm)[:3] == b"\x00\x01\x02" and len(first[0].pcm) == IN_FRAME_BYTES
@@ -87,9 +114,9 @@ def test_client_audio_is_published_in_order_with_its_arrival_time() -> None:
 
 def test_ping_is_answered_with_its_id_and_time_and_pong_with_nothing() -> None:
     session = opened()
-    assert session.receive(encode_client_control(Ping(id=7, t_ms=12.5)), 0) == []
+    assert receive(session, encode_client_control(Ping(id=7, t_ms=12.5)), 0) == []
     assert drain(session) == [Pong(id=7, t_ms=12.5)]
-    assert session.receive(encode_client_control(Pong(id=1, t_ms=0.0)), 0) == []
+    assert receive(session, encode_client_control(Pong(id=1, t_ms=0.0)), 0) == []
     assert drain(session) == []
 
 
@@ -98,21 +125,21 @@ def test_ping_is_answered_with_its_id_and_time_and_pong_with_nothing() -> None:
 
 def test_malformed_input_gets_an_error_and_the_session_goes_on() -> None:
     session = opened()
-    assert session.receive(b"\x07" + bytes(640), 0) == []
-    assert session.receive("not json", 0) == []
+    assert receive(session, b"\x07" + bytes(640), 0) == []
+    assert receive(session, "not json", 0) == []
     errors = drain(session)
     assert [e.code for e in errors] == [ErrorCode.BAD_HEADER, ErrorCode.BAD_JSON]
     assert not any(e.fatal for e in errors)
     assert session.phase is Phase.OPEN and session.counters.malformed == 2
-    assert isinstance(session.receive(AUDIO, 0)[0], PublishAudio)
+    assert isinstance(receive(session, AUDIO, 0)[0], PublishAudio)
 
 
 def test_at_most_ten_errors_a_second_are_sent() -> None:
     session = opened()
     for i in range(30):
-        session.receive(b"", i * MS)  # 30 within 30 ms
+        receive(session, b"", i * MS)  # 30 within 30 ms
     assert len(drain(session)) == 10
-    session.receive(b"", 1_100 * MS)  # a second later the budget is back
+    receive(session, b"", 1_100 * MS)  # a second later the budget is back
     assert len(drain(session)) == 1
     assert session.counters.malformed == 31
 
@@ -121,24 +148,24 @@ def test_fifty_malformed_messages_within_ten_seconds_close_with_1008_once() -> N
     session = opened()
     actions = []
     for i in range(49):
-        actions += session.receive(b"", i * 100 * MS)  # one every 100 ms: 4.9 s
+        actions += receive(session, b"", i * 100 * MS)  # one every 100 ms: 4.9 s
     assert actions == [] and session.phase is Phase.OPEN
-    actions = session.receive(b"", 4_950 * MS)
+    actions = receive(session, b"", 4_950 * MS)
     assert actions == [Release(EndReason.PROTOCOL_ERROR)]
     out = drain(session)
     fatal = [m for m in out if isinstance(m, Error) and m.fatal]
     assert len(fatal) == 1 and fatal[0].code == ErrorCode.EMPTY_FRAME
     assert out[-1] == Close(1008, "too many malformed messages")
     assert sum(isinstance(m, Close) for m in out) == 1
-    assert session.receive(b"", 5_000 * MS) == [] and drain(session) == []  # over: nothing more
+    assert receive(session, b"", 5_000 * MS) == [] and drain(session) == []  # over: nothing more
 
 
 def test_malformed_messages_older_than_the_window_are_forgiven() -> None:
     session = opened()
     for i in range(49):
-        session.receive(b"", i * MS)
+        receive(session, b"", i * MS)
     for i in range(49):
-        session.receive(b"", 10_100 * MS + i * MS)  # the first 49 are more than 10 s old
+        receive(session, b"", 10_100 * MS + i * MS)  # the first 49 are more than 10 s old
     assert session.phase is Phase.OPEN
 
 
@@ -147,8 +174,8 @@ def test_malformed_messages_older_than_the_window_are_forgiven() -> None:
 
 def test_the_client_asks_to_end() -> None:
     session = opened()
-    session.receive(AUDIO, 0)
-    actions = session.receive(encode_client_control(ClientSessionEnd()), 0)
+    receive(session, AUDIO, 0)
+    actions = receive(session, encode_client_control(ClientSessionEnd()), 0)
     assert actions == [Release(EndReason.CLIENT_REQUEST)]
     out = drain(session)
     assert out[0] == SessionEnd(reason="client_request", frames_in=1, frames_out=0)
@@ -164,7 +191,7 @@ def test_a_client_that_goes_away_releases_the_slot_and_is_sent_nothing() -> None
     assert session.phase is Phase.CLOSED and session.close is None
     assert not session.wants_to_send() and drain(session) == []
     assert session.connection_closed() == []
-    assert session.shutdown() == [] and session.receive(AUDIO, 0) == []
+    assert session.shutdown() == [] and receive(session, AUDIO, 0) == []
 
 
 def test_shutdown_says_goodbye_with_1001() -> None:
@@ -178,12 +205,12 @@ def test_shutdown_says_goodbye_with_1001() -> None:
 
 def test_queued_messages_go_out_then_session_end_with_exact_counts_then_the_close() -> None:
     session = opened()
-    session.receive(AUDIO, 0)
+    receive(session, AUDIO, 0)
     session.model_audio(model_frame(fill=1))
     session.voice_activity("end", 10.0)
     session.shutdown()
     out = drain(session)
-    assert [type(m) for m in out] == [Vad, AudioOut, SessionEnd, Close]
+    assert [type(m) for m in out] == [Vad, ModelAudio, SessionEnd, Close]
     assert out[2] == SessionEnd(reason="server_shutdown", frames_in=1, frames_out=1)
 
 
@@ -213,7 +240,7 @@ def test_model_audio_goes_out_after_control_with_its_latency() -> None:
     out = drain(session, now_ns=103 * MS)
     assert out[:2] == [Vad(event="start", t_ms=40.0), Transcript(text=" నమస్తే", t_ms=80.0)]
     first, second = out[2:]
-    assert first.data == b"\x02" + bytes([9]) * OUT_FRAME_BYTES
+    assert first.pcm == bytes([9]) * OUT_FRAME_BYTES  # PCM: each wire encodes it at its edge
     assert first.latency_s == pytest.approx(0.003) and second.latency_s is None
     assert session.counters.frames_out == 2
 
@@ -232,7 +259,7 @@ def test_model_audio_beyond_the_bound_drops_the_oldest_and_counts_it() -> None:
         session.model_audio(model_frame(fill=i))
     out = drain(session)
     assert len(out) == rules.max_queued_audio_frames
-    assert out[0].data[1] == 5  # frames 0-4 went first
+    assert out[0].pcm[0] == 5  # frames 0-4 went first
     assert session.counters.output_dropped == 5
 
 
@@ -270,6 +297,51 @@ def test_latency_is_reported_once_a_period_after_the_first_audio_and_repeats_whe
     (first,) = drain(session)
     session.tick(3.5)
     assert drain(session) == [first]  # no new block answered: the last figures again
+
+
+def test_the_quality_report_leaves_through_the_outbox_first_and_only_the_newest() -> None:
+    session = opened()
+    receive(session, AUDIO, 0)
+    session.model_audio(model_frame(t_in_ns=0))
+    session.tick(1.0)
+    session.tick(2.0)  # the sender fell behind: the first report is replaced, not queued
+    out = []
+    while (item := session.next_outgoing(0)) is not None:
+        out.append(item)
+    assert isinstance(out[0], QualityReport)  # for the server's metrics, before anything for the client
+    assert not any(isinstance(item, QualityReport) for item in out[1:])
+    assert [type(item) for item in out[1:]] == [ModelAudio]  # nothing answered before the tick: no latency
+    session.tick(3.0)
+    session.connection_closed()
+    assert session.next_outgoing(0) is None  # a closed session reports nothing more
+
+
+def test_the_session_takes_pcm_as_its_edge_decoded_it() -> None:
+    session = opened()
+    pcm = memoryview(bytes(range(256)) * 2 + bytes(128))
+    (action,) = session.receive(ClientAudio(pcm), 0)
+    assert isinstance(action, PublishAudio) and action.pcm is pcm  # not copied, not re-decoded
+    error = ProtocolError(ErrorCode.BAD_LENGTH, "short")
+    assert session.receive(error, MS) == [] and session.counters.malformed == 1
+    assert drain(session) == [Error(code=ErrorCode.BAD_LENGTH, msg="short", fatal=False)]
+
+
+def test_every_close_code_is_a_websockets_close_code_from_one_map() -> None:
+    assert all(isinstance(code, CloseCode) for code in CLOSE_CODES.values())
+    # Every ending but the client's own has a code of ours.
+    assert set(EndReason) - set(CLOSE_CODES) == {EndReason.CLIENT_CLOSED, EndReason.CONNECTION_LOST}
+    assert CLOSE_CODES[EndReason.CAPACITY] is CloseCode.TRY_AGAIN_LATER
+    assert CLOSE_CODES[EndReason.SERVER_SHUTDOWN] is CloseCode.GOING_AWAY
+    ended = {EndReason.CLIENT_REQUEST: lambda s: receive(s, encode_client_control(ClientSessionEnd()), 0),
+             EndReason.SERVER_SHUTDOWN: lambda s: s.shutdown(),
+             EndReason.CAPACITY: lambda s: s.slot_error(ErrorCode.CAPACITY, "full"),
+             EndReason.INTERNAL: lambda s: s.internal_failure("gone"),
+             EndReason.IDLE_TIMEOUT: lambda s: s.tick(60.0)}
+    for reason, end in ended.items():
+        session = opened()
+        end(session)
+        assert session.end_reason is reason
+        assert drain(session)[-1].code is CLOSE_CODES[reason]
 
 
 # ---- admission ---------------------------------------------------------------------------------------------
@@ -361,6 +433,8 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
             item = session.next_outgoing(int(now * 1e9))
             if item is None:
                 return
+            if isinstance(item, QualityReport):
+                continue
             assert not any(isinstance(s, Close) for s in sent), "sent something after the close"
             sent.append(item)
 
@@ -373,7 +447,7 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
             for _ in range(event[2] if kind == "receive_many" else 1):
                 if session.phase is Phase.OPEN:
                     malformed_while_open += expect_malformed(event[1])
-                take(session.receive(event[1], int(now * 1e9)))
+                take(receive(session, event[1], int(now * 1e9)))
                 now += 0.001
         elif kind == "audio":
             gen, pos = event[1], event[2]
@@ -405,9 +479,11 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
     send(10_000)
     closes = [s for s in sent if isinstance(s, Close)]
     assert len(closes) <= 1
+    if session.close is not None:
+        assert session.end_reason is not None and session.close.code is CLOSE_CODES[session.end_reason]
     if session.close is not None and session.phase is Phase.CLOSING:
         assert closes == [session.close] and sent[-1] == session.close  # exactly one close, last
-    fatal = [s for s in sent if isinstance(s, str) and '"fatal":true' in s]
+    fatal = [s for s in sent if isinstance(s, Error) and s.fatal]
     if fatal:
         assert session.close is not None, "a fatal error ends the session with a close"
         if session.phase is Phase.CLOSING:
@@ -416,7 +492,7 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
     c = session.counters
     assert c.frames_in == published
     assert c.malformed == malformed_while_open
-    audio_sent = sum(isinstance(s, AudioOut) for s in sent)
+    audio_sent = sum(isinstance(s, ModelAudio) for s in sent)
     assert c.frames_out == audio_sent
     if session.phase is not Phase.CLOSED:
         assert c.frames_out + c.output_dropped == model_frames_taken
@@ -426,9 +502,9 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
 
 
 def test_a_session_that_sends_no_audio_is_closed_after_the_idle_timeout() -> None:
-    session = new_session(rules=SessionRules(idle_timeout_s=5.0))
+    session = new_session(rules=rules_with(idle_timeout_s=5.0))
     drain(session)
-    session.receive(encode_client_control(Ping(id=1, t_ms=0)), 0)  # control is not audio: still idle
+    receive(session, encode_client_control(Ping(id=1, t_ms=0)), 0)  # control is not audio: still idle
     assert session.tick(4.9) == []
     assert session.tick(5.0) == [Release(EndReason.IDLE_TIMEOUT)]
     out = drain(session)
@@ -437,17 +513,17 @@ def test_a_session_that_sends_no_audio_is_closed_after_the_idle_timeout() -> Non
 
 
 def test_audio_keeps_a_session_alive_and_no_timeout_means_never() -> None:
-    session = new_session(rules=SessionRules(idle_timeout_s=5.0))
-    session.receive(AUDIO, 4 * 10**9)
+    session = new_session(rules=rules_with(idle_timeout_s=5.0))
+    receive(session, AUDIO, 4 * 10**9)
     assert session.tick(8.9) == [] and session.phase is Phase.OPEN
-    forever = new_session(rules=SessionRules(idle_timeout_s=None))
+    forever = new_session(rules=rules_with(idle_timeout_s=None))
     assert forever.tick(10_000.0) == [] and forever.phase is Phase.OPEN
 
 
 def test_a_session_time_limit_ends_it_with_a_goodbye() -> None:
-    session = new_session(rules=SessionRules(max_session_s=60.0))
+    session = new_session(rules=rules_with(max_session_s=60.0))
     drain(session)
-    session.receive(AUDIO, 59 * 10**9)
+    receive(session, AUDIO, 59 * 10**9)
     assert session.tick(59.9) == []
     assert session.tick(60.0) == [Release(EndReason.TIME_LIMIT)]
     out = drain(session)
@@ -457,10 +533,10 @@ def test_a_session_time_limit_ends_it_with_a_goodbye() -> None:
 
 
 def test_audio_faster_than_twice_real_time_is_refused_then_closed() -> None:
-    rules = SessionRules(rate_frames_per_s=100.0, rate_burst_frames=50.0, rate_close_after=250)
+    rules = rules_with(rate_frames_per_s=100.0, rate_burst_frames=50.0, rate_close_after=250)
     session = new_session(rules=rules)
     drain(session)
-    published = sum(len(session.receive(AUDIO, i * MS // 10)) for i in range(100))  # 100 frames in 10 ms
+    published = sum(len(receive(session, AUDIO, i * MS // 10)) for i in range(100))  # 100 frames in 10 ms
     assert published == 50  # the burst (10 ms refill less than a frame)
     errors = [m for m in drain(session) if isinstance(m, Error)]
     assert errors and all(e.code == ErrorCode.RATE_LIMITED and not e.fatal for e in errors)
@@ -468,7 +544,7 @@ def test_audio_faster_than_twice_real_time_is_refused_then_closed() -> None:
     assert session.phase is Phase.OPEN
     actions = []
     for i in range(1000):  # a flood: 1,000 frames a second for a second
-        actions += session.receive(AUDIO, 10 * MS + i * MS)
+        actions += receive(session, AUDIO, 10 * MS + i * MS)
     assert Release(EndReason.RATE_LIMITED) in actions
     assert drain(session)[-1] == Close(1008, "audio faster than real time")
 
@@ -479,14 +555,14 @@ def test_real_time_audio_with_a_catch_up_burst_is_never_refused() -> None:
     for i in range(3000):
         sent = i * 20 * MS
         arrives = 31 * 10**9 if 1500 <= i < 1550 else sent  # frames of 30-31 s all arrive at 31 s
-        session.receive(AUDIO, max(arrives, sent))
+        receive(session, AUDIO, max(arrives, sent))
     assert session.counters.input_rate_limited == 0 and session.counters.frames_in == 3000
 
 
 def test_a_ping_flood_is_refused_beyond_its_own_budget_and_the_page_pace_never_is() -> None:
     session = opened()
     for i in range(100):  # 100 pings within 100 ms
-        session.receive(encode_client_control(Ping(id=i, t_ms=0.0)), i * MS)
+        receive(session, encode_client_control(Ping(id=i, t_ms=0.0)), i * MS)
     out = drain(session)
     pongs = [m for m in out if isinstance(m, Pong)]
     refused = [m for m in out if isinstance(m, Error)]
@@ -495,7 +571,7 @@ def test_a_ping_flood_is_refused_beyond_its_own_budget_and_the_page_pace_never_i
     assert session.counters.input_rate_limited == 0  # that counter is audio's
     paced = opened()
     for i in range(120):  # the page: a ping a second for two minutes
-        paced.receive(encode_client_control(Ping(id=i, t_ms=0.0)), i * 1000 * MS)
+        receive(paced, encode_client_control(Ping(id=i, t_ms=0.0)), i * 1000 * MS)
     assert len([m for m in drain(paced) if isinstance(m, Pong)]) == 120
 
 

@@ -13,14 +13,15 @@ and how it maps onto our `Session`:
   `0x05` + UTF-8, an error (from kyutai's Rust server); we send one before a close the server decides, so a
   client can say why. moshi's Python client logs it as an unknown kind and goes on, which is what it does.
 * Incoming Ogg/Opus is decoded per session, resampled 24 -> 16 kHz (`soxr.ResampleStream`) and cut into the
-  20 ms frames of `/ws`, each handed to `Session.receive` as the `0x01` + 640-byte message a `/ws` client
-  sends: every rule of a session (rate limit, idle timeout, drain, slot release) applies unchanged, and the
-  rings, the VAD and the model never know which wire a session came in on.
-* Outgoing, what `Session.next_outgoing` hands over is translated: model audio (`0x02` + 960 bytes of 24
-  kHz PCM) goes into the session's Ogg/Opus writer, `0x01` + what it releases goes out; `session_start` is the
-  `0x00`, `transcript` the `0x02`, a fatal `error` (or a `session_end` with none before it: a shutdown) the
-  `0x05`; our other control messages (`latency`, `vad`, `pong`, `draining`) have no moshi equivalent and are
-  not sent. The close is the session's.
+  20 ms frames of `/ws`, each handed to `Session.receive` as `ClientAudio`, the same 640 bytes of PCM a
+  `/ws` client's frame holds (never re-encoded as a `/ws` message for the session to decode again): every
+  rule of a session (rate limit, idle timeout, drain, slot release) applies unchanged, and the rings, the
+  VAD and the model never know which wire a session came in on.
+* Outgoing, the session's typed outbox is translated: model audio (`ModelAudio`, 960 bytes of 24 kHz PCM)
+  goes into the session's Ogg/Opus writer, `0x01` + what it releases goes out; `SessionStart` is the `0x00`,
+  `Transcript` the `0x02`, a fatal `Error` (or a `SessionEnd` with none before it: a shutdown) the `0x05`;
+  our other control messages (`latency`, `vad`, `pong`, `draining`) have no moshi equivalent and are not
+  sent. The close is the session's (`CLOSE_CODES`, as on `/ws`).
 * How it ends: moshi.server serves until the client closes the WebSocket; there is no goodbye message. Ours
   too (the session ends `client_closed`); a close the server decides (idle timeout, time limit, shutdown)
   comes after a `0x05` with the reason, with the same close code as on `/ws`.
@@ -29,8 +30,8 @@ and how it maps onto our `Session`:
   nothing on this wire. A text frame is handed to the session as on `/ws`, so a control message of ours
   (`ping`, `session_end`) still works. An Ogg stream that does not parse cannot be resumed (the reader
   keeps the bad bytes at its head, and a new reader lacks the stream's headers): the session ends at once,
-  `0x05` + the reason, close 1008, counted as malformed. So does a stream whose packet grows past 16 KiB
-  without ending (procs/network/ogg.py), which the reader would otherwise keep whole.
+  `0x05` + the reason, close 1008 (a protocol error's), counted as malformed. So does a stream whose
+  packet grows past 16 KiB without ending (procs/network/ogg.py), which the reader would otherwise keep whole.
 * Query parameters: the web UI sends sampling settings (`text_temperature`, `text_topk`,
   `audio_temperature`, `audio_topk`, `pad_mult`, `repetition_penalty_context`, `repetition_penalty`,
   `text_seed`, `audio_seed`) and `worker_auth_id`/`email`. moshi.server (Python) ignores all of them; so do
@@ -48,27 +49,23 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import soxr
-
-try:
-    import sphn
-except ImportError:  # until sphn is a main dependency: /ws works without it, /api/chat sessions cannot start
-    sphn = None
+import sphn
 
 from procs.audio.resample import float_to_int16, int16_to_float
 from procs.network.ogg import OggFraming
-from procs.network.session import Action, AudioOut, Close, Outgoing, Session
+from procs.network.quality import QualityReport
+from procs.network.session import CLOSE_CODES, Action, ClientAudio, Close, ModelAudio, Session
+from procs.network.wires import AudioOut, WireOutgoing, decode_ws
 from protocol import (
     IN_FRAME_SAMPLES,
     IN_RATE,
     OUT_RATE,
     EndReason,
     Error,
-    ProtocolError,
+    ServerControl,
     SessionEnd,
     SessionStart,
     Transcript,
-    decode_server_control,
-    encode_client_audio,
 )
 
 KIND_HANDSHAKE: Final = 0x00
@@ -77,7 +74,7 @@ KIND_TEXT: Final = 0x02
 KIND_ERROR: Final = 0x05  # kyutai's Rust server and web UI; moshi.server (Python) never sends one
 MOSHI_RATE: Final = 24_000  # moshi.server's Opus streams: Mimi's rate, both ways
 HANDSHAKE: Final = bytes([KIND_HANDSHAKE])
-BROKEN_STREAM_CLOSE: Final = 1008
+BROKEN_STREAM_CLOSE: Final = CLOSE_CODES[EndReason.PROTOCOL_ERROR]
 # Ogg/Opus bytes a client may send: 128 kbit/s (moshi's clients send 30-64) plus 64 KiB of catching up.
 # sphn's reader keeps the whole stream it is given, so this bounds a session's memory by its length.
 MAX_OGG_BYTES_PER_S: Final = 16_000
@@ -148,12 +145,10 @@ def moshi_params(path: str) -> MoshiParams:
 
 
 class MoshiAdapter:
-    """One `/api/chat` connection's translation between moshi's wire and its `Session`. The I/O layer calls
-    `receive` and `next_outgoing` where a `/ws` connection calls the session's own."""
+    """One `/api/chat` connection's edge: the translation between moshi's wire and its `Session` (the
+    `Wire` protocol of procs/network/wires.py, as `PcmWire` and `OpusWire` are for `/ws`)."""
 
     def __init__(self, session: Session, params: MoshiParams | None = None) -> None:
-        if sphn is None:
-            raise RuntimeError("moshi's /api/chat needs the sphn package (pip install 'sphn>=0.2,<0.3')")
         self.session = session
         self.params = params or MoshiParams()
         self.reader = sphn.OpusStreamReader(MOSHI_RATE)
@@ -178,9 +173,9 @@ class MoshiAdapter:
         if self._broken is not None:
             return []
         if isinstance(message, str) or len(message) == 0 or message[0] != KIND_AUDIO:
-            # Not moshi audio: the session's own decoder names what is wrong and counts it (a text frame
+            # Not moshi audio: `/ws`'s decoder names what is wrong and the session counts it (a text frame
             # that is one of our control messages is served, as on /ws).
-            return session.receive(message, now_ns)
+            return session.receive(decode_ws(message), now_ns)
         if (why := self.framing.feed(memoryview(message)[1:])) is not None:
             return self._break(why)  # before sphn keeps the bytes: what waits undecoded stays bounded
         self.ogg_bytes_in += len(message) - 1
@@ -199,9 +194,10 @@ class MoshiAdapter:
         whole = len(pending) // IN_FRAME_SAMPLES * IN_FRAME_SAMPLES
         actions: list[Action] = []
         for start in range(0, whole, IN_FRAME_SAMPLES):
-            # Each PublishAudio aliases its own message, so the list may hold several.
-            frame = encode_client_audio(pending[start:start + IN_FRAME_SAMPLES].tobytes())
-            actions += session.receive(frame, now_ns)
+            # Each PublishAudio aliases its own slice of `pending`, which is never written again, so the
+            # list may hold several.
+            frame = memoryview(pending[start:start + IN_FRAME_SAMPLES]).cast("B")
+            actions += session.receive(ClientAudio(frame), now_ns)
         self._pcm16 = pending[whole:].copy()
         return actions
 
@@ -221,8 +217,12 @@ class MoshiAdapter:
             return self._broken_sent < 3
         return bool(self._owed) or self.session.wants_to_send()
 
-    def next_outgoing(self, now_ns: int) -> Outgoing | None:
-        """The next message for the moshi client (bytes), model audio (`AudioOut` of Ogg bytes), the close."""
+    def close(self) -> None:
+        """Nothing to free at once: sphn's reader and writer go with the adapter."""
+
+    def next_outgoing(self, now_ns: int) -> WireOutgoing | None:
+        """The next message for the moshi client (bytes), model audio (`AudioOut` of Ogg bytes), the close;
+        a quality report as it is (for the server's metrics)."""
         if self._broken is not None:
             self._broken_sent += 1
             if self._broken_sent == 1:
@@ -235,17 +235,17 @@ class MoshiAdapter:
         if self._owed:
             return self._owed.popleft()
         while (item := self.session.next_outgoing(now_ns)) is not None:
-            if isinstance(item, Close):
+            if isinstance(item, Close | QualityReport):
                 return item
-            if isinstance(item, AudioOut):
+            if isinstance(item, ModelAudio):
                 if (out := self._audio(item, now_ns)) is not None:
                     return out
             elif (message := self._control(item)) is not None:
                 return message
         return None
 
-    def _audio(self, item: AudioOut, now_ns: int) -> AudioOut | None:
-        pcm = int16_to_float(np.frombuffer(item.data, "<i2", offset=1))
+    def _audio(self, item: ModelAudio, now_ns: int) -> AudioOut | None:
+        pcm = int16_to_float(np.frombuffer(item.pcm, "<i2"))
         if item.latency_s is not None and self._pending_latency is None:
             self._pending_latency = (item.latency_s, now_ns)
         ogg = self.writer.append_pcm(pcm)
@@ -259,11 +259,7 @@ class MoshiAdapter:
         self.bytes_out += len(ogg)
         return AudioOut(bytes([KIND_AUDIO]) + ogg, latency_s)
 
-    def _control(self, text: str) -> bytes | None:
-        try:
-            msg = decode_server_control(text)
-        except ProtocolError:  # our own encoder wrote it: cannot happen, and must not end the sender
-            return None
+    def _control(self, msg: ServerControl) -> bytes | None:
         match msg:
             case SessionStart():
                 return HANDSHAKE

@@ -1,12 +1,13 @@
 """The network process's asyncio layer: it moves bytes between the sockets, the rings and each `Session`.
 
-uvloop + websockets. The rules live elsewhere, sans I/O: a session's in `session.py`, admission in
-`slots.py`, plain HTTP in `http.py`. This layer feeds them events and carries out their actions:
+uvloop + websockets. The rules live elsewhere, sans I/O: a session's in `session.py`, each wire's bytes in
+its edge (`wires.py` for `/ws`, `moshi_api.py` for `/api/chat`), admission in `slots.py`, plain HTTP in
+`http.py`. This layer feeds them events and carries out their actions:
 
-* one handler task per WebSocket reads client messages into its `Session` and publishes the audio it is
-  handed to the inference and VAD rings, without waiting on anyone;
-* one sender task per session writes what the session has to send (control first, then model audio, then
-  the close), so a slow client only ever delays itself;
+* one handler task per WebSocket reads client messages through its wire's edge into its `Session` and
+  publishes the audio it is handed to the inference and VAD rings, without waiting on anyone;
+* one sender task per session drains the session's outbox through the same edge (control first, then model
+  audio, then the close; quality reports into the metrics), so a slow client only ever delays itself;
 * the network doorbell (`add_reader`, no thread) wakes `_on_bell`, which reads the workers' control rings
   and every live session's model audio into its `Session`;
 * a new session goes to the inference worker with the most free slots (procs/network/workers.py); one
@@ -38,23 +39,24 @@ from procs.fdlimit import room_for_a_session, soft_limit
 from procs.frames import read_out_frame, write_in_frame
 from procs.network.agent import AgentServer, health_reply
 from procs.network.auth import Access
-from procs.network.codec import SessionCodec, requested_codec
+from procs.network.codec import requested_codec
 from procs.network.http import MOSHI_PATH, Health, HttpRoutes, WorkerHealth, internal_error
 from procs.network.metrics import ServerMetrics
 from procs.network.moshi_api import MoshiAdapter, moshi_params
 from procs.network.moshi_api import capacity_refusal as moshi_capacity_refusal
+from procs.network.quality import QualityReport
 from procs.network.session import (
+    CLOSE_CODES,
     Action,
-    AudioOut,
     Close,
-    Outgoing,
     PublishAudio,
     Release,
     Session,
     SessionCounters,
     SessionRules,
 )
-from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE, SessionSlots, capacity_refusal
+from procs.network.slots import CAPACITY_MESSAGE, SessionSlots, capacity_refusal
+from procs.network.wires import AudioOut, Wire, WireOutgoing, ws_wire
 from procs.network.workers import InferenceWorkers
 from procs.runtime import LogThrottle
 from procs.topology import NetworkLinks, Topology, network_links
@@ -90,25 +92,25 @@ class LiveSession:
 
     session: Session
     ws: ServerConnection
+    wire: Wire  # the session's edge: our `/ws` (PCM or Opus) or moshi.server's `/api/chat`
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     rate_limited_logged: int = 0
     warnings: tuple[str, ...] = ()  # the quality warnings of its last report (logged when they change)
-    adapter: MoshiAdapter | None = None  # moshi.server's wire (`/api/chat`); None: ours (`/ws`)
     client_stats_observed: ClientStats | None = None  # the page's figures last put into the histograms
 
     def ctx(self) -> tuple[str, int]:
         """For a log template that starts `session=%s slot=%d` (procs/runtime.py: SessionContext)."""
         return self.session.session_id, self.session.slot
 
-    # The session's own I/O events, or those of the adapter that translates another wire into them.
+    # The session's I/O, through its wire's edge: decoded on the way in, encoded on the way out.
     def receive(self, message: str | bytes, now_ns: int) -> list[Action]:
-        return (self.adapter or self.session).receive(message, now_ns)
+        return self.wire.receive(message, now_ns)
 
-    def next_outgoing(self, now_ns: int) -> Outgoing | None:
-        return (self.adapter or self.session).next_outgoing(now_ns)
+    def next_outgoing(self, now_ns: int) -> WireOutgoing | None:
+        return self.wire.next_outgoing(now_ns)
 
     def wants_to_send(self) -> bool:
-        return (self.adapter or self.session).wants_to_send()
+        return self.wire.wants_to_send()
 
 
 class NetworkServer:
@@ -127,7 +129,7 @@ class NetworkServer:
         self.drain_requested = asyncio.Event()  # SIGTERM: let conversations finish, then stop
         self.no_sessions = asyncio.Event()  # set when the last session ends (the drain waits for it)
         self.handlers: set[asyncio.Task] = set()
-        self.rules = SessionRules(idle_timeout_s=cfg.idle_timeout_s, max_session_s=cfg.max_session_s)
+        self.rules = SessionRules.of(cfg)
         access = Access(cfg.allowed_origins, cfg.auth_token, cfg.auth_secret)
         self.http = HttpRoutes(cfg.web_dir, self._health, self._render_metrics, self._websocket_refusal,
                                access)
@@ -433,19 +435,17 @@ class NetworkServer:
     def _open(self, ws: ServerConnection, slot: int, gen: int) -> LiveSession:
         model = self.inference.first_ready
         assert model is not None
-        # `?codec=` is ours (checked in the handshake); moshi's wire is Ogg/Opus by its own adapter, and the
-        # session under it speaks PCM whatever the query says.
+        # `?codec=` is ours (checked in the handshake); moshi's wire is Ogg/Opus by its own adapter, whatever
+        # the query says.
         moshi = is_moshi(ws)
         codec = "pcm" if moshi else requested_codec(ws.request.path if ws.request is not None else "")
         start = session_start(uuid.uuid4().hex[:12], model=model.model,
                               demo_weights=model.demo_weights, max_sessions=self.capacity,
                               codec=codec)
-        session = Session(start, slot, gen, now=time.monotonic(), rules=self.rules,
-                          codec=SessionCodec() if codec == "opus" else None)
-        live = LiveSession(session, ws)
-        if moshi:
-            live.adapter = MoshiAdapter(session, moshi_params(ws.request.path))  # type: ignore[union-attr]
-        return live
+        session = Session(start, slot, gen, now=time.monotonic(), rules=self.rules)
+        wire: Wire = (MoshiAdapter(session, moshi_params(ws.request.path))  # type: ignore[union-attr]
+                      if moshi else ws_wire(session, codec))
+        return LiveSession(session, ws, wire)
 
     async def _session(self, ws: ServerConnection) -> None:
         # A free slot is not enough: the process's open files must leave the reserve free (procs/fdlimit.py).
@@ -466,7 +466,7 @@ class NetworkServer:
                 refusals = moshi_capacity_refusal(CAPACITY_MESSAGE) if is_moshi(ws) else [capacity_refusal()]
                 for refusal in refusals:
                     await ws.send(refusal)
-                await ws.close(CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE)
+                await ws.close(CLOSE_CODES[EndReason.CAPACITY], CAPACITY_MESSAGE)
             return
         session = live.session
         sender: asyncio.Task | None = None
@@ -480,11 +480,11 @@ class NetworkServer:
             self.metrics.sessions_total.inc()
             self._tell_workers(session.slot, SessionOpen(slot=session.slot, gen=session.gen,
                                                          session_id=session.session_id))
-            if live.adapter is None:
+            if not isinstance(live.wire, MoshiAdapter):
                 log.info("session=%s slot=%d: open from %s", *live.ctx(), ws.remote_address)
             else:  # the sampling settings a moshi client asks for are not honoured: say which were asked
                 log.info("session=%s slot=%d: open from %s on moshi's /api/chat (ignored settings: %s)",
-                         *live.ctx(), ws.remote_address, live.adapter.params.given() or "none")
+                         *live.ctx(), ws.remote_address, live.wire.params.given() or "none")
             if self.stop_now.is_set():  # admitted as the stop began: it missed the goodbye
                 self._apply(live, session.shutdown())
             elif self.draining:  # admitted as the drain began: it missed the notice
@@ -503,6 +503,7 @@ class NetworkServer:
             try:
                 self._apply(live, session.connection_closed(why_closed(ws)))
             finally:
+                live.wire.close()
                 self.closing.discard(live)
                 self.ended.add(session.counters)
 
@@ -517,12 +518,9 @@ class NetworkServer:
         if stats.rtt_ms is not None:
             self.metrics.client_rtt_seconds.observe(stats.rtt_ms / 1e3)
 
-    def _observe_quality(self, live: LiveSession) -> list[Action]:
-        """A session's new quality report: into the histograms, and its warnings into the log when they
-        change."""
-        report = live.session.take_quality()
-        if report is None:
-            return []
+    def _observe_quality(self, live: LiveSession, report: QualityReport) -> None:
+        """A session's new quality report (from its outbox): into the histograms, and its warnings into the
+        log when they change."""
         self._observe_client_stats(live)
         quality = report.quality
         if report.window_frames:
@@ -535,7 +533,6 @@ class NetworkServer:
                      quality.level_dbfs, "?" if quality.snr_db is None else f"{quality.snr_db:.0f}",
                      quality.input_loss_pct, quality.spikes)
             live.warnings = quality.warnings
-        return []
 
     def _warn_rate_limited(self, live: LiveSession) -> None:
         refused = live.session.counters.input_rate_limited
@@ -546,7 +543,8 @@ class NetworkServer:
         live.rate_limited_logged = refused
 
     async def _sender(self, live: LiveSession) -> None:
-        """The one task that writes to this client, in the order its session says."""
+        """The one task that drains this session's outbox, through its wire's edge, in the order the session
+        says: to the client, or (a quality report) into the metrics."""
         ws = live.ws
         try:
             while True:
@@ -554,6 +552,11 @@ class NetworkServer:
                 if item is None:
                     await live.wake.wait()
                     live.wake.clear()
+                elif isinstance(item, QualityReport):
+                    try:  # a failure in the metrics stays there: the client's messages go on
+                        self._observe_quality(live, item)
+                    except Exception:
+                        log.exception("session=%s slot=%d: observing its quality report failed", *live.ctx())
                 elif isinstance(item, AudioOut):
                     await ws.send(item.data)
                     if item.latency_s is not None:
@@ -573,7 +576,6 @@ class NetworkServer:
             now = time.monotonic()
             for live in self.slots.live():
                 self._apply_guarded(live, live.session.tick, now)
-                self._apply_guarded(live, self._observe_quality, live)
 
 
 def is_moshi(ws: ServerConnection) -> bool:
@@ -588,11 +590,11 @@ def why_closed(ws: ServerConnection) -> EndReason:
     protocol = ws.protocol
     sent, received = protocol.close_sent, protocol.close_rcvd
     if sent is not None and not protocol.close_rcvd_then_sent:  # the close began on our side
-        if sent.code == 1009:
+        if sent.code == CLOSE_CODES[EndReason.MESSAGE_TOO_BIG]:
             return EndReason.MESSAGE_TOO_BIG
-        if sent.code == 1007:
+        if sent.code == CLOSE_CODES[EndReason.INVALID_UTF8]:
             return EndReason.INVALID_UTF8
-        if sent.code == 1011 and "keepalive" in sent.reason:
+        if sent.code == CLOSE_CODES[EndReason.KEEPALIVE_TIMEOUT] and "keepalive" in sent.reason:
             return EndReason.KEEPALIVE_TIMEOUT
     if received is not None:
         return EndReason.CLIENT_CLOSED

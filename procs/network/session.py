@@ -5,8 +5,14 @@ and carries out what it asks, nothing more; every rule of a session lives here, 
 without a socket, a ring or an event loop. Time comes in with the events (`time.monotonic()` seconds,
 `time.monotonic_ns()` where a frame is stamped); nothing here reads a clock.
 
+It speaks no wire: what comes in is already decoded and what goes out is still typed. Each wire's edge
+(`procs/network/wires.py` for `/ws`, PCM or Opus; `procs/network/moshi_api.py` for moshi's Ogg/Opus)
+decodes a client's messages into the inputs below and encodes the outbox's items for its socket, so no
+wire's bytes are encoded here only to be decoded again there.
+
 Events (methods):
-    receive(message, now_ns)      a WebSocket message from the client (str: text frame, bytes: binary)
+    receive(input, now_ns)        a client message, decoded: `ClientAudio`, a control message, or the
+                                  `ProtocolError` its decoding raised
     model_audio(frame)            a 20 ms frame of model audio the I/O layer read from the inference ring
     voice_activity(event, t_ms)   the VAD process saw speech start or end
     model_text(text, t_ms)        the model's inner monologue
@@ -18,12 +24,14 @@ Events (methods):
     connection_closed(reason)     the socket is gone: the client closed it, the network failed, the
                                   WebSocket layer refused something, or our own close finished
 
-Actions:
-    returned by an event          `PublishAudio`: write this client frame to the workers' rings;
-                                  `Release`: the session is over, free its slot and tell the workers.
-    pulled by the sender          `next_outgoing(now_ns)`: a control message (`str`), model audio
-                                  (`AudioOut`); once the session ends, what is queued, then `session_end`
-                                  (if the session says goodbye), then one `Close`, last.
+Actions, returned by an event, carried out at once (they never wait for a slow client):
+    `PublishAudio`: write this client frame to the workers' rings;
+    `Release`: the session is over, free its slot and tell the workers.
+
+The outbox, drained by the sender at the client's pace (`next_outgoing(now_ns)`), typed:
+    the newest `QualityReport` (for the metrics, not the client), control messages (`ServerControl`),
+    model audio (`ModelAudio`: PCM and the latency it completes); once the session ends, what is queued,
+    then `SessionEnd` (if the session says goodbye), then one `Close`, last.
 
 States:
 
@@ -33,24 +41,28 @@ States:
 Invariants (tests/test_session.py checks them over arbitrary event sequences): no event raises; every way
 out of OPEN yields exactly one `Release`, and nothing else does; a session that is not OPEN publishes
 nothing and queues nothing new; a session the server ends yields exactly one `Close`; a CLOSED session
-has nothing to send.
+has nothing to send. Close codes come from one map, `CLOSE_CODES`, the same for every wire.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 import msgspec
 import numpy as np
+from websockets.frames import CloseCode
 
+from procs.config import ServerConfig
 from procs.frames import ModelFrame
-from procs.network.codec import SessionCodec
 from procs.network.quality import QualityMonitor, QualityReport
 from procs.network.slots import CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE
 from protocol import (
+    ClientControl,
     ClientSessionEnd,
     ClientStats,
     Draining,
@@ -67,12 +79,23 @@ from protocol import (
     SessionStart,
     Transcript,
     Vad,
-    decode_client,
-    decode_client_opus,
-    encode_server_audio,
-    encode_server_control,
-    encode_server_opus,
 )
+
+# The close code of every ending the server decides or the WebSocket layer refuses with, whatever the wire.
+# The endings that are the client's (client_closed, connection_lost) have none of ours.
+CLOSE_CODES: Mapping[EndReason, CloseCode] = MappingProxyType({
+    EndReason.CLIENT_REQUEST: CloseCode.NORMAL_CLOSURE,
+    EndReason.IDLE_TIMEOUT: CloseCode.NORMAL_CLOSURE,
+    EndReason.TIME_LIMIT: CloseCode.NORMAL_CLOSURE,
+    EndReason.SERVER_SHUTDOWN: CloseCode.GOING_AWAY,
+    EndReason.PROTOCOL_ERROR: CloseCode.POLICY_VIOLATION,
+    EndReason.RATE_LIMITED: CloseCode.POLICY_VIOLATION,
+    EndReason.CAPACITY: CAPACITY_CLOSE_CODE,
+    EndReason.INTERNAL: CloseCode.INTERNAL_ERROR,
+    EndReason.MESSAGE_TOO_BIG: CloseCode.MESSAGE_TOO_BIG,  # websockets' own, for a message over max_size
+    EndReason.INVALID_UTF8: CloseCode.INVALID_DATA,  # websockets' own, for a text frame that is not UTF-8
+    EndReason.KEEPALIVE_TIMEOUT: CloseCode.INTERNAL_ERROR,  # websockets' own, reason "keepalive ping timeout"
+})
 
 
 class Phase(enum.Enum):
@@ -83,9 +106,15 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True)
 class SessionRules:
-    """The limits a session lives by."""
+    """The limits a session lives by. Those an operator sets are ServerConfig's, with no default here
+    (`SessionRules.of(cfg)`); the others are the protocol's."""
 
-    # A client that sends this many malformed messages within `garbage_window_s` is closed with 1008; fewer
+    # A session that sends no audio this long is closed (`idle_timeout`): it would hold a slot for nothing.
+    idle_timeout_s: float | None
+    # Operators who bill or cap by time end sessions at this age (`time_limit`); None: no limit.
+    max_session_s: float | None
+
+    # A client that sends this many malformed messages within `garbage_window_s` is closed (1008); fewer
     # are answered with an `error` each, at most `errors_per_second` of them.
     garbage_limit: int = 50
     garbage_window_s: float = 10.0
@@ -94,10 +123,6 @@ class SessionRules:
     # Model audio waiting for a slow client: beyond 200 ms of it the oldest frames are dropped (counted), so
     # a client that stops reading hears the present when it resumes, not the past.
     max_queued_audio_frames: int = 10
-    # A session that sends no audio this long is closed (`idle_timeout`): it would hold a slot for nothing.
-    idle_timeout_s: float | None = 30.0
-    # Operators who bill or cap by time end sessions at this age (`time_limit`); None: no limit.
-    max_session_s: float | None = None
     # Audio faster than real time: a token bucket refilled at twice real time, two seconds of burst (a
     # client catching up after a network stall). Frames beyond it are refused (counted, `rate_limited`);
     # this many refused within `rate_window_s` close the session with 1008.
@@ -109,6 +134,27 @@ class SessionRules:
     # of them would make the server queue answers for a client that may not even read them.
     control_per_s: float = 10.0
     control_burst: float = 20.0
+
+    @classmethod
+    def of(cls, cfg: ServerConfig, **protocol: float) -> SessionRules:
+        """The rules of a server started with `cfg` (`protocol`: any of the other limits, for a test)."""
+        return cls(idle_timeout_s=cfg.idle_timeout_s, max_session_s=cfg.max_session_s, **protocol)
+
+
+# --- input: a client message as its wire's edge decoded it ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAudio:
+    """One 20 ms frame of client audio. `data` is its 640 bytes of 16 kHz s16le PCM, or, where `decode` is
+    given, the packet that `decode` turns into them (raising `ProtocolError`): the session decodes only a
+    frame it admits, so audio refused by the rate limit costs no decoding."""
+
+    data: memoryview
+    decode: Callable[[memoryview], memoryview] | None = None
+
+
+ClientInput = ClientAudio | ClientControl | ProtocolError
 
 
 # --- actions ---------------------------------------------------------------------------------------------
@@ -134,21 +180,22 @@ class Release:
 class Close:
     """Close the WebSocket with this code; always the last thing a session sends."""
 
-    code: int
+    code: CloseCode
     reason: str
 
 
 @dataclass(frozen=True, slots=True)
-class AudioOut:
-    """One binary frame of model audio, and the server-added latency it completes (the first frame of an
-    answered block: last input frame received -> this frame handed to the socket), if any."""
+class ModelAudio:
+    """One 20 ms frame of model audio (960 bytes of 24 kHz s16le PCM), and the server-added latency it
+    completes (the first frame of an answered block: last input frame received -> this frame pulled for the
+    socket), if any."""
 
-    data: bytes
+    pcm: bytes
     latency_s: float | None
 
 
 Action = PublishAudio | Release
-Outgoing = str | AudioOut | Close
+Outgoing = QualityReport | ServerControl | ModelAudio | Close
 
 
 # --- bookkeeping -----------------------------------------------------------------------------------------
@@ -224,7 +271,7 @@ class LatencyWindow:
 
 @dataclass(slots=True)
 class _QueuedAudio:
-    data: bytes
+    pcm: bytes
     t_in_ns: int | None  # set on the first frame of a block: its latency is measured when it leaves
     queue_ms: float
     step_ms: float
@@ -259,12 +306,11 @@ class Session:
     """One client's session in one batch slot. See the module docstring for its events and actions."""
 
     def __init__(self, start: SessionStart, slot: int, gen: int, now: float,
-                 rules: SessionRules | None = None, codec: SessionCodec | None = None) -> None:
-        """`codec`: an Opus session's codec state (its `start` names Opus); None: PCM both ways."""
+                 rules: SessionRules | None = None) -> None:
+        """`rules`: None, those of a server with ServerConfig's defaults."""
         self.session_id = start.session_id
-        self.codec = codec
         self.slot, self.gen = slot, gen
-        self.rules = rules or SessionRules()
+        self.rules = rules or SessionRules.of(ServerConfig())
         self.phase = Phase.OPEN
         self.close: Close | None = None  # the close the server asked for, if it ended the session
         self.client_stats: ClientStats | None = None  # the page's last `client_stats`
@@ -274,8 +320,8 @@ class Session:
         self.counters = SessionCounters()
         self.latency = LatencyWindow()
         self.quality = QualityMonitor()
-        self._quality: QualityReport | None = None  # the newest report, until the I/O layer takes it
-        self._control: deque[str] = deque([encode_server_control(start)])
+        self._quality: QualityReport | None = None  # the newest report, until the sender takes it
+        self._control: deque[ServerControl] = deque([start])
         self._audio: deque[_QueuedAudio] = deque()
         self._close_sent = False
         self._garbage: deque[float] = deque()
@@ -287,31 +333,27 @@ class Session:
         self._refused: deque[float] = deque()
 
     # ---- events -----------------------------------------------------------------------------------------
-    def receive(self, message: str | bytes, now_ns: int) -> list[Action]:
+    def receive(self, decoded: ClientInput, now_ns: int) -> list[Action]:
         if self.phase is not Phase.OPEN:
             return []
-        try:
-            if self.codec is not None and not isinstance(message, str):
-                decoded = decode_client_opus(message)  # framing only: the packet is decoded once admitted
-            else:
-                decoded = decode_client(message)
-        except ProtocolError as error:
-            return self._malformed(error, now_ns / 1e9)
-        if isinstance(decoded, memoryview):
+        if isinstance(decoded, ProtocolError):
+            return self._malformed(decoded, now_ns / 1e9)
+        if isinstance(decoded, ClientAudio):
             now = now_ns / 1e9
             if not self._audio_rate.take(now):
                 self.counters.input_rate_limited += 1
                 return self._too_fast(now, "audio faster than real time")
-            if self.codec is not None:
+            pcm = decoded.data
+            if decoded.decode is not None:
                 try:  # to the same 640 bytes of PCM a PCM client sends: the rings never know
-                    decoded = self.codec.decode(decoded)
+                    pcm = decoded.decode(pcm)
                 except ProtocolError as error:
                     return self._malformed(error, now)
             self._last_audio = now
             seq = self.counters.frames_in
             self.counters.frames_in += 1
-            self.quality.frame(np.frombuffer(decoded, dtype="<i2"), seq, now)
-            return [PublishAudio(decoded, seq, now_ns)]
+            self.quality.frame(np.frombuffer(pcm, dtype="<i2"), seq, now)
+            return [PublishAudio(pcm, seq, now_ns)]
         if not isinstance(decoded, ClientSessionEnd) and not self._control_rate.take(now_ns / 1e9):
             return self._too_fast(now_ns / 1e9, "control messages too fast")
         match decoded:
@@ -326,7 +368,7 @@ class Session:
                 c.client_underruns, c.client_late_frames = q.client_underruns, q.client_late_frames
                 c.client_concealed_us = round(q.client_concealed_ms * 1e3)
             case ClientSessionEnd():
-                return self._end_saying_goodbye(EndReason.CLIENT_REQUEST, 1000, "session ended")
+                return self._end_saying_goodbye(EndReason.CLIENT_REQUEST, "session ended")
         return []
 
     def model_audio(self, frame: ModelFrame) -> list[Action]:
@@ -340,8 +382,7 @@ class Session:
             self.counters.output_dropped += 1
         self._audio.append(
             _QueuedAudio(
-                data=(encode_server_audio(frame.pcm) if self.codec is None
-                      else encode_server_opus(self.codec.encode(frame.pcm))),
+                pcm=frame.pcm,
                 t_in_ns=frame.t_in_ns if frame.block_pos == 0 else None,
                 queue_ms=frame.queue_us / 1e3,
                 step_ms=frame.step_us / 1e3,
@@ -366,7 +407,7 @@ class Session:
             return []
         if code is ErrorCode.CAPACITY:
             self._say(Error(code=code, msg=msg, fatal=True))
-            return self._end(EndReason.CAPACITY, Close(CAPACITY_CLOSE_CODE, CAPACITY_MESSAGE))
+            return self._end(EndReason.CAPACITY, CAPACITY_MESSAGE)
         self._say(Error(code=code, msg=msg, fatal=False))
         return []
 
@@ -379,11 +420,11 @@ class Session:
         if rules.idle_timeout_s is not None and now - self._last_audio >= rules.idle_timeout_s:
             self._say(Error(code=ErrorCode.IDLE_TIMEOUT, fatal=True,
                             msg=f"no audio for {rules.idle_timeout_s:g} s: the session is closed"))
-            return self._end(EndReason.IDLE_TIMEOUT, Close(1000, "idle timeout"))
+            return self._end(EndReason.IDLE_TIMEOUT, "idle timeout")
         if rules.max_session_s is not None and now - self.started >= rules.max_session_s:
             self._say(Error(code=ErrorCode.TIME_LIMIT, fatal=True,
                             msg=f"sessions last at most {rules.max_session_s:g} s on this server"))
-            return self._end_saying_goodbye(EndReason.TIME_LIMIT, 1000, "session time limit")
+            return self._end_saying_goodbye(EndReason.TIME_LIMIT, "session time limit")
         if now >= self._next_report:
             self._next_report += self.rules.latency_period_s
             if self._next_report <= now:  # the clock stalled for more than a period: do not catch up
@@ -407,47 +448,46 @@ class Session:
     def shutdown(self) -> list[Action]:
         if self.phase is not Phase.OPEN:
             return []
-        return self._end_saying_goodbye(EndReason.SERVER_SHUTDOWN, 1001, "server shutting down")
+        return self._end_saying_goodbye(EndReason.SERVER_SHUTDOWN, "server shutting down")
 
     def internal_failure(self, msg: str) -> list[Action]:
         if self.phase is not Phase.OPEN:
             return []
         self._say(Error(code=ErrorCode.INTERNAL, msg=msg, fatal=True))
-        return self._end(EndReason.INTERNAL, Close(1011, "internal error"))
+        return self._end(EndReason.INTERNAL, "internal error")
 
     def connection_closed(self, reason: EndReason = EndReason.CLIENT_CLOSED) -> list[Action]:
         """`reason`: why the socket went, as the I/O layer saw it (used only if the session was open)."""
         actions: list[Action] = []
         if self.phase is Phase.OPEN:
-            actions = self._end(reason, close=None)
+            actions = self._end(reason, text=None)
         self.phase = Phase.CLOSED
-        if self.codec is not None:  # libopus state is freed with the connection, not at a later GC
-            self.codec.close()
         self._control.clear()
         self._audio.clear()
+        self._quality = None
         self._goodbye = None
         return actions
-
-    def take_quality(self) -> QualityReport | None:
-        """The quality report made since the last call, once (for the metrics and the log)."""
-        report, self._quality = self._quality, None
-        return report
 
     # ---- what to send -----------------------------------------------------------------------------------
     def wants_to_send(self) -> bool:
         if self.phase is Phase.CLOSED:
             return False
-        return bool(self._control or self._audio) or (self.close is not None and not self._close_sent)
+        return (bool(self._control or self._audio) or self._quality is not None
+                or (self.close is not None and not self._close_sent))
 
     @property
     def queued(self) -> int:
-        """Messages waiting for the socket (the goodbye and the close not counted)."""
+        """Messages waiting for the socket (the goodbye, the close and the quality report not counted)."""
         return len(self._control) + len(self._audio)
 
     def next_outgoing(self, now_ns: int) -> Outgoing | None:
-        """The next thing to write to the socket: control messages first, then model audio, then the close."""
+        """The outbox: the next item for the sender. The newest quality report (for the server, not the
+        client), then what goes to the socket: control messages first, then model audio, then the close."""
         if self.phase is Phase.CLOSED:
             return None
+        if self._quality is not None:
+            report, self._quality = self._quality, None
+            return report
         if self._control:
             return self._control.popleft()
         if self._audio:
@@ -458,12 +498,11 @@ class Session:
                 latency_s = (now_ns - item.t_in_ns) / 1e9
                 self.latency.add(latency_s * 1e3, item.queue_ms, item.step_ms, item.resample_ms)
                 self.quality.block_latency(latency_s * 1e3)
-            return AudioOut(item.data, latency_s)
+            return ModelAudio(item.pcm, latency_s)
         if self._goodbye is not None:  # last before the close, with exact counts
             reason, self._goodbye = self._goodbye, None
             c = self.counters
-            return encode_server_control(SessionEnd(reason=reason.value, frames_in=c.frames_in,
-                                                    frames_out=c.frames_out))
+            return SessionEnd(reason=reason.value, frames_in=c.frames_in, frames_out=c.frames_out)
         if self.close is not None and not self._close_sent:
             self._close_sent = True
             return self.close
@@ -471,7 +510,7 @@ class Session:
 
     # ---- rules ------------------------------------------------------------------------------------------
     def _say(self, msg: ServerControl) -> None:
-        self._control.append(encode_server_control(msg))
+        self._control.append(msg)
 
     def _too_fast(self, now: float, what: str) -> list[Action]:
         """A message refused by a rate limit: answered (within the error budget); too many close."""
@@ -480,7 +519,7 @@ class Session:
         self._refused.append(now)
         if len(self._refused) >= rules.rate_close_after:
             self._say(Error(code=ErrorCode.RATE_LIMITED, fatal=True, msg=f"{what} for too long"))
-            return self._end(EndReason.RATE_LIMITED, Close(1008, what))
+            return self._end(EndReason.RATE_LIMITED, what)
         self._error_within_budget(now, Error(code=ErrorCode.RATE_LIMITED, msg=f"{what}: messages refused"))
         return []
 
@@ -497,17 +536,19 @@ class Session:
         self._garbage.append(now)
         if len(self._garbage) >= rules.garbage_limit:
             self._say(Error(code=error.code, msg=f"too many malformed messages: {error.msg}", fatal=True))
-            return self._end(EndReason.PROTOCOL_ERROR, Close(1008, "too many malformed messages"))
+            return self._end(EndReason.PROTOCOL_ERROR, "too many malformed messages")
         self._error_within_budget(now, error.to_message())
         return []
 
-    def _end_saying_goodbye(self, reason: EndReason, code: int, text: str) -> list[Action]:
+    def _end_saying_goodbye(self, reason: EndReason, text: str) -> list[Action]:
         self._goodbye = reason
-        return self._end(reason, Close(code, text))
+        return self._end(reason, text)
 
-    def _end(self, reason: EndReason, close: Close | None) -> list[Action]:
-        """The one way out of OPEN: the slot is released here and nowhere else."""
+    def _end(self, reason: EndReason, text: str | None) -> list[Action]:
+        """The one way out of OPEN: the slot is released here and nowhere else. `text`: the close's reason,
+        its code `CLOSE_CODES[reason]`; None: the connection is gone already, nothing to close."""
         assert self.phase is Phase.OPEN
         self.phase = Phase.CLOSING
-        self.close, self.end_reason = close, reason
+        self.close = None if text is None else Close(CLOSE_CODES[reason], text)
+        self.end_reason = reason
         return [Release(reason)]

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from websockets.frames import CloseCode
+
 from protocol import Error, ErrorCode, encode_server_control
 
 T = TypeVar("T")
 CAPACITY_MESSAGE = "Server at capacity"
-CAPACITY_CLOSE_CODE = 1013  # "try again later"
+CAPACITY_CLOSE_CODE = CloseCode.TRY_AGAIN_LATER  # 1013
 
 
 def capacity_refusal() -> str:
