@@ -35,9 +35,10 @@ class WorkerHealth(msgspec.Struct, frozen=True):
 
     name: str  # "inference-0", ...
     device: str
-    status: str  # "ready" or "starting" (also while it restarts after a crash or a hang)
+    status: str  # "ready", "starting" (also while it restarts after a crash or a hang), or "stalled" (owes a
+    # step for 1.5 s: no new sessions until it steps, or the supervisor replaces it)
     sessions_active: int
-    max_sessions: int  # 0 until it is ready
+    max_sessions: int  # what it admits now: 0 until it is ready, and while it is stalled
 
 
 class Health(msgspec.Struct, frozen=True):

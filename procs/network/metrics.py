@@ -127,7 +127,7 @@ class ServerMetrics:
         self.sessions_active = Gauge("voice_sessions_active", "Sessions holding a slot now")
         self.sessions_max = Gauge("voice_sessions_max", "Sessions held at once (the ready workers' sum)")
         self.worker_up = LabelledGauge("voice_worker_up", "1 while the inference worker is ready, 0 while it "
-                                       "starts or restarts", "worker", workers)
+                                       "starts, restarts or is stalled", "worker", workers)
         self.worker_sessions_active = LabelledGauge(
             "voice_worker_sessions_active", "Sessions holding a slot of the inference worker now", "worker",
             workers)

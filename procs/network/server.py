@@ -150,8 +150,9 @@ class NetworkServer:
 
     @property
     def capacity(self) -> int:
-        """Sessions admitted at once: the sum of the ready inference workers' batch sizes."""
-        return self.inference.capacity
+        """Sessions admitted at once now: the sum of the ready inference workers' batch sizes, less a
+        stalled worker's (procs/network/workers.py)."""
+        return self.inference.room(time.monotonic_ns())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -274,6 +275,8 @@ class NetworkServer:
         """One message from `source`: "supervisor" or a worker's place name."""
         match msg:
             case StepStats(step_s=step_s, wait_s=waits):
+                if (worker := self.inference.get(source)) is not None:
+                    self.inference.stepped(worker)
                 self.metrics.step_seconds.observe(step_s)
                 for wait_s in waits:
                     self.metrics.step_wait_seconds.observe(wait_s)
@@ -299,7 +302,8 @@ class NetworkServer:
                 ended = [live for live in self.slots.live() if live.session.slot in worker.place.slots]
                 log.error("%s is down (%s): ending its %d sessions; %d go on with the other workers", name,
                           why, len(ended), len(self.slots) - len(ended))
-                worker.ready, self.reported_ready = None, False
+                self.inference.down(worker)
+                self.reported_ready = False
                 for live in ended:
                     self._apply_guarded(live, live.session.internal_failure,
                                         "the model process failed; please reconnect")
@@ -323,6 +327,7 @@ class NetworkServer:
             match action:
                 case PublishAudio(pcm=pcm, seq=seq, t_ns=t_ns):
                     slot, gen = live.session.slot, live.session.gen
+                    self.inference.fed(slot, t_ns)
                     for ring in (self.links.audio_to_inference[slot], self.links.audio_to_vad[slot]):
                         buf = ring.reserve()  # never None: full rings drop their oldest frame (DROP_OLDEST)
                         ring.publish(write_in_frame(buf, seq, t_ns, gen, pcm))
@@ -336,6 +341,7 @@ class NetworkServer:
         if not self.slots.release(session.slot, session.gen):
             raise RuntimeError("session={} slot={}: released twice".format(*live.ctx()))
         self.closing.add(live)
+        self.inference.left(session.slot)
         self._tell_workers(session.slot, SessionClose(slot=session.slot, gen=session.gen, reason=reason))
         c = session.counters
         log.info("session=%s slot=%d: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d "
@@ -379,6 +385,7 @@ class NetworkServer:
         else:
             state = "ok"
         model = self.inference.first_ready
+        now_ns = time.monotonic_ns()
         return Health(
             status=state,
             sessions_active=active,
@@ -387,8 +394,8 @@ class NetworkServer:
             engine=self.cfg.engine,
             demo_weights=model.demo_weights if model else False,
             workers=[WorkerHealth(name=w.name, device=w.ready.device if w.ready else w.place.device or "",
-                                  status="ready" if w.ready else "starting",
-                                  sessions_active=self.slots.count(w.place.slots), max_sessions=w.capacity)
+                                  status=w.status(now_ns), sessions_active=self.slots.count(w.place.slots),
+                                  max_sessions=w.room(now_ns))
                      for w in self.inference],
         )
 
@@ -400,9 +407,10 @@ class NetworkServer:
         m = self.metrics
         m.sessions_active.set(len(self.slots))
         m.sessions_max.set(self.capacity)
-        m.worker_up.set_all({w.name: float(w.ready is not None) for w in self.inference})
+        now_ns = time.monotonic_ns()
+        m.worker_up.set_all({w.name: float(w.status(now_ns) == "ready") for w in self.inference})
         m.worker_sessions_active.set_all({w.name: self.slots.count(w.place.slots) for w in self.inference})
-        m.worker_sessions_max.set_all({w.name: w.capacity for w in self.inference})
+        m.worker_sessions_max.set_all({w.name: w.room(now_ns) for w in self.inference})
         m.frames_in.set_total(totals.frames_in)
         m.frames_out.set_total(totals.frames_out)
         m.input_frames_dropped.set_total(totals.input_dropped)
@@ -450,9 +458,10 @@ class NetworkServer:
     async def _session(self, ws: ServerConnection) -> None:
         # A free slot is not enough: the process's open files must leave the reserve free (procs/fdlimit.py).
         room = room_for_a_session()
-        worker = self.inference.choose(self.slots.count) if room else None
+        now_ns = time.monotonic_ns()
+        worker = self.inference.choose(self.slots.count, now_ns) if room else None
         live = (None if worker is None else
-                self.slots.admit(worker.capacity, lambda slot, gen: self._open(ws, slot, gen),
+                self.slots.admit(worker.room(now_ns), lambda slot, gen: self._open(ws, slot, gen),
                                  within=worker.place.slots))
         if live is None:
             self.metrics.sessions_rejected.inc()
