@@ -25,6 +25,9 @@ from procs.network.codec import requested_codec
 WS_PATH = "/ws"
 MOSHI_PATH = "/api/chat"  # kyutai's moshi.server wire, the same admission (procs/network/moshi_api.py)
 READ_METHODS = ("GET", "HEAD")
+# A request's body headers, renamed by the connection (server.py: HttpConnection) so that websockets parses a
+# request with a body at all; the body is never read. None of our routes takes one.
+UNREAD_BODY_PREFIX = "X-Unread-"
 # Scripts must be JavaScript for module loading; fonts (the page's Noto Sans Telugu) get their font/* types.
 FIXED_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".ttf": "font/ttf", ".otf": "font/otf",
                ".woff": "font/woff", ".woff2": "font/woff2"}
@@ -82,6 +85,8 @@ class HttpRoutes:
         if path in (WS_PATH, MOSHI_PATH):
             if method != "GET":
                 return _response(405, b"method not allowed\n", "text/plain", allow="GET")
+            if any(name.lower().startswith(UNREAD_BODY_PREFIX.lower()) for name in request.headers):
+                return _response(400, b"a WebSocket handshake has no body\n", "text/plain")
             denied = self.access.check(request.path, request.headers.get("Origin"),
                                        request.headers.get("Host"), now)
             if denied is not None:

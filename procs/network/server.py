@@ -26,13 +26,16 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import CONNECTING
+from websockets.server import ServerProtocol
 
 from procs.config import ServerConfig, server_tls_context
 from procs.fdlimit import room_for_a_session, soft_limit
@@ -40,7 +43,14 @@ from procs.frames import read_out_frame, write_in_frame
 from procs.network.agent import AgentServer, health_reply
 from procs.network.auth import Access
 from procs.network.codec import requested_codec
-from procs.network.http import MOSHI_PATH, Health, HttpRoutes, WorkerHealth, internal_error
+from procs.network.http import (
+    MOSHI_PATH,
+    UNREAD_BODY_PREFIX,
+    Health,
+    HttpRoutes,
+    WorkerHealth,
+    internal_error,
+)
 from procs.network.metrics import ServerMetrics
 from procs.network.moshi_api import MoshiAdapter, moshi_params
 from procs.network.moshi_api import capacity_refusal as moshi_capacity_refusal
@@ -168,6 +178,7 @@ class NetworkServer:
                 self.cfg.host,
                 self.cfg.port,
                 process_request=self._process_request,
+                create_connection=HttpConnection,
                 compression=None,  # per-message deflate costs CPU and latency on incompressible PCM
                 max_size=MAX_TEXT_BYTES,  # the largest legal message; the library refuses more with 1009
                 max_queue=64,
@@ -585,6 +596,46 @@ class NetworkServer:
             now = time.monotonic()
             for live in self.slots.live():
                 self._apply_guarded(live, live.session.tick, now)
+
+
+class HttpConnection(ServerConnection):
+    """websockets' connection, except that a request with a body (`POST` with `Content-Length`, chunked) is
+    answered like any other (`process_request`: 405 for a method we do not serve, 400 for a WebSocket
+    handshake) instead of being dropped without a reply, which is what websockets' parser does with a body
+    it will not read.
+
+    Its body headers are shown to the parser renamed (`X-Unread-Content-Length`: http.UNREAD_BODY_PREFIX),
+    so the request parses; the body itself is never read (or taken for WebSocket frames): the parser waits
+    until the response, which closes the connection (`Connection: close`), discards the rest."""
+
+    def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
+        reader = protocol.reader
+        read_line, read_exact = reader.read_line, reader.read_exact
+        unread_body = False
+
+        def read_line_hiding_the_body(*args: Any) -> Generator[None, None, bytes]:
+            nonlocal unread_body
+            line = yield from read_line(*args)
+            if protocol.state is CONNECTING and line.split(b":", 1)[0].strip().lower() in BODY_HEADERS:
+                unread_body = True
+                line = UNREAD_BODY_PREFIX.encode() + line
+            return line
+
+        def read_exact_but_not_the_body(*args: Any) -> Generator[None, None, bytes]:
+            while unread_body and not reader.eof:  # until the refusal's parser discards everything
+                yield
+            return (yield from read_exact(*args))
+
+        reader.read_line = read_line_hiding_the_body  # type: ignore[method-assign]
+        reader.read_exact = read_exact_but_not_the_body  # type: ignore[method-assign]
+        # The handshake parser started in the protocol's constructor, with the reader's own methods; nothing
+        # has been received yet, so it starts again on these.
+        protocol.parser = protocol.parse()
+        next(protocol.parser)
+        super().__init__(protocol, *args, **kwargs)
+
+
+BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 
 def is_moshi(ws: ServerConnection) -> bool:
