@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs.launcher import ServerProcess, poll_until
 from procs.network.auth import Access
 from procs.wav_client import read_wav_16k
+from tests.support.launcher import ServerProcess, poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "0123456789abcdef-secret"
+pytestmark = pytest.mark.loopback_server("--log-format", "json")
 
 
 def voice_agent(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0
@@ -50,12 +51,6 @@ def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.3) -> np.n
 def dominant_hz(pcm: np.ndarray, rate: int) -> float:
     spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64) * np.hanning(len(pcm))))
     return float(np.fft.rfftfreq(len(pcm), 1 / rate)[int(np.argmax(spectrum))])
-
-
-@pytest.fixture(scope="module")
-def loopback_server() -> ServerProcess:
-    with ServerProcess("--engine", "loopback", "--log-format", "json") as server:
-        yield server
 
 
 # ---- the command itself --------------------------------------------------------------------------------

@@ -23,16 +23,16 @@ import sphn
 from bench.capacity_cpu import scrape_metrics
 from bench.reference_client import ReferenceClient, StreamPlan, run_sessions
 from procs.audio.resample import Resampler16to24
-from procs.audio.speech import telugu_speech_16k
 from procs.client import stream_client
 from procs.frames import ModelFrame
-from procs.launcher import ServerProcess
 from procs.network.auth import Access
 from procs.network.http import Health, HttpRoutes
 from procs.network.moshi_api import HANDSHAKE, MAX_OGG_BURST_BYTES, MoshiAdapter, moshi_params
 from procs.network.ogg import OggFraming
 from procs.network.session import AudioOut, Close, PublishAudio, Release, Session, SessionRules
 from protocol import SessionEnd, session_start
+from tests.support.launcher import ServerProcess
+from tests.support.speech import telugu_speech_16k
 
 # Listen until every frame sent is answered (the loopback engine answers each), 5 s at most.
 ALL_BACK = {"until_frames": -1, "tail_s": 5.0}

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from procs.launcher import ServerProcess
+from tests.support.launcher import ServerProcess
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "mouth_to_ear.py"
 SECONDS = 4.0  # about 7 markers after a 0.5 s warm-up
