@@ -198,6 +198,16 @@ def test_the_wheel_ships_the_page_the_script_and_the_corpus(wheel: Path) -> None
     assert {"procs/supervisor.py", "procs/__main__.py", "ringbuf/ring.py", "protocol/wire.py"} <= names
 
 
+def test_the_wheel_ships_no_test_or_benchmark_tooling(wheel: Path) -> None:
+    """The launcher, Chromium's flags and the test speech are tests/support/'s, not the server's."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    modules = {Path(n).stem for n in names if n.endswith(".py")}
+    top = {n.split("/", 1)[0] for n in names} - {n.split("/", 1)[0] for n in names if ".dist-info/" in n}
+    assert not modules & {"launcher", "chromium", "speech"}, sorted(modules)
+    assert top == {"procs", "ringbuf", "protocol"}, top  # no tests/, no bench/
+
+
 def test_an_installed_package_serves_its_own_copy_of_the_page(wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringbuf import PeerState, Policy, Ring, RingSpec
-from ringbuf.procinfo import peer_state, process_start_time
+from ringbuf import Policy, Ring, RingSpec
+from ringbuf.procinfo import PeerState, peer_state, process_start_time
 from ringbuf.segment import SHM_DIR
 from tests.ring_helpers import TEST_PREFIX
 

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ringbuf import Doorbell, PeerState, Policy, Ring, wait_any
+from ringbuf import Doorbell, Policy, Ring, wait_any
+from ringbuf.procinfo import PeerState
 from tests import ring_helpers
 from tests.ring_helpers import TEST_PREFIX, FramePattern, write_blocking
 

@@ -14,7 +14,8 @@ import time
 import pytest
 import uvloop
 
-from ringbuf import Doorbell, Policy, Ring, wait_any, wait_any_async
+from ringbuf import Doorbell, Policy, Ring, wait_any
+from ringbuf.wait import wait_any_async
 from tests import ring_helpers
 from tests.ring_helpers import TEST_PREFIX, wait_until_sleeping
 
