@@ -6,7 +6,7 @@ Needs the optional extra `reference` (`pip install "aiohttp>=3.10.5,<3.12" "sphn
 and sox. It runs one scenario per column, each on a freshly started server on 127.0.0.1 — ours, the
 reference as shipped and the reference with 1 torch thread (see below), first with 1 session, then with N —
 and prints one markdown table, then what each client saw. Every client streams the same Telugu speech
-(procs/audio/speech.py, repeated to --seconds) at real-time pace in 20 ms frames, starting
+(tests/support/speech.py, repeated to --seconds) at real-time pace in 20 ms frames, starting
 as soon as its WebSocket is open; N clients start 80/N ms apart so their frames arrive at different phases.
 Both servers load the demo checkpoint (`procs.model.demo.demo_checkpoint_dir()`), each as shipped:
 ours with `--checkpoint DIR --max-sessions N` (LM in float32 on the CPU), the reference with its own
