@@ -69,7 +69,6 @@ from pathlib import Path
 import numpy as np
 
 from bench.reference_client import (
-    FRAME_S,
     OursClient,
     ReferenceClient,
     SessionTrace,
@@ -78,6 +77,7 @@ from bench.reference_client import (
 )
 from procs.model.torch_setup import prepare_torch
 from ringbuf.procinfo import read_proc_stat
+from tests.support.helpers import FRAME_S
 from tests.support.launcher import machine_busy_s, process_tree, role_pids
 
 SERVE_REFERENCE = "serve-reference"
