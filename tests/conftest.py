@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from procs.model.torch_setup import prepare_torch
-from tests.ring_helpers import TEST_PREFIX, segments_with_prefix
 from tests.support.fixtures import loopback_server as loopback_server
 from tests.support.fixtures import speech as speech
+from tests.support.rings import TEST_PREFIX, segments_with_prefix
 from tests.support.speech import conversation_16k, write_wav
 
 prepare_torch("cpu")  # before any test imports moshi

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from ringbuf import Doorbell, Policy, Ring, wait_any
 from ringbuf.procinfo import PeerState
-from tests import ring_helpers
-from tests.ring_helpers import TEST_PREFIX, FramePattern, write_blocking
+from tests.support import rings as ring_helpers
+from tests.support.rings import TEST_PREFIX, FramePattern, write_blocking
 
 SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT_S = 60.0
