@@ -1,8 +1,8 @@
 """The attacks of the hardening issue, each run once against a real server on loopback, with what the server
 did: the figures behind the reliability table in bench/RESULTS.md.
 
-    python bench/attacks.py --json attacks.json            # every attack (about 3 minutes)
-    python bench/attacks.py idle flood                      # some of them
+    python -m bench.attacks --json attacks.json            # every attack (about 3 minutes)
+    python -m bench.attacks idle flood                      # some of them
 
 Bounded in count and time, loopback only; the loopback engine (each session hears itself), so a frame's
 latency is its round trip through the server. tests/test_hardening.py asserts the same behaviours.
@@ -31,18 +31,14 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from procs.audio.speech import repeat_to, telugu_speech_16k
 from procs.client import ClientRun, messages_until_closed, stream_client
-from procs.launcher import SHM, ServerProcess, poll_until
 from protocol import IN_FRAME_BYTES, Error, SessionEnd, encode_client_audio
+from tests.support.launcher import SHM, ServerProcess, poll_until
+from tests.support.speech import telugu_speech_for
 
 LOOPBACK = ("--engine", "loopback")
 FRAME = encode_client_audio(bytes(IN_FRAME_BYTES))
 Figures = dict[str, Any]
-
-
-def speech(seconds: float) -> np.ndarray:
-    return repeat_to(telugu_speech_16k(), seconds)
 
 
 def health(server: ServerProcess) -> tuple[int, str]:
@@ -153,7 +149,7 @@ def warning_records(json_log: str) -> int:
 def flood() -> Figures:
     """A neighbour streams at real time; another client sends as fast as it can."""
     with ServerProcess(*LOOPBACK, "--max-sessions", "2", "--log-format", "json") as server:
-        alone = asyncio.run(stream_client(server.ws_url, speech(4), tail_s=0.5))
+        alone = asyncio.run(stream_client(server.ws_url, telugu_speech_for(4), tail_s=0.5))
 
         async def flooder() -> tuple[int, int, int | None]:
             sent = 0
@@ -167,7 +163,7 @@ def flood() -> Figures:
                 return sent, sum(isinstance(m, Error) for m in got), ws.close_code
 
         async def scenario() -> tuple[ClientRun, tuple[int, int, int | None]]:
-            neighbour = asyncio.create_task(stream_client(server.ws_url, speech(4), tail_s=0.5))
+            neighbour = asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(4), tail_s=0.5))
             await asyncio.sleep(0.5)  # a start offset
             flooded = await flooder()
             return await neighbour, flooded
@@ -218,7 +214,7 @@ def hung_inference() -> Figures:
 
         async def scenario() -> tuple[list[ClientRun], float, list[str]]:
             streaming = [asyncio.Event(), asyncio.Event()]
-            clients = [asyncio.create_task(stream_client(server.ws_url, speech(30), first_audio=e,
+            clients = [asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(30), first_audio=e,
                                                          end_session=False)) for e in streaming]
             await asyncio.gather(*(e.wait() for e in streaming))
             os.kill(pid, signal.SIGSTOP)
@@ -244,8 +240,9 @@ def crashes() -> Figures:
 
             async def scenario(role: str = role) -> ClientRun:
                 streaming = asyncio.Event()
-                client = asyncio.create_task(stream_client(server.ws_url, speech(8), first_audio=streaming,
-                                                           tail_s=0.5, end_session=role == "vad"))
+                client = asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(8),
+                                                           first_audio=streaming, tail_s=0.5,
+                                                           end_session=role == "vad"))
                 await streaming.wait()
                 os.kill(server.child_pid(role), signal.SIGKILL)
                 return await asyncio.wait_for(client, 30)
@@ -282,8 +279,9 @@ def slow_client_stop() -> Figures:
 
             async def scenario(server: ServerProcess = server) -> tuple[list[ClientRun], tuple[int, float]]:
                 streaming = [asyncio.Event() for _ in range(3)]
-                normal = [asyncio.create_task(stream_client(server.ws_url, speech(30), first_audio=e,
-                                                            end_session=False)) for e in streaming]
+                normal = [asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(30),
+                                                            first_audio=e, end_session=False))
+                          for e in streaming]
                 stuck = asyncio.create_task(stalled())
                 await asyncio.gather(*(e.wait() for e in streaming))
                 await asyncio.sleep(2)  # the stalled client's buffers fill
@@ -306,8 +304,8 @@ def drain() -> Figures:
 
         async def scenario() -> tuple[ClientRun, float | None, int, tuple[int, float]]:
             streaming = asyncio.Event()
-            client = asyncio.create_task(stream_client(server.ws_url, speech(6), first_audio=streaming,
-                                                       tail_s=0.3))
+            client = asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(6),
+                                                       first_audio=streaming, tail_s=0.3))
             await streaming.wait()
             server.proc.send_signal(signal.SIGTERM)
             draining = await asyncio.to_thread(poll_until, lambda: health(server)[1] == "draining", 5)

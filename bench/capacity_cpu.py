@@ -19,7 +19,7 @@ Two measurements, both printed as tables:
    steps per second, the mean number of sessions per step, and the CPU each process used (/proc/PID/stat),
    with the whole machine's busy CPU so that load from other work on the machine shows.
 
-    python bench/capacity_cpu.py [--sessions 2,4,6,8] [--seconds 60] [--step-batches 1,2,4,6,8] [--threads 1]
+    python -m bench.capacity_cpu [--sessions 2,4,6,8] [--seconds 60] [--step-batches 1,2,4,6,8] [--threads 1]
 
 The helpers at the top (metrics scraping, histogram quantiles, per-process CPU) are shared with
 bench/test_bench_server.py.
@@ -43,13 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
-from procs.audio.speech import conversation_16k, repeat_to
 from procs.client import ClientRun, stream_client
-from procs.launcher import ServerProcess, cpu_seconds, machine_busy_s, role_pids
 from procs.model.torch_setup import flush_subnormals, prepare_torch
-from protocol import BLOCK_MS, FRAME_MS, Latency
+from protocol import BLOCK_MS, Latency
+from tests.support.helpers import FRAME_S
+from tests.support.launcher import ServerProcess, cpu_seconds, machine_busy_s, role_pids
+from tests.support.speech import conversation_16k, repeat_to
 
-FRAME_S = FRAME_MS / 1000
 REAL_TIME_SHARE = 0.95
 LATENCY_GROWTH_MS = 20.0
 

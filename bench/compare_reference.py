@@ -1,12 +1,12 @@
 """Side by side: our server and kyutai's reference `moshi.server`, same checkpoint, same speech, on the CPU.
 
-    .venv/bin/python bench/compare_reference.py [--sessions 4] [--seconds 20]
+    .venv/bin/python -m bench.compare_reference [--sessions 4] [--seconds 20]
 
 Needs the optional extra `reference` (`pip install "aiohttp>=3.10.5,<3.12" "sphn>=0.2,<0.3"`), espeak-ng
 and sox. It runs one scenario per column, each on a freshly started server on 127.0.0.1 — ours, the
 reference as shipped and the reference with 1 torch thread (see below), first with 1 session, then with N —
 and prints one markdown table, then what each client saw. Every client streams the same Telugu speech
-(procs/audio/speech.py, repeated to --seconds) at real-time pace in 20 ms frames, starting
+(tests/support/speech.py, repeated to --seconds) at real-time pace in 20 ms frames, starting
 as soon as its WebSocket is open; N clients start 80/N ms apart so their frames arrive at different phases.
 Both servers load the demo checkpoint (`procs.model.demo.demo_checkpoint_dir()`), each as shipped:
 ours with `--checkpoint DIR --max-sessions N` (LM in float32 on the CPU), the reference with its own
@@ -67,19 +67,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from reference_client import (  # bench/ is on sys.path: the script's own folder
-    FRAME_S,
+
+from bench.reference_client import (
     OursClient,
     ReferenceClient,
     SessionTrace,
     StreamPlan,
     run_sessions,
 )
-
-from procs.launcher import machine_busy_s, process_tree, role_pids
 from procs.model.torch_setup import prepare_torch
 from protocol import OUT_SAMPLES_PER_BLOCK
 from ringbuf.procinfo import read_proc_stat
+from tests.support.helpers import FRAME_S
+from tests.support.launcher import machine_busy_s, process_tree, role_pids
 
 SERVE_REFERENCE = "serve-reference"
 REFERENCE_THREADS_ENV = "COMPARE_REFERENCE_TORCH_THREADS"
@@ -145,8 +145,11 @@ class ReferenceServer:
         if threads:
             env[REFERENCE_THREADS_ENV] = str(threads)
         self.log_path = work_dir / "reference-server.log"
+        # This script again, as a module of bench/ (it runs in work_dir: the repository goes on the path).
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), SERVE_REFERENCE, *args],
+            [sys.executable, "-m", "bench.compare_reference", SERVE_REFERENCE, *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=work_dir,
         )  # fmt: skip
         # It logs two lines per model step: the pipe must be drained for the whole run, or it blocks on it.
@@ -335,7 +338,7 @@ class Scenario:
 def telugu_speech(seconds: float) -> tuple[np.ndarray, np.ndarray]:
     """The test conversation repeated to `seconds`: int16 at 16 kHz (ours), float32 at 24 kHz (reference)."""
     from procs.audio.resample import Resampler16to24
-    from procs.audio.speech import conversation_16k
+    from tests.support.speech import conversation_16k
 
     clip = conversation_16k()
     n_frames = round(seconds / FRAME_S)
@@ -378,7 +381,7 @@ def run_scenario(
     pcm16: np.ndarray,
     pcm24: np.ndarray,
 ) -> Scenario:
-    from procs.launcher import ServerProcess
+    from tests.support.launcher import ServerProcess
 
     delays = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))["delays"]
     n_frames = len(pcm16) // 320

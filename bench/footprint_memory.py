@@ -1,6 +1,6 @@
 """What the engine holds against what the planner prices, on the real-width model on the CPU.
 
-    python bench/footprint_memory.py [--json OUT]
+    python -m bench.footprint_memory [--json OUT]
 
 The model: moshi's 7B config with 2 transformer layers and 2 depformer layers (dim 4,096: the 7B's rows and
 heads) and the full-size Mimi, random weights, LM in bf16 as a GPU serves it. For each footprint the engine

@@ -1,9 +1,9 @@
 """What a footprint costs in quality: int8 weights, a reduced context and an fp8 KV cache against bf16,
 teacher-forced on the same inputs, and bf16 against fp32 as the floor.
 
-    python bench/footprint_quality.py --model demo --steps 250              # the demo checkpoint, CPU
-    python bench/footprint_quality.py --model wide --steps 250              # dim 4096, 2 layers, full Mimi
-    python bench/footprint_quality.py --model moshi-7b --device cuda        # the 7B shape (bench/gpu_check)
+    python -m bench.footprint_quality --model demo --steps 250              # the demo checkpoint, CPU
+    python -m bench.footprint_quality --model wide --steps 250              # dim 4096, 2 layers, full Mimi
+    python -m bench.footprint_quality --model moshi-7b --device cuda        # the 7B shape (bench/gpu_check)
 
 Inputs: Telugu speech (espeak-ng; seeded noise at speech level where it is missing, as on a bare GPU box),
 encoded once by the model's Mimi (fp32, as served). The LM's weights are bf16 values (as a checkpoint stores
@@ -138,7 +138,7 @@ def input_codes(mimi: Any, steps: int, device: torch.device) -> tuple[torch.Tens
     from procs.audio.resample import Resampler16to24
 
     try:
-        from procs.audio.speech import conversation_16k, repeat_to
+        from tests.support.speech import conversation_16k, repeat_to
 
         pcm16, kind = repeat_to(conversation_16k(), steps * BLOCK_MS / 1000), "Telugu speech (espeak-ng)"
     except (OSError, RuntimeError, FileNotFoundError):

@@ -14,8 +14,8 @@ missing, because nothing here downloads):
     pip install --no-deps ./moshi-0.2.13-py3-none-any.whl    # the wheel the lead carries over
     pip install einops safetensors sentencepiece              # only if the image lacks them
     pip install --no-deps -e .                                # this project (or run with PYTHONPATH=.)
-    python bench/gpu_capacity.py --markdown bench/gpu_capacity_results.md
-    python bench/gpu_capacity.py --batch-sizes 1,4,16 --steps 100 --torch-compile   # other variants
+    python -m bench.gpu_capacity --markdown bench/gpu_capacity_results.md
+    python -m bench.gpu_capacity --batch-sizes 1,4,16 --steps 100 --torch-compile   # other variants
 
 Building the 7B model takes ~15.4 GB of GPU memory for the weights; each session adds ~1.6 GB of KV cache.
 On a machine without CUDA, `--tiny --device cpu` runs the same code path on a tiny model in seconds.
@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         margin=args.margin,
         vendor=vendor_bandwidth(device_name) if is_cuda else None,
         measured_bandwidth=measured_bandwidth,
-        command=" ".join(["python", "bench/gpu_capacity.py", *(sys.argv[1:] if argv is None else argv)]),
+        command=" ".join(["python", "-m", "bench.gpu_capacity", *(sys.argv[1:] if argv is None else argv)]),
     )
 
     results: list[BatchResult] = []

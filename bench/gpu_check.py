@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from capacity_cpu import (
+
+from bench.capacity_cpu import (
     LATENCY_GROWTH_MS,
     REAL_TIME_SHARE,
     Clients,
@@ -52,13 +53,12 @@ from capacity_cpu import (
     speech_of_length,
     stream_sessions,
 )
-
-from procs.launcher import ServerProcess
 from procs.model.footprint import Footprint
 from procs.model.torch_setup import prepare_torch
 from protocol import BLOCK_MS, Latency
+from tests.support.launcher import ServerProcess
 
-BENCH = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # bench/ runs as a package from here: python -m bench.x
 BLOCK_BEGIN = "<!-- gpu_check:begin -->"
 BLOCK_END = "<!-- gpu_check:end -->"
 BUDGET_MS = BLOCK_MS
@@ -124,9 +124,9 @@ def plan(tiny: bool, batch_sizes: str, steps: int) -> Plan:
 def step_times(p: Plan, variant: Variant) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "capacity.json"
-        command = [sys.executable, str(BENCH / "gpu_capacity.py"), *p.capacity_args, *variant.flags,
+        command = [sys.executable, "-m", "bench.gpu_capacity", *p.capacity_args, *variant.flags,
                    "--json", str(out)]
-        run = subprocess.run(command, capture_output=True, text=True)
+        run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if run.returncode != 0:
             raise RuntimeError(f"gpu_capacity.py failed ({run.returncode}):\n{run.stderr[-3000:]}")
         return json.loads(out.read_text())
@@ -288,8 +288,8 @@ def release(device: str) -> None:
 def quality(p: Plan) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "quality.json"
-        command = [sys.executable, str(BENCH / "footprint_quality.py"), *p.quality_args, "--json", str(out)]
-        run = subprocess.run(command, capture_output=True, text=True)
+        command = [sys.executable, "-m", "bench.footprint_quality", *p.quality_args, "--json", str(out)]
+        run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if run.returncode != 0:
             raise RuntimeError(f"footprint_quality.py failed ({run.returncode}):\n{run.stderr[-3000:]}")
         return json.loads(out.read_text())

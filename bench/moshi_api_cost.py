@@ -17,13 +17,13 @@ import numpy as np
 import sphn
 
 from procs.audio.resample import Resampler16to24, float_to_int16
-from procs.audio.speech import conversation_16k
 from procs.config import ServerConfig
 from procs.frames import ModelFrame
 from procs.network.moshi_api import MoshiAdapter
 from procs.network.session import Session, SessionRules
 from procs.network.wires import PcmWire
 from protocol import encode_client_audio, session_start
+from tests.support.speech import conversation_16k
 
 FRAME24 = 480
 

@@ -22,8 +22,8 @@ each with the `Date.now()` of the render quantum that handled it (web/lib/probe.
 The time the fake output device then takes to make the sample audible (`baseLatency + outputLatency`,
 which Chromium reports but nobody can hear here) is not part of the measurement.
 
-    .venv/bin/python bench/mouth_to_ear.py --engine loopback --sessions 1,8 --seconds 60
-    .venv/bin/python bench/mouth_to_ear.py --engine demo --sessions 1,8 --seconds 60
+    .venv/bin/python -m bench.mouth_to_ear --engine loopback --sessions 1,8 --seconds 60
+    .venv/bin/python -m bench.mouth_to_ear --engine demo --sessions 1,8 --seconds 60
 
 One Chromium process with N browser contexts (one page each, as N users' browsers would be): N separate
 browsers would each bring their own GPU, network and audio-service processes onto the same 2 cores.
@@ -400,8 +400,8 @@ def run_pages(server_url: str, sessions: int, seconds: float, microphone_wav: Pa
     and the whole machine."""
     from playwright.sync_api import sync_playwright
 
-    from procs.chromium import CHROMIUM, chromium_flags
-    from procs.launcher import cpu_seconds, machine_busy_s, process_tree
+    from tests.support.chromium import CHROMIUM, chromium_flags
+    from tests.support.launcher import cpu_seconds, machine_busy_s, process_tree
 
     def cpu_now() -> tuple[float, float, float, float]:
         server = {p for root in server_pids or [] for p in process_tree(root)}
@@ -455,7 +455,7 @@ def server_args(engine: str, sessions: int) -> tuple[str, ...]:
 
 
 def measure(engine: str, sessions: int, seconds: float, microphone_wav: Path) -> list[SessionResult]:
-    from procs.launcher import ServerProcess
+    from tests.support.launcher import ServerProcess
 
     if engine != "loopback":
         subprocess.run([sys.executable, "-m", "procs.model.build_demo"], check=True, capture_output=True)
@@ -535,5 +535,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())

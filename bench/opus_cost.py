@@ -21,11 +21,11 @@ import time
 
 import numpy as np
 
-from procs.audio.speech import repeat_to, telugu_speech_16k
 from procs.client import ClientRun, stream_client
-from procs.launcher import ServerProcess, cpu_seconds, machine_busy_s
 from procs.network.codec import UP_BITRATE, OpusDecoder, OpusEncoder, SessionCodec
 from protocol import IN_RATE, OUT_RATE
+from tests.support.launcher import ServerProcess, cpu_seconds, machine_busy_s
+from tests.support.speech import repeat_to, telugu_speech_16k
 
 
 def reference_24k(pcm16: np.ndarray) -> np.ndarray:

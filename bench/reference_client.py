@@ -38,8 +38,8 @@ from protocol import (
     encode_client_audio,
     encode_client_control,
 )
+from tests.support.helpers import FRAME_S
 
-FRAME_S = 0.020
 REFERENCE_RATE = 24_000
 REFERENCE_FRAME_SAMPLES = REFERENCE_RATE * 20 // 1000  # 480
 MAX_MESSAGE_BYTES = 2**20

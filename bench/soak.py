@@ -1,7 +1,7 @@
 """Soak: the demo checkpoint serving N sessions for minutes, one never reading and one reconnecting every
 30 s; the RSS of every process, its open descriptors and the server's /dev/shm entries sampled throughout.
 
-    python bench/soak.py --minutes 10 --sessions 8 --json soak.json
+    python -m bench.soak --minutes 10 --sessions 8 --json soak.json
 
 Bounded: loopback only, a fixed duration, then SIGTERM. "Flat at the end" is judged between the sample
 taken after the first minute (warm-up, caches, first reconnect) and the last one.
@@ -23,10 +23,10 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from procs.audio.speech import telugu_speech_16k
 from procs.client import stream_client
-from procs.launcher import SHM, ServerProcess, process_tree
 from protocol import IN_FRAME_SAMPLES, encode_client_audio
+from tests.support.launcher import SHM, ServerProcess, process_tree
+from tests.support.speech import telugu_speech_16k
 
 SAMPLE_EVERY_S = 10.0
 WARM_UP_S = 60.0

@@ -44,7 +44,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from capacity_cpu import (
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from bench.capacity_cpu import (
     CpuWindow,
     HistogramDelta,
     capacity_table,
@@ -52,15 +55,9 @@ from capacity_cpu import (
     run_capacity,
     scrape_metrics,
 )
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
-
-from procs.audio.speech import conversation_16k
 from procs.client import ClientRun, stream_client
-from procs.launcher import ServerProcess, role_pids
 from protocol import (
     BLOCK_MS,
-    FRAME_MS,
     FRAMES_PER_BLOCK,
     IN_FRAME_SAMPLES,
     ClientSessionEnd,
@@ -69,9 +66,11 @@ from protocol import (
     encode_client_audio,
     encode_client_control,
 )
+from tests.support.helpers import FRAME_S
+from tests.support.launcher import ServerProcess, role_pids
+from tests.support.speech import conversation_16k, whole_blocks
 
 SPAWN = multiprocessing.get_context("spawn")
-FRAME_S = FRAME_MS / 1000
 SCENARIO_S = 12.0
 WARMUP_S = 1.0  # blocks sent in each client's first second are left out of the statistics
 SESSION_COUNTS = (1, 4, 8)
@@ -81,16 +80,12 @@ ROUND_TRIP_WARMUP = 10
 PHASE_SEED = 20240
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess("--engine", "loopback", "--max-sessions", "8") as running:
-        yield running
+pytestmark = pytest.mark.loopback_server("--max-sessions", "8")
 
 
 @pytest.fixture(scope="module")
-def speech() -> np.ndarray:
-    pcm = conversation_16k()
-    return pcm[: int(SCENARIO_S * 16000) // 1280 * 1280]
+def scenario_speech() -> np.ndarray:
+    return whole_blocks(conversation_16k()[: int(SCENARIO_S * 16000)])
 
 
 @dataclass
@@ -229,10 +224,11 @@ def latency_table(results: dict[int, Scenario]) -> str:
 
 
 @pytest.mark.parametrize("sessions", SESSION_COUNTS)
-def test_server_latency(benchmark: Any, server: ServerProcess, speech: np.ndarray,
+def test_server_latency(benchmark: Any, loopback_server: ServerProcess, scenario_speech: np.ndarray,
                         scenarios: dict[int, Scenario], sessions: int) -> None:
     result: list[Scenario] = []
-    benchmark.pedantic(lambda: result.append(run_scenario(server, speech, sessions)), rounds=1, iterations=1)
+    benchmark.pedantic(lambda: result.append(run_scenario(loopback_server, scenario_speech, sessions)),
+                       rounds=1, iterations=1)
     scenario = result[0]
     scenarios[sessions] = scenario
     benchmark.extra_info.update(scenario.row())
@@ -327,13 +323,14 @@ class RoundTripClient:
 
 
 @pytest.mark.parametrize("others", [0, 7], ids=["1-session", "8-sessions"])
-def test_frame_round_trip(benchmark: Any, server: ServerProcess, speech: np.ndarray, others: int) -> None:
+def test_frame_round_trip(benchmark: Any, loopback_server: ServerProcess, scenario_speech: np.ndarray,
+                          others: int) -> None:
     streaming, stop = SPAWN.Event(), SPAWN.Event()
-    load = SPAWN.Process(target=background_sessions, args=(server.ws_url, others, streaming, stop))
+    load = SPAWN.Process(target=background_sessions, args=(loopback_server.ws_url, others, streaming, stop))
     if others:
         load.start()
         assert streaming.wait(timeout=30), "background sessions did not start"
-    client = RoundTripClient(server.ws_url, speech)
+    client = RoundTripClient(loopback_server.ws_url, scenario_speech)
     try:
         benchmark.pedantic(client.round_trip, setup=client.prepare, rounds=ROUND_TRIPS,
                            warmup_rounds=ROUND_TRIP_WARMUP, iterations=1)

@@ -7,20 +7,16 @@ ringbuf.board for single-writer words that are overwritten rather than queued (h
 
 from ringbuf.board import Board, BoardSpec
 from ringbuf.doorbell import Doorbell
-from ringbuf.procinfo import PeerState
 from ringbuf.ring import Policy, Ring, RingSpec
-from ringbuf.wait import DEFAULT_SPIN_S, any_ready, wait_any, wait_any_async
+from ringbuf.wait import wait_any
 
+# What the server's processes use; the rest (PeerState, wait_any_async, ...) from its own module.
 __all__ = [
-    "DEFAULT_SPIN_S",
     "Board",
     "BoardSpec",
     "Doorbell",
-    "PeerState",
     "Policy",
     "Ring",
     "RingSpec",
-    "any_ready",
     "wait_any",
-    "wait_any_async",
 ]

@@ -1,7 +1,7 @@
 """What /proc says about a process: the one place that parses /proc/PID/stat.
 
-The ring uses it for peer liveness (a pid plus its start time defeats pid reuse); procs/launcher.py builds
-on it for a server's children and CPU time.
+The ring uses it for peer liveness (a pid plus its start time defeats pid reuse); tests/support/launcher.py
+builds on it for a server's children and CPU time.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ class Policy(enum.IntEnum):
 
 @dataclass(frozen=True)
 class RingSpec:
-    """Everything another process needs to attach: small, picklable, msgspec-encodable."""
+    """Everything another process needs to attach, small and picklable: it travels pickled, inside the
+    Topology that the supervisor passes to each child it spawns (multiprocessing's spawn arguments)."""
 
     name: str
     slot_size: int

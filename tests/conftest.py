@@ -1,4 +1,5 @@
-"""Shared fixtures: the demo checkpoint (built once per machine, cached) and Telugu test speech."""
+"""Shared fixtures: the demo checkpoint (built once per machine, cached), Telugu test speech, and those of
+tests/support/fixtures.py (which bench/conftest.py loads too)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from procs.audio.speech import conversation_16k, write_wav
 from procs.model.torch_setup import prepare_torch
-from tests.ring_helpers import TEST_PREFIX, segments_with_prefix
+from tests.support.fixtures import loopback_server as loopback_server
+from tests.support.fixtures import speech as speech
+from tests.support.rings import TEST_PREFIX, segments_with_prefix
+from tests.support.speech import conversation_16k, write_wav
 
 prepare_torch("cpu")  # before any test imports moshi
 

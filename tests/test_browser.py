@@ -26,8 +26,8 @@ from urllib.parse import urlparse
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, Response, sync_playwright
 
-from procs.chromium import CHROMIUM, chromium_flags
-from procs.launcher import ServerProcess
+from tests.support.chromium import CHROMIUM, chromium_flags
+from tests.support.launcher import ServerProcess
 
 SERVER_ARGS = ("--max-sessions", "2", "--drain-timeout", "1")  # a restart: SIGTERM, a 1 s drain
 FRAMES_PER_SECOND = 50

@@ -23,10 +23,10 @@ import pytest
 from bench.capacity_cpu import scrape_metrics
 from bench.reference_client import ReferenceClient, StreamPlan, run_sessions
 from procs.audio.resample import Resampler16to24
-from procs.audio.speech import repeat_to, telugu_speech_16k
 from procs.client import ClientRun, stream_client
-from procs.launcher import ServerProcess
 from protocol import Latency
+from tests.support.launcher import ServerProcess
+from tests.support.speech import telugu_speech_for
 
 SECONDS = 10.0
 FRAMES = int(SECONDS * 50)
@@ -54,7 +54,7 @@ def demo_server(demo_checkpoint: str):
 
 
 def speech16() -> np.ndarray:
-    return repeat_to(telugu_speech_16k(), SECONDS)
+    return telugu_speech_for(SECONDS)
 
 
 def last_latency(run: ClientRun) -> Latency:

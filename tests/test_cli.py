@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs.launcher import ServerProcess, poll_until
 from procs.network.auth import Access
 from procs.wav_client import read_wav_16k
+from tests.support.launcher import ServerProcess, poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "0123456789abcdef-secret"
+pytestmark = pytest.mark.loopback_server("--log-format", "json")
 
 
 def voice_agent(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0
@@ -50,12 +51,6 @@ def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.3) -> np.n
 def dominant_hz(pcm: np.ndarray, rate: int) -> float:
     spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64) * np.hanning(len(pcm))))
     return float(np.fft.rfftfreq(len(pcm), 1 / rate)[int(np.argmax(spectrum))])
-
-
-@pytest.fixture(scope="module")
-def loopback_server() -> ServerProcess:
-    with ServerProcess("--engine", "loopback", "--log-format", "json") as server:
-        yield server
 
 
 # ---- the command itself --------------------------------------------------------------------------------
@@ -201,6 +196,16 @@ def test_the_wheel_ships_the_page_the_script_and_the_corpus(wheel: Path) -> None
     # No top-level module named like PyPI's supervisord: the checkout's supervisor.py is a launch script.
     assert "supervisor.py" not in names
     assert {"procs/supervisor.py", "procs/__main__.py", "ringbuf/ring.py", "protocol/wire.py"} <= names
+
+
+def test_the_wheel_ships_no_test_or_benchmark_tooling(wheel: Path) -> None:
+    """The launcher, Chromium's flags and the test speech are tests/support/'s, not the server's."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    modules = {Path(n).stem for n in names if n.endswith(".py")}
+    top = {n.split("/", 1)[0] for n in names} - {n.split("/", 1)[0] for n in names if ".dist-info/" in n}
+    assert not modules & {"launcher", "chromium", "speech"}, sorted(modules)
+    assert top == {"procs", "ringbuf", "protocol"}, top  # no tests/, no bench/
 
 
 def test_an_installed_package_serves_its_own_copy_of_the_page(wheel: Path, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import subprocess
 import sys
@@ -26,14 +26,8 @@ RUN_WITHOUT_HUGGINGFACE_HUB = (
 
 @pytest.fixture(scope="module")
 def gpu_capacity() -> types.ModuleType:
-    """The script as a module (bench/ is not a package). Its dataclasses need it in sys.modules."""
-    name = "bench_gpu_capacity_under_test"
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The script, imported as the module of bench/ that it is."""
+    return importlib.import_module("bench.gpu_capacity")
 
 
 def run_script(args: list[str], python_prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:

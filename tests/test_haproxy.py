@@ -34,19 +34,19 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from procs.audio.speech import telugu_speech_16k
-from procs.client import ClientRun, stream_client
-from procs.launcher import SHM, ServerProcess, wait_gone
+from procs.client import stream_client
 from procs.network.agent import ServerState, agent_reply, health_reply
 from procs.network.http import Health
 from protocol import Error, ErrorCode, SessionEnd, SessionStart, decode_server
+from tests.support.helpers import assert_real_time
+from tests.support.launcher import SHM, ServerProcess, wait_gone
+from tests.support.speech import telugu_speech_16k
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 SERVER_NAMES = ("gpu1", "gpu2")  # the `server` lines of deploy/haproxy.cfg, in order
 PRIMARY, OVERFLOW = "voice", "voice_overflow"  # its backends
 STICKY_COOKIE = "VOICE_SERVER"  # the primary backend's `cookie`; its values are the server names
-FRAME_S = 0.02
 POLL_S = 0.02  # how often a bounded wait re-reads the condition; checks run every 200 ms
 STATE_TIMEOUT_S = 5.0  # a state change HAProxy should see within one or two 200 ms checks
 
@@ -178,19 +178,6 @@ async def handshake_status(url: str) -> int:
             return 101
     except InvalidStatus as e:
         return e.response.status_code
-
-
-def assert_real_time(run: ClientRun) -> None:
-    """Audio came back in 960-byte frames at >= 90% of the real-time rate until the client stopped
-    sending or the server ended the session."""
-    assert run.session_start is not None
-    assert not run.bad_frames
-    assert run.frames, "no audio came back"
-    ends = [t for t, m in run.controls if isinstance(m, SessionEnd)]
-    until = run.t_last_send or ends[0]
-    due = (until - run.frames[0][0]) / FRAME_S
-    got = sum(1 for t, _ in run.frames if t <= until)
-    assert got >= 0.9 * due, f"{got} frames back while {due:.0f} were due"
 
 
 def is_refusal(message: object, close_code: int | None) -> bool:

@@ -17,14 +17,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from procs.audio.speech import repeat_to, telugu_speech_16k
 from procs.client import ClientRun, messages_until_closed, stream_client
 from procs.fdlimit import RESERVE_FDS
-from procs.launcher import SHM, ServerProcess, poll_until, wait_gone
 from procs.network.auth import mint_token
 from protocol import (
     IN_FRAME_BYTES,
@@ -37,6 +34,8 @@ from protocol import (
     decode_server,
     encode_client_audio,
 )
+from tests.support.launcher import SHM, ServerProcess, poll_until, wait_gone
+from tests.support.speech import telugu_speech_for
 
 # Listen until every frame sent is answered (the loopback engine answers each), 5 s at most.
 ALL_BACK = {"until_frames": -1, "tail_s": 5.0}
@@ -50,10 +49,6 @@ def wait_until(what: str, condition, timeout: float = BOUND_S) -> float:
     took = poll_until(condition, timeout)
     assert took is not None, f"not within {timeout} s: {what}"
     return took
-
-
-def speech(seconds: float) -> np.ndarray:
-    return repeat_to(telugu_speech_16k(), seconds)
 
 
 # ---- slots and strangers -----------------------------------------------------------------------------------
@@ -76,14 +71,14 @@ def test_idle_sessions_are_closed_and_give_their_slots_back() -> None:
             assert errors and errors[-1].code == ErrorCode.IDLE_TIMEOUT and errors[-1].fatal and code == 1000
         assert time.monotonic() - t0 < 5
         wait_until("both slots free", lambda: server.health()[1].get("sessions_active") == 0)
-        run = asyncio.run(stream_client(server.ws_url, speech(2), **ALL_BACK))
+        run = asyncio.run(stream_client(server.ws_url, telugu_speech_for(2), **ALL_BACK))
         assert run.close_code == 1000 and len(run.frames) == run.sent
         assert "ended (idle_timeout)" in server.log()
 
 
 def test_a_session_time_limit_ends_sessions_with_a_goodbye() -> None:
     with ServerProcess(*LOOPBACK, "--max-session-s", "1") as server:
-        run = asyncio.run(stream_client(server.ws_url, speech(3), end_session=False))
+        run = asyncio.run(stream_client(server.ws_url, telugu_speech_for(3), end_session=False))
         assert any(isinstance(m, Error) and m.code == ErrorCode.TIME_LIMIT for m in run.of_type(Error))
         assert run.of_type(SessionEnd)[-1].reason == "time_limit" and run.close_code == 1000
 
@@ -178,7 +173,7 @@ def test_audio_far_faster_than_real_time_is_refused_then_closed_and_spares_a_nei
                 return got, ws.close_code
 
         async def scenario() -> tuple[ClientRun, tuple[list[object], int | None]]:
-            neighbour = asyncio.create_task(stream_client(server.ws_url, speech(4), **ALL_BACK))
+            neighbour = asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(4), **ALL_BACK))
             await asyncio.sleep(0.5)  # a start offset, not synchronisation
             flooded = await flood()
             return await neighbour, flooded
@@ -213,8 +208,8 @@ def test_a_hung_inference_process_is_noticed_its_sessions_told_and_it_is_replace
 
         async def scenario() -> ClientRun:
             streaming = asyncio.Event()
-            client = asyncio.create_task(stream_client(server.ws_url, speech(20), first_audio=streaming,
-                                                       end_session=False))
+            client = asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(20),
+                                                       first_audio=streaming, end_session=False))
             await streaming.wait()
             os.kill(pid, signal.SIGSTOP)
             return await asyncio.wait_for(client, 30)
@@ -225,7 +220,7 @@ def test_a_hung_inference_process_is_noticed_its_sessions_told_and_it_is_replace
         assert "inference" in server.log() and "no heartbeat" in server.log()
         wait_until("a new inference process ready", lambda: server.health()[0] == 200, 30)
         assert server.child_pid("inference") not in (None, pid)
-        after = asyncio.run(stream_client(server.ws_url, speech(2), **ALL_BACK))
+        after = asyncio.run(stream_client(server.ws_url, telugu_speech_for(2), **ALL_BACK))
         assert len(after.frames) == after.sent
 
 
@@ -235,8 +230,8 @@ def test_a_vad_crash_costs_no_session_and_speech_events_resume() -> None:
 
         async def scenario() -> tuple[ClientRun, float]:
             streaming = asyncio.Event()
-            client = asyncio.create_task(stream_client(server.ws_url, speech(16), first_audio=streaming,
-                                                       **ALL_BACK))
+            client = asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(16),
+                                                       first_audio=streaming, **ALL_BACK))
             await streaming.wait()
             killed_at = asyncio.get_running_loop().time()
             os.kill(pid, signal.SIGKILL)
@@ -257,8 +252,8 @@ def test_an_inference_crash_ends_only_its_sessions_and_the_server_comes_back() -
 
         async def scenario() -> ClientRun:
             streaming = asyncio.Event()
-            client = asyncio.create_task(stream_client(server.ws_url, speech(10), first_audio=streaming,
-                                                       end_session=False))
+            client = asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(10),
+                                                       first_audio=streaming, end_session=False))
             await streaming.wait()
             os.kill(pid, signal.SIGKILL)
             return await asyncio.wait_for(client, 20)
@@ -268,19 +263,21 @@ def test_an_inference_crash_ends_only_its_sessions_and_the_server_comes_back() -
         assert not run.of_type(SessionEnd)  # a failure, not a planned stop
         assert re.search(r"inference\[\d+\] killed by SIGKILL", server.log())
         wait_until("ready again", lambda: server.health()[0] == 200, 30)
-        after = asyncio.run(stream_client(server.ws_url, speech(2), **ALL_BACK))
+        after = asyncio.run(stream_client(server.ws_url, telugu_speech_for(2), **ALL_BACK))
         assert len(after.frames) == after.sent
 
 
 def test_a_network_crash_is_restarted_on_the_same_port() -> None:
     with ServerProcess(*LOOPBACK) as server:
-        before = asyncio.run(stream_client(server.ws_url, speech(1), **ALL_BACK))  # slot 0's first session
+        # Slot 0's first session
+        before = asyncio.run(stream_client(server.ws_url, telugu_speech_for(1), **ALL_BACK))
         assert len(before.frames) == before.sent
         pid = server.child_pid("network")
         os.kill(pid, signal.SIGKILL)
         wait_until("restarted", lambda: server.child_pid("network") not in (None, pid))
         wait_until("serving again", lambda: server.health()[0] == 200, 30)
-        run = asyncio.run(stream_client(server.ws_url, speech(2), **ALL_BACK))  # slot 0's first, again
+        # Slot 0's first, again
+        run = asyncio.run(stream_client(server.ws_url, telugu_speech_for(2), **ALL_BACK))
         assert len(run.frames) == run.sent and run.close_code == 1000
 
 
@@ -335,8 +332,8 @@ def test_a_client_that_does_not_read_cannot_hold_up_a_stop() -> None:
 
         async def scenario() -> tuple[list[ClientRun], tuple[int, float]]:
             streaming = [asyncio.Event() for _ in range(3)]
-            normal = [asyncio.create_task(stream_client(server.ws_url, speech(30), first_audio=e,
-                                                        end_session=False)) for e in streaming]
+            normal = [asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(30),
+                                                        first_audio=e, end_session=False)) for e in streaming]
             stuck = asyncio.create_task(stalled())
             await asyncio.gather(*(e.wait() for e in streaming))
             host, port = server.url.removeprefix("http://").rsplit(":", 1)
@@ -361,13 +358,14 @@ def test_a_client_that_does_not_read_cannot_hold_up_a_stop() -> None:
 def test_sigterm_drains_live_sessions_finish_and_a_second_sigterm_stops_at_once() -> None:
     server = ServerProcess(*LOOPBACK, "--drain-timeout", "20")
     try:
-        earlier = asyncio.run(stream_client(server.ws_url, speech(1), **ALL_BACK))  # a session already over
+        # A session already over
+        earlier = asyncio.run(stream_client(server.ws_url, telugu_speech_for(1), **ALL_BACK))
         assert earlier.close_code == 1000
 
         async def scenario() -> tuple[ClientRun, int, int]:
             streaming = asyncio.Event()
-            client = asyncio.create_task(stream_client(server.ws_url, speech(4), first_audio=streaming,
-                                                       **ALL_BACK))
+            client = asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(4),
+                                                       first_audio=streaming, **ALL_BACK))
             await streaming.wait()
             server.proc.send_signal(signal.SIGTERM)
             t0 = time.monotonic()
@@ -396,8 +394,8 @@ def test_sigterm_drains_live_sessions_finish_and_a_second_sigterm_stops_at_once(
 
         async def twice() -> tuple[ClientRun, tuple[int, float]]:
             streaming = asyncio.Event()
-            client = asyncio.create_task(stream_client(server.ws_url, speech(30), first_audio=streaming,
-                                                       end_session=False))
+            client = asyncio.create_task(stream_client(server.ws_url, telugu_speech_for(30),
+                                                       first_audio=streaming, end_session=False))
             await streaming.wait()
             server.proc.send_signal(signal.SIGTERM)
             wait = await asyncio.to_thread(wait_until, "draining",
@@ -450,5 +448,5 @@ def test_near_the_open_files_limit_newcomers_get_capacity_and_health_still_answe
         assert isinstance(got[0], Error) and got[0].code == ErrorCode.CAPACITY and code == 1013, got
         status, body = server.health()
         assert status == 200 and body["status"] == "ok"  # it answers; and with the two gone, it takes more
-        run = asyncio.run(stream_client(server.ws_url, speech(1), **ALL_BACK))
+        run = asyncio.run(stream_client(server.ws_url, telugu_speech_for(1), **ALL_BACK))
         assert run.close_code == 1000 and len(run.frames) == run.sent

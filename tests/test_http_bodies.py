@@ -11,16 +11,10 @@ import socket
 
 import pytest
 
-from procs.launcher import ServerProcess
+from tests.support.launcher import ServerProcess
 
 HANDSHAKE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
              b"Sec-WebSocket-Version: 13\r\n")
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess("--engine", "loopback") as server:
-        yield server
 
 
 def status_line(server: ServerProcess, request: bytes) -> bytes:
@@ -41,8 +35,8 @@ def status_line(server: ServerProcess, request: bytes) -> bytes:
     (b"GET /ws HTTP/1.1\r\nHost: x\r\n" + HANDSHAKE + b"Content-Length: 3\r\n\r\nabc", b"400"),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", b"200"),
 ])
-def test_a_request_with_a_body_gets_an_answer(server: ServerProcess, request_bytes: bytes, status: bytes
-                                              ) -> None:
-    assert status_line(server, request_bytes).split(b" ")[1] == status
+def test_a_request_with_a_body_gets_an_answer(loopback_server: ServerProcess, request_bytes: bytes,
+                                              status: bytes) -> None:
+    assert status_line(loopback_server, request_bytes).split(b" ")[1] == status
     # ...and the server goes on answering the next one
-    assert status_line(server, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n") == b"HTTP/1.1 200 OK"
+    assert status_line(loopback_server, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n") == b"HTTP/1.1 200 OK"

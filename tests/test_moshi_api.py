@@ -25,11 +25,9 @@ import sphn
 from bench.capacity_cpu import scrape_metrics
 from bench.reference_client import ReferenceClient, StreamPlan, run_sessions
 from procs.audio.resample import Resampler16to24
-from procs.audio.speech import telugu_speech_16k
 from procs.client import stream_client
 from procs.config import ServerConfig
 from procs.frames import ModelFrame
-from procs.launcher import ServerProcess
 from procs.network import moshi_api
 from procs.network.auth import Access
 from procs.network.http import Health, HttpRoutes
@@ -38,6 +36,9 @@ from procs.network.ogg import OggFraming
 from procs.network.session import ClientAudio, Close, PublishAudio, Release, Session, SessionRules
 from procs.network.wires import AudioOut
 from protocol import SessionEnd, session_start
+from tests.support.helpers import wait_for_sessions
+from tests.support.launcher import ServerProcess
+from tests.support.speech import telugu_speech_16k
 
 # Listen until every frame sent is answered (the loopback engine answers each), 5 s at most.
 ALL_BACK = {"until_frames": -1, "tail_s": 5.0}
@@ -49,6 +50,8 @@ TOKEN = "moshi-test-token"
 WEB_UI_QUERY = ("text_temperature=0.7&text_topk=25&audio_temperature=0.8&audio_topk=250&pad_mult=0"
                 "&text_seed=123456&audio_seed=654321&repetition_penalty_context=64&repetition_penalty=1"
                 "&worker_auth_id=abc&email=someone%40example.org")
+
+pytestmark = pytest.mark.loopback_server("--max-sessions", "4")
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -69,14 +72,6 @@ def health(server: ServerProcess) -> dict:
     status, body = server.health()
     assert status in (200, 503), status
     return body
-
-
-def wait_for_sessions(server: ServerProcess, active: int, timeout_s: float = 5.0) -> None:
-    """Bounded wait until /health reports `active` sessions (a slot is released after the close)."""
-    deadline = time.monotonic() + timeout_s
-    while (seen := health(server)["sessions_active"]) != active:
-        assert time.monotonic() < deadline, f"sessions_active stayed {seen}, expected {active}"
-        time.sleep(0.02)  # polls /health; the deadline is the bound
 
 
 class RecordingClient(ReferenceClient):
@@ -298,12 +293,6 @@ def test_api_chat_passes_the_admission_of_ws(refusal: str | None, token: str | N
 
 
 # --- real processes ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def loopback_server():
-    with ServerProcess("--engine", "loopback", "--max-sessions", "4") as server:
-        yield server
 
 
 def test_three_reference_clients_at_once_hear_their_own_audio(loopback_server: ServerProcess) -> None:

@@ -11,11 +11,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from procs.audio.speech import telugu_speech_16k
 from procs.client import ClientRun, messages_until_closed, stream_client
 from procs.config import ServerConfig
 from procs.frames import ModelFrame
-from procs.launcher import ServerProcess
 from procs.network.codec import UP_BITRATE, OpusDecoder, OpusEncoder, SessionCodec, requested_codec
 from procs.network.http import HttpRoutes
 from procs.network.session import PublishAudio, Session, SessionRules
@@ -38,11 +36,14 @@ from protocol import (
     encode_server_opus,
     session_start,
 )
+from tests.support.helpers import assert_real_time
+from tests.support.launcher import ServerProcess
+from tests.support.speech import telugu_speech_16k
 
 # Listen until every frame sent is answered (the loopback engine answers each), 5 s at most.
 ALL_BACK = {"until_frames": -1, "tail_s": 5.0}
+pytestmark = pytest.mark.loopback_server("--max-sessions", "3")
 
-FRAME_S = 0.02
 
 
 def speech_packets(seconds: float = 1.0) -> list[bytes]:
@@ -191,18 +192,6 @@ def test_a_packet_refused_by_the_rate_limit_is_never_decoded() -> None:
 # --- the real server -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def loopback_server():
-    with ServerProcess("--engine", "loopback", "--max-sessions", "3") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def speech() -> np.ndarray:
-    pcm = telugu_speech_16k()
-    return pcm[: len(pcm) // 1280 * 1280]
-
-
 def best_correlation(sent16: np.ndarray, got24: np.ndarray, max_lag: int = 600) -> float:
     """Highest correlation of what came back with what was sent (resampled to 24 kHz), over the lags a
     round trip can add (the codec's look-ahead, the resampler's delay)."""
@@ -211,14 +200,6 @@ def best_correlation(sent16: np.ndarray, got24: np.ndarray, max_lag: int = 600) 
     got = got24.astype(np.float64)
     n = min(len(ref), len(got)) - max_lag
     return max(np.corrcoef(ref[:n], got[lag : lag + n])[0, 1] for lag in range(max_lag))
-
-
-def assert_real_time(run: ClientRun) -> None:
-    assert not run.bad_frames, f"{len(run.bad_frames)} output frames that did not decode"
-    assert run.frames, "no audio came back"
-    expected = (run.t_last_send - run.frames[0][0]) / FRAME_S
-    got = sum(1 for t, _ in run.frames if t <= run.t_last_send)
-    assert got >= 0.9 * expected, f"{got} frames back while {expected:.0f} were due"
 
 
 def test_opus_round_trip_through_the_loopback_engine(loopback_server: ServerProcess, speech) -> None:

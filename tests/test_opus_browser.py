@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, WebSocket, sync_playwright
 
-from procs.chromium import CHROMIUM, chromium_flags
-from procs.launcher import ServerProcess
 from protocol import MAX_OPUS_PACKET_BYTES
+from tests.support.chromium import CHROMIUM, chromium_flags
+from tests.support.launcher import ServerProcess
 
 POLL_MS = 50
 

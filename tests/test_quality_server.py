@@ -18,9 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from procs.audio.silero import offline_speech_segments
-from procs.audio.speech import conversation_16k
 from procs.client import stream_client
-from procs.launcher import ServerProcess
 from protocol import (
     IN_FRAME_SAMPLES,
     ClientSessionEnd,
@@ -33,18 +31,15 @@ from protocol import (
     encode_client_audio,
     encode_client_control,
 )
+from tests.support.helpers import FRAME_S
+from tests.support.launcher import ServerProcess
+from tests.support.speech import conversation_16k
 
-FRAME_S = 0.02
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess("--engine", "loopback", "--max-sessions", "4") as running:
-        yield running
+pytestmark = pytest.mark.loopback_server("--max-sessions", "4")
 
 
 @pytest.fixture(scope="module")
-def speech() -> tuple[np.ndarray, list[tuple[float, float]]]:
+def loud_conversation() -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Telugu conversation at a level that leaves headroom for the noise, and Silero's own segments."""
     pcm = conversation_16k().astype(np.float64)
     pcm *= 0.5 * 32767 / np.max(np.abs(pcm))
@@ -82,12 +77,14 @@ def mix_at(clean: np.ndarray, segments: list[tuple[float, float]], snr_db: float
     return mix, true
 
 
-def test_snr_estimates_of_speech_in_white_noise_are_within_3_db(server: ServerProcess, speech) -> None:
-    clean, segments = speech
+def test_snr_estimates_of_speech_in_white_noise_are_within_3_db(loopback_server: ServerProcess,
+                                                                loud_conversation) -> None:
+    clean, segments = loud_conversation
     mixes = [mix_at(clean, segments, target, seed) for target, seed in ((10.0, 1), (30.0, 2))]
 
     async def both() -> list:
-        return await asyncio.gather(*(stream_client(server.ws_url, pcm, tail_s=1.5) for pcm, _ in mixes))
+        return await asyncio.gather(*(stream_client(loopback_server.ws_url, pcm, tail_s=1.5)
+                                      for pcm, _ in mixes))
 
     runs = asyncio.run(both())
     for (_, true), run in zip(mixes, runs, strict=True):
@@ -161,13 +158,14 @@ async def paced_client(url: str, pcm: np.ndarray, *, skip: Callable[[int], bool]
 
 
 def test_a_client_that_drops_5_percent_is_reported_at_5_percent_loss_and_a_stall_as_a_spike(
-        server: ServerProcess, speech) -> None:
-    clean, _ = speech
+        loopback_server: ServerProcess, loud_conversation) -> None:
+    clean, _ = loud_conversation
     pcm = clean[: 20 * 16000]
 
     async def both() -> tuple[PacedRun, PacedRun]:
-        lossy = paced_client(server.ws_url, pcm, skip=lambda i: i % 20 == 19)
-        stalled = paced_client(server.ws_url, pcm, stall_at=400, stall_s=0.5)  # 8 s in: 0.5 s, then all
+        lossy = paced_client(loopback_server.ws_url, pcm, skip=lambda i: i % 20 == 19)
+        # 8 s in: 0.5 s, then all
+        stalled = paced_client(loopback_server.ws_url, pcm, stall_at=400, stall_s=0.5)
         return await asyncio.gather(lossy, stalled)
 
     lossy, stalled = asyncio.run(both())
@@ -196,15 +194,16 @@ def test_a_client_that_drops_5_percent_is_reported_at_5_percent_loss_and_a_stall
 # ---- level warnings ----------------------------------------------------------------------------------------
 
 
-def test_clipping_and_quiet_microphones_are_warned_about(server: ServerProcess, speech) -> None:
-    clean, _ = speech
+def test_clipping_and_quiet_microphones_are_warned_about(loopback_server: ServerProcess,
+                                                         loud_conversation) -> None:
+    clean, _ = loud_conversation
     pcm = clean[: 12 * 16000].astype(np.float64)
     clipped = np.clip(pcm * 6, -32768, 32767).astype(np.int16)
     quiet = np.round(pcm * 10 ** (-42 / 20)).astype(np.int16)  # about -60 dBFS while speaking
 
     async def both() -> list:
-        return await asyncio.gather(stream_client(server.ws_url, clipped, tail_s=1.5),
-                                    stream_client(server.ws_url, quiet, tail_s=1.5))
+        return await asyncio.gather(stream_client(loopback_server.ws_url, clipped, tail_s=1.5),
+                                    stream_client(loopback_server.ws_url, quiet, tail_s=1.5))
 
     loud_run, quiet_run = asyncio.run(both())
     loud = qualities([m for _, m in loud_run.controls])
@@ -219,21 +218,22 @@ def test_clipping_and_quiet_microphones_are_warned_about(server: ServerProcess, 
 # ---- client_stats ----------------------------------------------------------------------------------------
 
 
-def test_client_stats_are_validated_and_reach_metrics(server: ServerProcess, speech) -> None:
-    clean, _ = speech
+def test_client_stats_are_validated_and_reach_metrics(loopback_server: ServerProcess,
+                                                       loud_conversation) -> None:
+    clean, _ = loud_conversation
     pcm = clean[: 5 * 16000]
-    before = metrics(server.url)
+    before = metrics(loopback_server.url)
     bad = json.dumps({"type": "client_stats", "underruns": 1, "concealed_ms": 20.0, "late_frames": -3,
                       "playout_delay_ms": 40.0})
     good = [encode_client_control(ClientStats(underruns=2 * k, concealed_ms=40.0 * k, late_frames=k,
                                               playout_delay_ms=35.0, rtt_ms=4.0)) for k in range(1, 5)]
     inject = {50: [bad], 100: [good[0]], 150: [good[1]], 175: [good[2]], 200: [good[3]]}
-    run = asyncio.run(paced_client(server.ws_url, pcm, inject=inject))
+    run = asyncio.run(paced_client(loopback_server.ws_url, pcm, inject=inject))
     errors = [m for m in run.controls if isinstance(m, Error)]
     assert [(e.code, e.fatal) for e in errors] == [(ErrorCode.BAD_FIELD, False)]
     assert run.frames_back >= 0.9 * run.sent  # the session went on
     assert any("playback_gaps" in q.warnings for q in qualities(run.controls))
-    after = metrics(server.url)
+    after = metrics(loopback_server.url)
     assert after["voice_client_underruns_total"] - before["voice_client_underruns_total"] == 8
     assert after["voice_client_late_frames_total"] - before["voice_client_late_frames_total"] == 4
     assert after["voice_client_concealed_seconds_total"] - before[

@@ -17,7 +17,7 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
 
 def test_the_attack_script_measures_what_the_server_did(tmp_path: Path) -> None:
     out = tmp_path / "attacks.json"
-    run = run_script("bench/attacks.py", "strangers", "protocol", "drain", "--json", str(out))
+    run = run_script("-m", "bench.attacks", "strangers", "protocol", "drain", "--json", str(out))
     assert run.returncode == 0, run.stdout + run.stderr
     figures = json.loads(out.read_text())
     strangers = figures["strangers"]
@@ -33,7 +33,7 @@ def test_the_attack_script_measures_what_the_server_did(tmp_path: Path) -> None:
 def test_the_soak_samples_every_process_and_leaves_nothing_behind(demo_checkpoint: str,
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    run = run_script("bench/soak.py", "--minutes", "0.25", "--sessions", "3", "--json", str(out))
+    run = run_script("-m", "bench.soak", "--minutes", "0.25", "--sessions", "3", "--json", str(out))
     assert run.returncode == 0, run.stdout + run.stderr
     soak = json.loads(out.read_text())
     assert soak["exit_code"] == 0 and len(soak["samples"]) >= 2

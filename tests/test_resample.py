@@ -17,7 +17,7 @@ from procs.audio.resample import (
     int16_to_float,
     prototype_filter,
 )
-from procs.audio.speech import telugu_speech_16k
+from tests.support.speech import telugu_speech_16k
 
 IN_RATE, OUT_RATE = 16_000, 24_000
 

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringbuf import PeerState, Policy, Ring, RingSpec
-from ringbuf.procinfo import peer_state, process_start_time
+from ringbuf import Policy, Ring, RingSpec
+from ringbuf.procinfo import PeerState, peer_state, process_start_time
 from ringbuf.segment import SHM_DIR
-from tests.ring_helpers import TEST_PREFIX
+from tests.support.rings import TEST_PREFIX
 
 # Every test leaves /dev/shm as it found it (the fixture is in conftest.py).
 pytestmark = pytest.mark.usefixtures("no_leaked_segments")

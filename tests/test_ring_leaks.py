@@ -17,12 +17,12 @@ import pytest
 
 from ringbuf import Policy, Ring
 from ringbuf.segment import SHM_DIR
-from tests.ring_helpers import REPO_ROOT, segments_with_prefix
+from tests.support.rings import REPO_ROOT, segments_with_prefix
 
 PREAMBLE = """\
 import multiprocessing, os, signal, subprocess, sys
 from ringbuf import Policy, Ring
-from tests import ring_helpers
+from tests.support import rings as ring_helpers
 SPAWN = multiprocessing.get_context("spawn")
 prefix = sys.argv[1]
 """

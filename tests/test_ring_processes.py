@@ -11,9 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ringbuf import Doorbell, PeerState, Policy, Ring, wait_any
-from tests import ring_helpers
-from tests.ring_helpers import TEST_PREFIX, FramePattern, write_blocking
+from ringbuf import Doorbell, Policy, Ring, wait_any
+from ringbuf.procinfo import PeerState
+from tests.support import rings as ring_helpers
+from tests.support.rings import TEST_PREFIX, FramePattern, write_blocking
 
 SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT_S = 60.0

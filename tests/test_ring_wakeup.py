@@ -14,9 +14,10 @@ import time
 import pytest
 import uvloop
 
-from ringbuf import Doorbell, Policy, Ring, wait_any, wait_any_async
-from tests import ring_helpers
-from tests.ring_helpers import TEST_PREFIX, wait_until_sleeping
+from ringbuf import Doorbell, Policy, Ring, wait_any
+from ringbuf.wait import wait_any_async
+from tests.support import rings as ring_helpers
+from tests.support.rings import TEST_PREFIX, wait_until_sleeping
 
 SPAWN = multiprocessing.get_context("spawn")
 

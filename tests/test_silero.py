@@ -15,7 +15,7 @@ from procs.audio.silero import (
     offline_speech_segments,
     pcm16_to_float,
 )
-from procs.audio.speech import (
+from tests.support.speech import (
     DEFAULT_UTTERANCES,
     SAMPLE_RATE,
     conversation_16k,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import trustme
 
-from procs.launcher import ServerProcess
+from tests.support.launcher import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from procs.audio.speech import repeat_to, telugu_speech_16k
 from procs.client import ClientRun, stream_client
 from procs.inference.clock import StepScheduler
 from procs.inference.main import InferenceSlot, QueuedBlock, SlotSnapshot
-from procs.launcher import ServerProcess, child_pids, comm, poll_until
 from procs.model.engine import LoopbackEngine
 from procs.network.slots import SessionSlots
 from procs.network.workers import OWED_FRAMES, STALL_NS, InferenceWorkers
@@ -26,6 +24,8 @@ from procs.runtime import process_name
 from procs.topology import OwnedTopology
 from protocol import FRAMES_PER_BLOCK, IN_FRAME_SAMPLES, OUT_SAMPLES_PER_BLOCK, Error, ErrorCode, SessionStart
 from protocol.internal import InferenceReady
+from tests.support.launcher import ServerProcess, child_pids, comm, poll_until
+from tests.support.speech import telugu_speech_for
 
 WORKERS = ("--inference-workers", "2", "--max-sessions", "2")
 BOUND_S = 60.0  # every wait here is for a condition, bounded by this (two demo models on two shared cores)
@@ -35,10 +35,6 @@ BOUND_S = 60.0  # every wait here is for a condition, bounded by this (two demo 
 def two_workers(demo_checkpoint: str):
     with ServerProcess(*WORKERS, ready_timeout=240.0) as server:
         yield server
-
-
-def speech(seconds: float) -> np.ndarray:
-    return repeat_to(telugu_speech_16k(), seconds)
 
 
 def inference_pids(server: ServerProcess) -> list[int]:
@@ -80,11 +76,11 @@ def test_sessions_spread_over_the_workers_and_a_killed_worker_costs_only_its_own
         clients = []
         for i in range(4):  # one at a time, so each admission sees the ones before it
             clients.append(asyncio.create_task(stream_client(
-                server.ws_url, speech(12), first_audio=started[i], tail_s=3.0)))
+                server.ws_url, telugu_speech_for(12), first_audio=started[i], tail_s=3.0)))
             await asyncio.wait_for(started[i].wait(), BOUND_S)
         spread = workers_of(server)
         # A fifth finds every slot of both workers taken.
-        refused = await stream_client(server.ws_url, speech(1), tail_s=0.0)
+        refused = await stream_client(server.ws_url, telugu_speech_for(1), tail_s=0.0)
         victim = inference_pids(server)[0]
         killed_at = asyncio.get_running_loop().time()
         os.kill(victim, signal.SIGKILL)
@@ -109,7 +105,7 @@ def test_sessions_spread_over_the_workers_and_a_killed_worker_costs_only_its_own
     # The worker comes back with a new model copy; the server admits into its slots again.
     assert poll_until(lambda: all_ready(server), BOUND_S) is not None
     assert len(inference_pids(server)) == 2
-    after = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=3.0))
+    after = asyncio.run(stream_client(server.ws_url, telugu_speech_for(1), tail_s=3.0))
     assert isinstance(after.session_start, SessionStart) and after.frames and not after.of_type(Error)
 
 
@@ -123,7 +119,7 @@ def test_while_a_worker_restarts_the_server_admits_into_the_other(two_workers) -
                       BOUND_S) is not None
     status, body = server.health()
     assert status == 200 and body["max_sessions"] == 2
-    run = asyncio.run(stream_client(server.ws_url, speech(1), tail_s=3.0))
+    run = asyncio.run(stream_client(server.ws_url, telugu_speech_for(1), tail_s=3.0))
     assert isinstance(run.session_start, SessionStart) and run.frames and not run.of_type(Error)
     assert poll_until(lambda: all_ready(server), BOUND_S) is not None
 
@@ -192,8 +188,8 @@ def test_an_inference_worker_that_dies_during_a_drain_ends_its_sessions_at_once(
 
         async def scenario() -> ClientRun:
             streaming = asyncio.Event()
-            client = asyncio.create_task(stream_client(server.ws_url, speech(40), first_audio=streaming,
-                                                       end_session=False))
+            client = asyncio.create_task(stream_client(
+                server.ws_url, telugu_speech_for(40), first_audio=streaming, end_session=False))
             await asyncio.wait_for(streaming.wait(), BOUND_S)
             server.proc.send_signal(signal.SIGTERM)  # drain: the session may go on
             draining = await asyncio.to_thread(poll_until, lambda: server.health()[1]["status"] == "draining",
@@ -236,8 +232,8 @@ def test_a_frozen_worker_stops_admissions_at_once_and_takes_them_again_when_it_s
 
         async def scenario() -> tuple[ClientRun, ClientRun, dict]:
             streaming = asyncio.Event()
-            client = asyncio.create_task(stream_client(server.ws_url, speech(8), first_audio=streaming,
-                                                       tail_s=3.0))
+            client = asyncio.create_task(stream_client(
+                server.ws_url, telugu_speech_for(8), first_audio=streaming, tail_s=3.0))
             await asyncio.wait_for(streaming.wait(), BOUND_S)
             os.kill(pid, signal.SIGSTOP)
             try:
@@ -245,7 +241,7 @@ def test_a_frozen_worker_stops_admissions_at_once_and_takes_them_again_when_it_s
                     poll_until, lambda: server.health()[1]["workers"][0]["status"] == "stalled", BOUND_S)
                 assert stalled is not None
                 health = server.health()[1]
-                newcomer = await stream_client(server.ws_url, speech(1), tail_s=0.0)
+                newcomer = await stream_client(server.ws_url, telugu_speech_for(1), tail_s=0.0)
             finally:
                 os.kill(pid, signal.SIGCONT)
             return await client, newcomer, health

@@ -295,7 +295,6 @@ export function storeLanguage(storage, lang) {
 }
 
 // --- the status line's wording, in the interface language -------------------------------------------
-// The same cases as lib/messages.js (which keeps the English wording for tests and tools), for the page.
 
 /** Text for a failed getUserMedia (a DOMException, or the TypeError of an insecure page). */
 export function microphoneErrorText(error) {

@@ -1,1 +1,1 @@
-"""Audio helpers with no process of their own: resampling, the streaming Silero VAD, test speech."""
+"""Audio helpers with no process of their own: resampling, the streaming Silero VAD."""

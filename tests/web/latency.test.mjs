@@ -10,12 +10,6 @@ import {
   formatTotal,
   modelLatencyMs,
 } from '../../web/lib/latency.js';
-import {
-  DEMO_WEIGHTS_NOTICE,
-  liveMessage,
-  microphoneErrorMessage,
-  reconnectMessage,
-} from '../../web/lib/messages.js';
 
 describe('mouth-to-ear estimate', () => {
   test('adds capture, one round trip, server, the 160 ms model latency, buffer and output', () => {
@@ -67,35 +61,5 @@ describe('mouth-to-ear estimate', () => {
     assert.equal(rtt.record(300, 250), null); // from the future: not ours
     assert.equal(rtt.record(undefined, 250), null);
     assert.equal(rtt.samples, 2);
-  });
-});
-
-describe('status messages', () => {
-  test('a denied microphone says so and how to fix it', () => {
-    const denied = microphoneErrorMessage({ name: 'NotAllowedError', message: 'Permission denied' });
-    assert.match(denied, /denied/);
-    assert.match(denied, /Start again/);
-    assert.match(microphoneErrorMessage({ name: 'NotFoundError' }), /No microphone/);
-    assert.match(microphoneErrorMessage({ name: 'InsecureContext' }), /https/);
-    assert.match(microphoneErrorMessage(new Error('boom')), /boom/);
-  });
-
-  test('reconnect texts tell a full server, a restart and a lost connection apart', () => {
-    const full = reconnectMessage({ code: 1013, capacity: true, delayMs: 4000 }, 4);
-    assert.match(full, /server is full \(all 4 sessions are busy\)/);
-    assert.match(full, /reconnecting…/);
-    const restart = reconnectMessage({ code: 1001, shutdown: true, delayMs: 500 });
-    assert.match(restart, /restarting — reconnecting… \(in 0\.5 s\)/);
-    const lost = reconnectMessage({ code: 1006, delayMs: 1000 });
-    assert.match(lost, /Connection lost \(code 1006\) — reconnecting…/);
-    assert.match(
-      reconnectMessage({ code: 1008, delayMs: 1000, serverError: { code: 'bad_header', msg: 'bad header' } }),
-      /Server error: bad header/,
-    );
-  });
-
-  test('demo weights and live texts', () => {
-    assert.equal(DEMO_WEIGHTS_NOTICE, 'Demo checkpoint — random weights, output is noise');
-    assert.match(liveMessage({ model: 'moshiko' }), /Connected to moshiko/);
   });
 });

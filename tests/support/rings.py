@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ringbuf import Doorbell, PeerState, Ring, RingSpec, wait_any
-from ringbuf.procinfo import read_proc_stat
+from ringbuf import Doorbell, Ring, RingSpec, wait_any
+from ringbuf.procinfo import PeerState, read_proc_stat
 
 TEST_PREFIX = "vrtest"  # segments made by these tests; leak checks look for it
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT_S = 30.0  # a child waiting this long means a lost wake-up: fail loudly, never hang
 
 

@@ -1,4 +1,5 @@
-"""Telugu test speech, synthesised with espeak-ng and resampled with sox to the wire format.
+"""Telugu test speech, synthesised with espeak-ng and resampled with sox to the wire format (for the tests
+and the benchmarks; not installed with the server).
 
 Shared by many tests: every function returns a fresh int16 array (16 kHz mono), so callers may modify it.
 Synthesis takes ~0.1-0.3 s per sentence, so results are cached on disk by a hash of everything that
@@ -180,3 +181,13 @@ def repeat_to(pcm16: np.ndarray, seconds: float) -> np.ndarray:
     """16 kHz audio repeated to `seconds`, cut to whole 80 ms blocks (1280 samples)."""
     reps = int(np.ceil(seconds * 16000 / len(pcm16)))
     return np.tile(pcm16, reps)[: int(seconds * 16000) // 1280 * 1280]
+
+
+def whole_blocks(pcm16: np.ndarray) -> np.ndarray:
+    """16 kHz audio cut to whole 80 ms blocks (1280 samples), what the model steps on."""
+    return pcm16[: len(pcm16) // 1280 * 1280]
+
+
+def telugu_speech_for(seconds: float) -> np.ndarray:
+    """The default Telugu utterances repeated to `seconds`, in whole 80 ms blocks (int16, 16 kHz mono)."""
+    return repeat_to(telugu_speech_16k(), seconds)

@@ -1,9 +1,10 @@
 """Run the server (`python -m procs.supervisor`) as a child process, wait until it is ready, watch its
 processes.
 
-For the tests, the benchmarks and the GPU check: it starts the real supervisor with its three processes on
-a free port and reads the `READY <url>` line the supervisor prints once sessions can start; the helpers
-below find a server's processes and the CPU they use (from /proc, through ringbuf.procinfo).
+For the tests, the benchmarks and the GPU check (not installed with the server): it starts the real
+supervisor with its three processes on a free port and reads the `READY <url>` line the supervisor prints
+once sessions can start; the helpers below find a server's processes and the CPU they use (from /proc,
+through ringbuf.procinfo).
 """
 
 from __future__ import annotations
