@@ -119,9 +119,11 @@ class Supervisor:
     # ---- children -------------------------------------------------------------------------------------
     def spawn(self, place: Place) -> None:
         parent_end, child_end = self.ctx.Pipe(duplex=False)
+        # Its records' process name: the role, or the place where a role has several (`inference-1`).
+        several = sum(p.role == place.role for p in self.owned.topology.places) > 1
         proc = self.ctx.Process(target=run_process,
                                 args=(place.role, self.cfg, self.owned.topology, place.name, child_end),
-                                name=place.name)
+                                name=place.name if several else place.role)
         proc.start()
         child_end.close()
         self.owned.board.set(place.beat, 0)  # no heartbeat until it is ready
