@@ -2,7 +2,7 @@
 
 Two measurements, both printed as tables:
 
-1. Step time against batch size: `procs.model.loader.load_engine("moshi", ...)` in this
+1. Step time against batch size: `procs.inference.loader.load_engine("moshi", ...)` in this
    process, all slots ready, with `--threads` torch threads (default: torch's default, which the server's
    inference process also uses unless started with --threads). A batch of B sessions is served in real
    time only if one step takes under 80 ms (one Mimi frame).
@@ -174,7 +174,7 @@ def measure_step_times(batches: list[int], rounds: int, threads: int | None = No
     """In this process; `threads` sets torch's thread count (None: torch's default, as the server)."""
     import torch
 
-    from procs.model.loader import load_engine
+    from procs.inference.loader import load_engine
 
     if threads:
         torch.set_num_threads(threads)

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from procs.model.compact import apply_footprint
     from procs.model.demo import demo_checkpoint_dir, mimi_codebooks
     from procs.model.moshi_engine import MoshiEngine
-    from procs.model.plan import price
+    from procs.plan import price
 
     lm_kwargs = dict(loaders._lm_kwargs) | {"num_layers": 2, "depformer_num_layers": 2}
     num_codebooks = mimi_codebooks(lm_kwargs)

@@ -236,7 +236,7 @@ def masked_equals_alone(p: Plan, variant: Variant) -> EquivalenceRow:
     """Sessions in the slots of one engine start at different steps (the others masked) and are run again
     one at a time in the same engine; greedy tokens must match slot by slot, step by step."""
     prepare_torch(p.device)  # before moshi is imported
-    from procs.model.loader import load_engine
+    from procs.inference.loader import load_engine
     from procs.model.source import ModelSource
 
     n, steps = p.equivalence_slots, p.equivalence_steps

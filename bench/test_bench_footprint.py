@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from procs.inference.loader import load_engine
 from procs.model.footprint import Footprint
-from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from procs.inference.loader import load_engine
 from procs.model.demo import demo_checkpoint_dir
 from procs.model.engine import StepResult
-from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
 from protocol import BLOCK_MS

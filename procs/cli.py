@@ -78,7 +78,7 @@ def plan(argv: list[str]) -> int:
     status = require_moshi("plan")
     if status is not None:
         return status
-    from procs.model.plan import main
+    from procs.plan import main
 
     return main(argv)
 

@@ -15,12 +15,12 @@ import torch
 from moshi.models import loaders
 from moshi.modules.lora import LoRALinear
 
+from procs.inference.loader import load_engine
 from procs.model.checkpoints import is_finetune_dir, resolve_checkpoint
 from procs.model.demo import LM_FILE, demo_checkpoint_dir
 from procs.model.engine import StepResult
 from procs.model.footprint import Footprint
 from procs.model.int8 import Int8Linear
-from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
 from procs.model.variants import build_finetune, build_vocab_variant, write_hub_cache

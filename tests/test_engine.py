@@ -10,11 +10,11 @@ import pytest
 import torch
 from moshi.models import loaders
 
+from procs.inference.loader import load_engine
 from procs.model.capacity import kv_cache_bytes_per_session, lm_kv_cache_bytes, max_sessions_for_memory
 from procs.model.checkpoints import checkpoint_info_from_dir, parse_dtype
 from procs.model.demo import demo_checkpoint_dir
 from procs.model.engine import EngineOOM, LoopbackEngine, StepResult
-from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine, text_piece_table
 from procs.model.source import ModelSource
 from protocol import OUT_RATE, OUT_SAMPLES_PER_BLOCK

@@ -16,12 +16,12 @@ from moshi.modules.transformer import RingKVCache
 from torch import nn
 
 from procs.config import DEFAULTS
+from procs.inference.loader import load_engine
 from procs.model.capacity import held_state_bytes, session_bytes, weight_bytes
 from procs.model.compact import apply_footprint
 from procs.model.footprint import Footprint
 from procs.model.int8 import Int8Linear, _dequantized_linear, quantize_linears
 from procs.model.kv_cache import Float8RingKVCache, ServingAttention
-from procs.model.loader import load_engine
 from procs.model.moshi_engine import MoshiEngine
 from procs.model.source import ModelSource
 from protocol import OUT_SAMPLES_PER_BLOCK
@@ -186,7 +186,7 @@ def test_the_engine_counts_the_state_its_sessions_hold(name: str) -> None:
 
 
 def test_the_clamp_at_start_up_is_the_planners_number() -> None:
-    from procs.model.plan import plan
+    from procs.plan import plan
 
     for footprint in FOOTPRINTS.values():
         engine = engine_for(footprint, batch_size=1)

@@ -1,4 +1,4 @@
-"""`voice-agent plan` (procs/model/plan.py): sessions per card from a checkpoint's config alone, priced by the
+"""`voice-agent plan` (procs/plan.py): sessions per card from a checkpoint's config alone, priced by the
 code the engine clamps its capacity with (the two agree on a built model: tests/test_footprint.py and
 tests/test_server.py)."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from procs.model.demo import LM_FILE, MIMI_FILE, demo_checkpoint_dir
-from procs.model.plan import GPUS, PlanRow, plan
 from procs.model.source import ModelSource
 from procs.model.variants import build_finetune, write_hub_cache
+from procs.plan import GPUS, PlanRow, plan
 
 REPO = "telugu-voice-agent/plan-demo"
 
@@ -81,7 +81,7 @@ def test_a_hub_repo_is_planned_from_its_config_without_its_weights(
                                   ["--dtype", "int4"], ["--context", "3"], ["--gpu-memory-fraction", "1.5"]])
 def test_bad_plan_arguments_are_refused_with_usage(argv: list[str],
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from procs.model.plan import main
+    from procs.plan import main
 
     with pytest.raises(SystemExit) as exc:
         main(argv)

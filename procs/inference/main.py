@@ -27,8 +27,8 @@ from procs.audio.resample import Resampler16to24, float_to_int16
 from procs.config import ServerConfig
 from procs.frames import write_out_frame
 from procs.inference.clock import Feed, ImmediateScheduler, ReadyBlock, Scheduler, StepScheduler
+from procs.inference.loader import load_engine
 from procs.model.engine import Engine, EngineOOM
-from procs.model.loader import load_engine
 from procs.model.torch_setup import flush_subnormals, pin_cuda_device, prepare_torch
 from procs.runtime import LogThrottle, setup_child
 from procs.topology import Topology, WorkerLinks, worker_links

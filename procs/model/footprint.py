@@ -1,7 +1,7 @@
 """How a model is held in memory: its LM weights (as stored, or int8) and its KV cache (how far back it
 reaches, and in which dtype). One value, `Footprint`, named by `--quantize`, `--context` and `--kv-dtype`;
 the engine applies it to a built model (procs/model/compact.py) and the planner prices it
-(procs/model/plan.py) with the same capacity code (procs/model/capacity.py).
+(procs/plan.py) with the same capacity code (procs/model/capacity.py).
 
 No torch or moshi import: the server's flags are checked into it before anything heavy is loaded.
 """
