@@ -433,6 +433,12 @@ def check_config(cfg: ServerConfig) -> str | None:
     if cfg.cfg_coef != 1.0:
         return ("--cfg-coef other than 1.0 is not supported: classifier-free guidance doubles moshi's batch "
                 "and needs a conditioned model; this server batches unconditioned Moshi models per session")
+    cuda_cards = [d for d in cfg.worker_devices() if d != "cpu"]
+    if (len(cuda_cards) > len(set(cuda_cards)) and cfg.gpu_memory_gb is None and cfg.session_memory_mb is None
+            and cfg.engine != "loopback"):
+        return ("several inference workers on one GPU each size their sessions from its free memory, and "
+                "together would take more than it has: give each its share (--gpu-memory-gb or "
+                "--session-memory-mb), or one device each (--devices cuda:0,cuda:1)")
     if cfg.devices and len(cfg.devices) != cfg.inference_workers:
         return (f"--devices names {len(cfg.devices)} devices but --inference-workers is "
                 f"{cfg.inference_workers}: one inference worker runs on each device (give --devices alone)")

@@ -43,13 +43,12 @@ from multiprocessing.process import BaseProcess
 from procs.config import ServerConfig, parse_config
 from procs.fdlimit import FDS_PER_SESSION, RESERVE_FDS, open_fds, raise_soft_limit
 from procs.runtime import run_process, setup_logging
-from procs.topology import OwnedTopology, Place, descriptors
+from procs.topology import HEARTBEAT_TIMEOUT_S, OwnedTopology, Place, descriptors
 from protocol.internal import NetworkReady, WorkerDown, decode_internal
 
 EXIT_USAGE = 2  # what was asked for cannot be served here (as for a bad flag)
 log = logging.getLogger("supervisor")
 
-HEARTBEAT_TIMEOUT_S = 5.0
 CHECK_EVERY_S = 0.5
 MAX_CRASHES = 5
 CRASH_WINDOW_S = 60.0
@@ -233,7 +232,7 @@ class Supervisor:
         """A child died or hung: restart it, unless this is a crash loop or the server is stopping (then
         a worker's sessions are still ended: the drain goes on for the others)."""
         name = child.place.name
-        if self.stopping:
+        if self.stopping or self.exit_code:  # a signal, or a crash loop: nothing is restarted
             if not child.down:
                 child.down = True
                 log.error("%s %s while stopping%s", child.label, how, child.where)

@@ -34,6 +34,9 @@ Role = Literal["network", "inference", "vad"]
 
 # 1.28 s of audio per ring: far more than a healthy session ever holds, so only a stalled peer fills it,
 # and then the oldest audio goes first (counted), which is what a live conversation wants.
+# A process beats from its loop at least every half second once it is ready; one silent for this long is
+# hung (the supervisor kills and replaces it; the network stops admitting to it sooner: network/workers.py).
+HEARTBEAT_TIMEOUT_S = 5.0
 AUDIO_RING_FRAMES = 64
 CTRL_SLOT_BYTES = 4096
 CTRL_RING_SLOTS = 512

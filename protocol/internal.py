@@ -97,8 +97,8 @@ class NetworkHello(_Internal, tag="network_hello"):
 
 
 class WorkerDown(_Internal, tag="worker_down"):
-    """From the supervisor to the network: a worker died or hung and is being restarted. `worker` is its
-    place's name in the topology ("inference-1", "vad")."""
+    """From the supervisor to the network: a worker died or hung (and is being restarted, unless the server
+    is stopping). `worker` is its place's name in the topology ("inference-1", "vad")."""
 
     worker: str
     why: str

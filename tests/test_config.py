@@ -154,7 +154,8 @@ def test_one_inference_worker_on_the_device_by_default() -> None:
     cfg = parse_config([], environ={})
     assert (cfg.inference_workers, cfg.devices) == (1, ())
     assert cfg.worker_devices() == ("cpu",)
-    cfg = parse_config(["--inference-workers", "3", "--device", "cuda:1"], environ={})
+    cfg = parse_config(["--inference-workers", "3", "--device", "cuda:1", "--gpu-memory-gb", "24"],
+                       environ={})
     assert cfg.worker_devices() == ("cuda:1", "cuda:1", "cuda:1")
     assert parse_config([], environ={"VOICE_INFERENCE_WORKERS": "2"}).worker_devices() == ("cpu", "cpu")
 
@@ -164,9 +165,20 @@ def test_devices_name_one_worker_each() -> None:
     assert (cfg.inference_workers, cfg.worker_devices()) == (2, ("cuda:0", "cuda:1"))
     cfg = parse_config(["--inference-workers", "2"], environ={"VOICE_DEVICES": "cuda:1,cuda:0"})
     assert (cfg.inference_workers, cfg.worker_devices()) == (2, ("cuda:1", "cuda:0"))
-    # Two workers may share a card; --devices wins over --device for the inference workers.
-    cfg = parse_config(["--device", "cuda", "--devices", "cuda:0,cuda:0"], environ={})
+    # Two workers may share a card, each told its share; --devices wins over --device for the workers.
+    cfg = parse_config(["--device", "cuda", "--devices", "cuda:0,cuda:0", "--session-memory-mb", "8000"],
+                       environ={})
     assert cfg.worker_devices() == ("cuda:0", "cuda:0")
+
+
+@pytest.mark.parametrize("argv", [["--devices", "cuda:0,cuda:0"],
+                                  ["--inference-workers", "2", "--device", "cuda"]])
+def test_workers_sharing_a_card_without_their_share_are_refused(argv: list[str],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Each would size its sessions from the whole card's free memory: together, more than it has.
+    with pytest.raises(SystemExit) as exc:
+        parse_config(argv, environ={})
+    assert exc.value.code == 2 and "--gpu-memory-gb or --session-memory-mb" in capsys.readouterr().err
 
 
 def test_devices_and_a_different_worker_count_are_refused_naming_both(

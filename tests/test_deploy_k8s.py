@@ -191,7 +191,7 @@ def _get(routes: HttpRoutes, path: str) -> int:
 def _routes(status: str) -> HttpRoutes:
     health = Health(status=status, sessions_active=0, max_sessions=4, model="m", engine="moshi",
                     demo_weights=False)
-    return HttpRoutes(ROOT / "web", lambda: health, ServerMetrics().render, lambda: None)
+    return HttpRoutes(ROOT / "web", lambda: health, ServerMetrics(["inference-0"]).render, lambda: None)
 
 
 def test_probes_use_the_servers_routes() -> None:
@@ -264,7 +264,7 @@ def test_adapter_values_have_the_keys_the_chart_reads() -> None:
 def _exported() -> dict[str, str]:
     """Metric name -> type, from what `GET /metrics` renders."""
     kinds: dict[str, str] = {}
-    for line in ServerMetrics().render().splitlines():
+    for line in ServerMetrics(["inference-0"]).render().splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split()
             kinds[name] = kind

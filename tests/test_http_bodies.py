@@ -33,6 +33,8 @@ def status_line(server: ServerProcess, request: bytes) -> bytes:
     (b"PUT /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n{\"a\":1}", b"405"),
     (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 65536\r\n\r\n" + b"x" * 65536, b"405"),
     (b"GET /ws HTTP/1.1\r\nHost: x\r\n" + HANDSHAKE + b"Content-Length: 3\r\n\r\nabc", b"400"),
+    # Some devices announce an empty body on a handshake; websockets takes it, and so do we.
+    (b"GET /ws HTTP/1.1\r\nHost: x\r\n" + HANDSHAKE + b"Content-Length: 0\r\n\r\n", b"101"),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", b"200"),
 ])
 def test_a_request_with_a_body_gets_an_answer(loopback_server: ServerProcess, request_bytes: bytes,

@@ -60,9 +60,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from protocol.constants import FRAMES_PER_BLOCK
+from protocol.constants import FRAME_MS, FRAMES_PER_BLOCK
 
-FRAME_NS = 20_000_000
+FRAME_NS = FRAME_MS * 1_000_000
 BLOCK_NS = FRAMES_PER_BLOCK * FRAME_NS
 
 P = TypeVar("P")

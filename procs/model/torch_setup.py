@@ -66,8 +66,9 @@ def pin_cuda_device(device: str) -> str:
     if not device.startswith("cuda:"):
         return device
     index = int(device.removeprefix("cuda:"))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    cards = [c.strip() for c in visible.split(",")] if visible else [str(i) for i in range(index + 1)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # unset: every card; empty: none
+    cards = [c.strip() for c in visible.split(",") if c.strip()] if visible is not None else [
+        str(i) for i in range(index + 1)]
     if index >= len(cards):
         raise ValueError(f"{device}: {len(cards)} CUDA devices visible (CUDA_VISIBLE_DEVICES={visible})")
     os.environ["CUDA_VISIBLE_DEVICES"] = cards[index]

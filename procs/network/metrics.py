@@ -122,7 +122,7 @@ class Histogram:
 class ServerMetrics:
     """The series `GET /metrics` exposes."""
 
-    def __init__(self, workers: Sequence[str] = ("inference-0",)) -> None:
+    def __init__(self, workers: Sequence[str]) -> None:
         """`workers`: the inference workers' names (procs/topology.py), one series each below."""
         self.sessions_active = Gauge("voice_sessions_active", "Sessions holding a slot now")
         self.sessions_max = Gauge("voice_sessions_max", "Sessions held at once (the ready workers' sum)")

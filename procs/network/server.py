@@ -128,7 +128,9 @@ class NetworkServer:
         self.cfg, self.status = cfg, status
         self.links: NetworkLinks = network_links(topo, log)
         self.slots: SessionSlots[LiveSession] = SessionSlots(topo.max_sessions)
-        self.inference = InferenceWorkers(topo.inference)  # one ready record per inference worker
+        # One ready record per inference worker; a stalled one is told by its heartbeat on the board.
+        board = self.links.heartbeat.board
+        self.inference = InferenceWorkers(topo.inference, last_beat=lambda place: board.get(place.beat))
         self.metrics = ServerMetrics([w.name for w in self.inference])
         self.ended = SessionCounters()  # what every session whose connection has closed counted
         self.closing: set[LiveSession] = set()  # released, still flushing their last messages
@@ -160,9 +162,9 @@ class NetworkServer:
 
     @property
     def capacity(self) -> int:
-        """Sessions admitted at once now: the sum of the ready inference workers' batch sizes, less a
-        stalled worker's (procs/network/workers.py)."""
-        return self.inference.room(time.monotonic_ns())
+        """Sessions the server holds now: those live, and the free slots of its ready inference workers that
+        are not stalled (procs/network/workers.py). With every worker ready: the sum of their batch sizes."""
+        return len(self.slots) + self.inference.free(self.slots.count, time.monotonic_ns())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -286,8 +288,6 @@ class NetworkServer:
         """One message from `source`: "supervisor" or a worker's place name."""
         match msg:
             case StepStats(step_s=step_s, wait_s=waits):
-                if (worker := self.inference.get(source)) is not None:
-                    self.inference.stepped(worker)
                 self.metrics.step_seconds.observe(step_s)
                 for wait_s in waits:
                     self.metrics.step_wait_seconds.observe(wait_s)
@@ -313,8 +313,9 @@ class NetworkServer:
                 ended = [live for live in self.slots.live() if live.session.slot in worker.place.slots]
                 log.error("%s is down (%s): ending its %d sessions; %d go on with the other workers", name,
                           why, len(ended), len(self.slots) - len(ended))
-                self.inference.down(worker)
-                self.reported_ready = False
+                worker.ready, self.reported_ready = None, False
+                for stale in self.links.workers[name].came_from.receive():  # the dead process's last words
+                    log.info("%s: dropped %s from before it went down", name, type(stale).__name__)
                 for live in ended:
                     self._apply_guarded(live, live.session.internal_failure,
                                         "the model process failed; please reconnect")
@@ -338,7 +339,6 @@ class NetworkServer:
             match action:
                 case PublishAudio(pcm=pcm, seq=seq, t_ns=t_ns):
                     slot, gen = live.session.slot, live.session.gen
-                    self.inference.fed(slot, t_ns)
                     for ring in (self.links.audio_to_inference[slot], self.links.audio_to_vad[slot]):
                         buf = ring.reserve()  # never None: full rings drop their oldest frame (DROP_OLDEST)
                         ring.publish(write_in_frame(buf, seq, t_ns, gen, pcm))
@@ -352,7 +352,6 @@ class NetworkServer:
         if not self.slots.release(session.slot, session.gen):
             raise RuntimeError("session={} slot={}: released twice".format(*live.ctx()))
         self.closing.add(live)
-        self.inference.left(session.slot)
         self._tell_workers(session.slot, SessionClose(slot=session.slot, gen=session.gen, reason=reason))
         c = session.counters
         log.info("session=%s slot=%d: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d "
@@ -391,7 +390,7 @@ class NetworkServer:
             state = "draining"
         elif not self.is_ready:
             state = "starting"
-        elif active >= self.capacity:
+        elif self.capacity <= active:
             state = "full"
         else:
             state = "ok"
@@ -404,9 +403,10 @@ class NetworkServer:
             model=model.model if model else "",
             engine=self.cfg.engine,
             demo_weights=model.demo_weights if model else False,
-            workers=[WorkerHealth(name=w.name, device=w.ready.device if w.ready else w.place.device or "",
-                                  status=w.status(now_ns), sessions_active=self.slots.count(w.place.slots),
-                                  max_sessions=w.room(now_ns))
+            workers=[WorkerHealth(name=w.name, device=w.place.device or "",
+                                  status=self.inference.status(w, now_ns),
+                                  sessions_active=self.slots.count(w.place.slots),
+                                  max_sessions=self.inference.room(w, now_ns))
                      for w in self.inference],
         )
 
@@ -419,9 +419,10 @@ class NetworkServer:
         m.sessions_active.set(len(self.slots))
         m.sessions_max.set(self.capacity)
         now_ns = time.monotonic_ns()
-        m.worker_up.set_all({w.name: float(w.status(now_ns) == "ready") for w in self.inference})
+        status = {w.name: self.inference.status(w, now_ns) for w in self.inference}
+        m.worker_up.set_all({name: float(state == "ready") for name, state in status.items()})
         m.worker_sessions_active.set_all({w.name: self.slots.count(w.place.slots) for w in self.inference})
-        m.worker_sessions_max.set_all({w.name: w.room(now_ns) for w in self.inference})
+        m.worker_sessions_max.set_all({w.name: self.inference.room(w, now_ns) for w in self.inference})
         m.frames_in.set_total(totals.frames_in)
         m.frames_out.set_total(totals.frames_out)
         m.input_frames_dropped.set_total(totals.input_dropped)
@@ -472,8 +473,8 @@ class NetworkServer:
         now_ns = time.monotonic_ns()
         worker = self.inference.choose(self.slots.count, now_ns) if room else None
         live = (None if worker is None else
-                self.slots.admit(worker.room(now_ns), lambda slot, gen: self._open(ws, slot, gen),
-                                 within=worker.place.slots))
+                self.slots.admit(self.inference.room(worker, now_ns),
+                                 lambda slot, gen: self._open(ws, slot, gen), within=worker.place.slots))
         if live is None:
             self.metrics.sessions_rejected.inc()
             if room:
@@ -610,26 +611,29 @@ class HttpConnection(ServerConnection):
 
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         reader = protocol.reader
-        read_line, read_exact = reader.read_line, reader.read_exact
-        unread_body = False
+        read_line = reader.read_line
 
         def read_line_hiding_the_body(*args: Any) -> Generator[None, None, bytes]:
-            nonlocal unread_body
             line = yield from read_line(*args)
-            if protocol.state is CONNECTING and line.split(b":", 1)[0].strip().lower() in BODY_HEADERS:
-                unread_body = True
+            name, _, value = line.partition(b":")
+            # `Content-Length: 0` is no body: websockets takes it (some devices send one).
+            if (protocol.state is CONNECTING and name.strip().lower() in BODY_HEADERS
+                    and not (name.strip().lower() == b"content-length" and value.strip() == b"0")):
+                reader.read_exact = wait_for_the_refusal  # type: ignore[method-assign]
                 line = UNREAD_BODY_PREFIX.encode() + line
             return line
 
-        def read_exact_but_not_the_body(*args: Any) -> Generator[None, None, bytes]:
-            while unread_body and not reader.eof:  # until the refusal's parser discards everything
+        def wait_for_the_refusal(*_args: Any) -> Generator[None, None, bytes]:
+            """In place of reading frames after a request with a body: nothing is read until the refusal's
+            parser discards everything (or the client leaves)."""
+            while not reader.eof:
                 yield
-            return (yield from read_exact(*args))
+            raise EOFError("the client left before its request was answered")
 
         reader.read_line = read_line_hiding_the_body  # type: ignore[method-assign]
-        reader.read_exact = read_exact_but_not_the_body  # type: ignore[method-assign]
-        # The handshake parser started in the protocol's constructor, with the reader's own methods; nothing
-        # has been received yet, so it starts again on these.
+        # The handshake parser started in the protocol's constructor, with the reader's own method; nothing
+        # has been received yet, so it starts again on this one (frames are read with whatever `read_exact`
+        # is then: the reader's own, unless a body was announced).
         protocol.parser = protocol.parse()
         next(protocol.parser)
         super().__init__(protocol, *args, **kwargs)

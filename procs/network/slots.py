@@ -1,7 +1,8 @@
-"""Admission: which batch slot each live session holds, sans I/O.
+"""Admission: which session slot each live session holds, sans I/O.
 
-A slot is the session's row in every ring and in the model's batch. Each slot counts the sessions it has
-held (`gen`), so a message or frame about a session that has since left its slot is recognised anywhere.
+A slot is the session's row in every per-slot ring, and (through its inference worker's range,
+procs/topology.py) a row of that worker's batch. Each slot counts the sessions it has held (`gen`), so a
+message or frame about a session that has since left its slot is recognised anywhere.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def capacity_refusal() -> str:
 
 
 class SessionSlots(Generic[T]):
-    """`n` slots, at most `capacity` of them in use (the engine may hold fewer sessions than rings exist)."""
+    """`n` slots; `admit` takes at most `capacity` sessions into the slots it is given (an engine may hold
+    fewer sessions than its range has rings)."""
 
     def __init__(self, n: int) -> None:
         self._gen = [0] * n

@@ -3,15 +3,15 @@ session goes.
 
 Each inference worker (procs/topology.py: a `Place` of role "inference") serves its own range of session
 slots with its own model copy. The network keeps one ready record per worker (its `InferenceReady`, or None
-while it starts or restarts); the server's capacity is the sum over the ready ones. A new session goes to
-the ready worker with the most free slots (the first of them on a tie), so sessions spread over the cards.
+while it starts or restarts); the server's room is the sum over the ready ones. A new session goes to the
+ready worker with the most free slots (the first of them on a tie), so sessions spread over the cards.
 
-A worker can also freeze (a driver fault, a wedged kernel) long before the supervisor's heartbeat limit
-kills it (5 s). Sessions admitted to it meanwhile would only end with 1011, so the network notices sooner:
-a worker owes a step once one of its slots has been handed OWED_FRAMES frames since its last step (two
-blocks: more than step clock alignment ever holds back); one that owes a step for STALL_NS (1.5 s) is
-*stalled* and has no room for new sessions until it steps again (its sessions go on, or end when it is
-killed).
+A worker can also freeze (a driver fault, a wedged kernel, a stopped process) long before the supervisor's
+heartbeat limit kills it (HEARTBEAT_TIMEOUT_S). Sessions admitted to it meanwhile would only end with 1011,
+so the network reads the same heartbeat board sooner: a ready worker whose last beat is older than STALL_NS
+is *stalled* and gets no new session until it beats again (its sessions go on, or end when it is killed).
+Its loop beats at least every half second, between steps and while it waits, so this holds whether or not
+it has sessions; only a single step longer than STALL_NS would look the same.
 """
 
 from __future__ import annotations
@@ -19,19 +19,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from procs.topology import Place
-from protocol import FRAMES_PER_BLOCK
+from procs.topology import HEARTBEAT_TIMEOUT_S, Place
 from protocol.internal import InferenceReady
 
-OWED_FRAMES = 2 * FRAMES_PER_BLOCK
-STALL_NS = 1_500_000_000  # ~19 step periods: far beyond a slow step, well before the 5 s heartbeat limit
+STALL_NS = 1_500_000_000  # ~19 step periods: far beyond a slow step, well before the heartbeat limit
+assert STALL_NS < HEARTBEAT_TIMEOUT_S * 1e9
 
 
 @dataclass
 class InferenceWorker:
     place: Place
     ready: InferenceReady | None = None  # None: starting, or restarting after a crash or a hang
-    owed_since_ns: int | None = None  # when one of its slots was first handed OWED_FRAMES since its last step
 
     @property
     def name(self) -> str:
@@ -39,26 +37,15 @@ class InferenceWorker:
 
     @property
     def capacity(self) -> int:
-        """Sessions it admits now: its engine's batch size once ready (at most its slot range)."""
+        """Sessions it holds at once: its engine's batch size once ready (at most its slot range)."""
         return 0 if self.ready is None else min(self.ready.max_sessions, len(self.place.slots))
-
-    def stalled(self, now_ns: int) -> bool:
-        return self.owed_since_ns is not None and now_ns - self.owed_since_ns > STALL_NS
-
-    def room(self, now_ns: int) -> int:
-        """Sessions it may hold now: its capacity, or none while it is stalled."""
-        return 0 if self.stalled(now_ns) else self.capacity
-
-    def status(self, now_ns: int) -> str:
-        if self.ready is None:
-            return "starting"
-        return "stalled" if self.stalled(now_ns) else "ready"
 
 
 class InferenceWorkers:
-    def __init__(self, places: tuple[Place, ...]) -> None:
+    def __init__(self, places: tuple[Place, ...], last_beat: Callable[[Place], int]) -> None:
+        """`last_beat(place)`: the worker's last heartbeat (monotonic ns; 0: none since it started)."""
         self.workers = [InferenceWorker(place) for place in places]
-        self._unstepped = {slot: 0 for place in places for slot in place.slots}  # frames since its last step
+        self.last_beat = last_beat
 
     def __iter__(self) -> Iterator[InferenceWorker]:
         """The records, in the topology's order."""
@@ -69,36 +56,6 @@ class InferenceWorkers:
 
     def owner(self, slot: int) -> InferenceWorker:
         return next(w for w in self.workers if slot in w.place.slots)
-
-    def room(self, now_ns: int) -> int:
-        """Sessions the server may hold now: the ready workers' that are not stalled."""
-        return sum(w.room(now_ns) for w in self.workers)
-
-    # ---- what the network sees of each worker's progress ----------------------------------------------
-    def fed(self, slot: int, now_ns: int) -> None:
-        """A frame of `slot` went to its worker."""
-        self._unstepped[slot] += 1
-        worker = self.owner(slot)
-        if self._unstepped[slot] >= OWED_FRAMES and worker.owed_since_ns is None:
-            worker.owed_since_ns = now_ns
-
-    def stepped(self, worker: InferenceWorker) -> None:
-        """It ran a step: it owes nothing."""
-        worker.owed_since_ns = None
-        for slot in worker.place.slots:
-            self._unstepped[slot] = 0
-
-    def left(self, slot: int) -> None:
-        """The slot's session ended: frames it was handed are owed no more."""
-        self._unstepped[slot] = 0
-        worker = self.owner(slot)
-        if all(self._unstepped[s] < OWED_FRAMES for s in worker.place.slots):
-            worker.owed_since_ns = None
-
-    def down(self, worker: InferenceWorker) -> None:
-        """It crashed or hung and is being restarted."""
-        worker.ready = None
-        self.stepped(worker)
 
     @property
     def any_ready(self) -> bool:
@@ -113,12 +70,28 @@ class InferenceWorkers:
         """What the model is (every worker loads the same one): from the first ready worker."""
         return next((w.ready for w in self.workers if w.ready is not None), None)
 
+    def stalled(self, worker: InferenceWorker, now_ns: int) -> bool:
+        beat = self.last_beat(worker.place)
+        return worker.ready is not None and beat != 0 and now_ns - beat > STALL_NS
+
+    def status(self, worker: InferenceWorker, now_ns: int) -> str:
+        if worker.ready is None:
+            return "starting"
+        return "stalled" if self.stalled(worker, now_ns) else "ready"
+
+    def room(self, worker: InferenceWorker, now_ns: int) -> int:
+        """Sessions it may hold now: its capacity, or none while it is stalled."""
+        return 0 if self.stalled(worker, now_ns) else worker.capacity
+
+    def free(self, live_in: Callable[[range], int], now_ns: int) -> int:
+        """Sessions the server may admit now (`live_in(slots)`: sessions live in a range)."""
+        return sum(max(0, self.room(w, now_ns) - live_in(w.place.slots)) for w in self.workers)
+
     def choose(self, live_in: Callable[[range], int], now_ns: int) -> InferenceWorker | None:
-        """The ready worker with the most free slots (`live_in(slots)`: sessions live in a range), None
-        when every ready worker is full or stalled."""
+        """The ready worker with the most free slots, None when every ready worker is full or stalled."""
         best, best_free = None, 0
         for worker in self.workers:
-            free = worker.room(now_ns) - live_in(worker.place.slots)
+            free = self.room(worker, now_ns) - live_in(worker.place.slots)
             if free > best_free:
                 best, best_free = worker, free
         return best
