@@ -386,11 +386,12 @@ class NetworkServer:
 
     def _health(self) -> Health:
         active = len(self.slots)
+        capacity = self.capacity  # read once: the state and the figures say the same moment
         if self.draining:
             state = "draining"
         elif not self.is_ready:
             state = "starting"
-        elif self.capacity <= active:
+        elif capacity <= active:
             state = "full"
         else:
             state = "ok"
@@ -399,7 +400,7 @@ class NetworkServer:
         return Health(
             status=state,
             sessions_active=active,
-            max_sessions=self.capacity,
+            max_sessions=capacity,
             model=model.model if model else "",
             engine=self.cfg.engine,
             demo_weights=model.demo_weights if model else False,
