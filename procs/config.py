@@ -70,6 +70,7 @@ class ServerConfig:
     engine: str = "moshi"
     step_clock: str = "auto"
     threads: int | None = None
+    seed: int | None = None  # seeds the model's sampling: one session's run is then reproducible
     idle_timeout_s: float | None = 30.0
     max_session_s: float | None = None
     drain_timeout_s: float = 30.0
@@ -102,6 +103,13 @@ class ServerConfig:
 
 # The defaults, for code below the configuration that is called without one (tests, benchmarks, `plan`).
 DEFAULTS: Final = ServerConfig()
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -297,6 +305,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("step_clock", ("--step-clock",), "VOICE_STEP_CLOCK", _choice(STEP_CLOCKS),
            "on: one batched step per 80 ms for every session; off: a step per ready block; auto: on for a "
            "model, off for loopback"),
+    Option("seed", ("--seed",), "VOICE_SEED", _non_negative_int,
+           "seed the model's sampling, so a session's answers can be reproduced (debugging, tests)",
+           metavar="N", default_text="none: each start samples differently"),
     Option("threads", ("--threads",), "VOICE_THREADS", _positive_int,
            "torch threads in the inference process", metavar="N",
            default_text="1 on a CPU, torch's own on CUDA"),

@@ -88,6 +88,11 @@ class ClientReport:
     close_code: int | None = None
     close_reason: str = ""
     refused: str | None = None  # the handshake failed: why
+    # `--resume`: the session id of each connection (the same one, if every resume worked), and the audio
+    # captured while the link was down (not sent: a live microphone does not wait either).
+    session_ids: list[str] = field(default_factory=list)
+    resumes: int = 0
+    frames_skipped: int = 0
 
     frames_in_file: int = 0  # what there was to send
 
@@ -96,8 +101,8 @@ class ClientReport:
         """Everything was sent and answered, and the session ended normally (a drain's 1001 too, once all
         was sent), with no session-ending error."""
         return (self.refused is None and self.close_code in NORMAL_CLOSES and self.frames_received > 0
-                and self.frames_sent >= self.frames_in_file
-                and not any(e.get("fatal") for e in self.errors))
+                and self.frames_sent + self.frames_skipped >= self.frames_in_file
+                and len(set(self.session_ids)) <= 1 and not any(e.get("fatal") for e in self.errors))
 
 
 def summarize(url: str, run: ClientRun, frames_in_file: int) -> ClientReport:
@@ -115,6 +120,9 @@ def summarize(url: str, run: ClientRun, frames_in_file: int) -> ClientReport:
         errors=[msgspec.to_builtins(e) for e in run.of_type(Error)],
         close_code=run.close_code,
         close_reason=run.close_reason,
+        session_ids=[s.session_id for s in run.session_starts],
+        resumes=sum(s.resumed for s in run.session_starts),
+        frames_skipped=run.frames_skipped,
         frames_in_file=frames_in_file,
     )
 
@@ -144,6 +152,10 @@ def render(report: ClientReport) -> str:
         lat = report.server_latency_ms
         lines.append(f"server processing (its `latency` messages): p50 {lat.p50} ms, p99 {lat.p99} ms")
     lines += [f"error: {e.get('code')}: {e.get('msg')}" for e in report.errors]
+    if report.resumes or len(set(report.session_ids)) > 1:
+        sessions = ", ".join(dict.fromkeys(report.session_ids))
+        lines.append(f"resumed {report.resumes} times after a dropped link (sessions: {sessions}; "
+                     f"{report.frames_skipped} frames not sent while it was down)")
     lines.append(f"closed: {report.close_code} {report.close_reason}".rstrip())
     return "\n".join(lines)
 
@@ -161,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-file", type=Path, default=None,
                         help="trust this CA (PEM) for wss:// (e.g. a self-signed certificate)")
     parser.add_argument("--insecure", action="store_true", help="wss:// without checking the certificate")
+    parser.add_argument("--resume", action="store_true",
+                        help="if the link drops before the session ends, reconnect and resume the same "
+                        "session (within the server's --resume-window), as the page does")
     return parser
 
 
@@ -174,12 +189,12 @@ def tls_context(url: str, ca_file: Path | None, insecure: bool) -> ssl.SSLContex
     return context
 
 
-async def talk(url: str, pcm: np.ndarray, tail_s: float, context: ssl.SSLContext | None
-               ) -> tuple[ClientReport, np.ndarray]:
+async def talk(url: str, pcm: np.ndarray, tail_s: float, context: ssl.SSLContext | None,
+               resume: bool = False) -> tuple[ClientReport, np.ndarray]:
     """The report, and the answer's 24 kHz PCM (empty if the server refused the session)."""
     kwargs = {} if context is None else {"ssl": context}
     try:
-        run = await stream_client(url, pcm, tail_s=tail_s, **kwargs)
+        run = await stream_client(url, pcm, tail_s=tail_s, resume=resume, **kwargs)
     except (InvalidHandshake, OSError, TimeoutError) as error:  # refused (HTTP 4xx/5xx), unreachable, TLS
         refused = ClientReport(url=url, seconds_sent=0.0, frames_sent=0, frames_received=0,
                                first_audio_s=None, latency_ms=None, server_latency_ms=None,
@@ -199,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.out is not None and not args.out.parent.is_dir():
         parser.error(f"--out: no such directory: {args.out.parent}")
-    report, answer = asyncio.run(talk(args.url, pcm, args.tail, context))
+    report, answer = asyncio.run(talk(args.url, pcm, args.tail, context, args.resume))
     if args.out is not None and report.refused is None:
         write_wav_24k(args.out, answer)
     if args.json:

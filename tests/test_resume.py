@@ -5,11 +5,17 @@ resumes as the page does (procs/client.py, `resume=True`)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import string
+import subprocess
+import sys
 import time
 import urllib.request
+import wave
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +41,7 @@ from protocol import (
 from tests.support.helpers import wait_for_sessions
 from tests.support.launcher import ServerProcess, poll_until
 from tests.support.proxy import TcpProxy
+from tests.support.speech import telugu_speech_16k
 
 WINDOW_S = 3.0
 pytestmark = pytest.mark.loopback_server("--max-sessions", "4", "--resume-window", str(WINDOW_S))
@@ -298,3 +305,97 @@ def test_a_drain_ends_detached_sessions_at_once() -> None:
         assert poll_until(lambda: metric(server, "voice_sessions_detached") == 1, 5.0) is not None
         code, took_s = server.stop(signal.SIGTERM)
     assert code == 0 and took_s < 10.0, (code, took_s)
+
+
+def test_voice_agent_client_resume_carries_a_session_across_a_cut(loopback_server: ServerProcess,
+                                                                   tmp_path: Path) -> None:
+    """`voice-agent client --resume`: the link is cut while it streams a 4 s WAV; it resumes the same session
+    and finishes, and says so in its report."""
+    with wave.open(str(tmp_path / "in.wav"), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes((np.sin(np.arange(4 * 16000) / 16000 * 2 * np.pi * 440) * 8000).astype(np.int16))
+    frames_before = metric(loopback_server, "voice_frames_in_total")
+    with TcpProxy("127.0.0.1", port_of(loopback_server)) as proxy:
+        client = subprocess.Popen(
+            [sys.executable, "-m", "procs", "client", "--url", proxy.url(), "--wav", str(tmp_path / "in.wav"),
+             "--resume", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # A second of its audio has reached the server: the cut comes mid-sentence.
+            assert poll_until(lambda: metric(loopback_server, "voice_frames_in_total") - frames_before >= 50,
+                              20.0) is not None
+            proxy.cut()
+            proxy.restore()
+            out, err = client.communicate(timeout=60)
+        finally:
+            client.kill()
+    report = json.loads(out)
+    assert client.returncode == 0, err
+    assert report["ok"] and report["resumes"] == 1 and report["close_code"] == 1000
+    assert len(report["session_ids"]) == 2 and len(set(report["session_ids"])) == 1
+    assert report["frames_sent"] + report["frames_skipped"] >= 200
+    wait_for_sessions(loopback_server, 0)
+
+
+def test_the_demo_model_goes_on_after_a_resume_exactly_as_if_the_link_had_never_dropped() -> None:
+    """The model's memory survives the cut: the demo model (its answer depends on everything it heard), fed
+    the same audio once without a cut and once cut and resumed halfway, answers the same, frame for frame.
+    `--seed` makes its sampling reproducible and `--step-clock off` steps each block as it comes, so both
+    runs take the same steps; each run gets a fresh server."""
+    pcm = telugu_speech_16k()[: 60 * 320]
+    frames = [encode_client_audio(pcm[i * 320:(i + 1) * 320].tobytes()) for i in range(60)]
+    half = 32  # a whole number of blocks
+    delay = 4  # the demo model answers a block after its first (its acoustic delay): one block less back
+
+    async def answer(ws: Any, n: int) -> list[bytes]:
+        got: list[bytes] = []
+        while len(got) < n:
+            message = await asyncio.wait_for(ws.recv(), timeout=60)
+            if isinstance(message, bytes):
+                got.append(message)
+        return got
+
+    async def lock_step(ws: Any, blocks: range) -> list[bytes]:
+        """Each 80 ms block sent once the one before was answered: a CPU of any speed takes the same steps
+        (a burst would overflow the model's queue and drop blocks, a different conversation)."""
+        got: list[bytes] = []
+        for k in blocks:
+            for frame in frames[4 * k:4 * k + 4]:
+                await ws.send(frame)
+            if k >= 1:  # the model's acoustic delay: block k answers once block k + 1 is heard
+                got += await answer(ws, 4)
+        return got
+
+    async def uncut(url: str) -> list[bytes]:
+        async with connect(url, compression=None) as ws:
+            return await lock_step(ws, range(len(frames) // 4))
+
+    async def cut_halfway(server: ServerProcess) -> tuple[list[bytes], SessionStart, SessionStart]:
+        with TcpProxy("127.0.0.1", port_of(server)) as proxy:
+            ws = await connect(proxy.url(), compression=None)
+            first = decode_server(await ws.recv())
+            assert isinstance(first, SessionStart) and first.resume_token
+            before = await lock_step(ws, range(half // 4))
+            proxy.cut()
+            with pytest.raises(ConnectionClosed):
+                await answer(ws, 1)
+            assert await asyncio.to_thread(
+                poll_until, lambda: metric(server, "voice_sessions_detached") == 1, 10.0) is not None
+            proxy.restore()
+            async with connect(f"{proxy.url()}?resume={first.resume_token}", compression=None) as ws2:
+                second = decode_server(await ws2.recv())
+                assert isinstance(second, SessionStart)
+                after = await lock_step(ws2, range(half // 4, len(frames) // 4))
+        return before + after, first, second
+
+    flags = ("--max-sessions", "1", "--step-clock", "off", "--seed", "19")
+    with ServerProcess(*flags) as server:
+        reference = asyncio.run(uncut(server.ws_url))
+    with ServerProcess(*flags) as server:
+        resumed, first, second = asyncio.run(cut_halfway(server))
+    assert second.resumed and second.session_id == first.session_id
+    assert len(reference) == len(resumed) == len(frames) - delay
+    assert any(frame != reference[0] for frame in reference), "the model said nothing that could differ"
+    assert resumed[:half - delay] == reference[:half - delay]
+    assert resumed[half - delay:] == reference[half - delay:], "it went on differently after the resume"

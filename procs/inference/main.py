@@ -321,6 +321,7 @@ def main(cfg: ServerConfig, topo: Topology, name: str, status: Connection) -> No
         session_memory_bytes=None if cfg.session_memory_mb is None else int(cfg.session_memory_mb * 2**20),
         card_memory_bytes=None if cfg.gpu_memory_gb is None else int(cfg.gpu_memory_gb * 1e9),
         gpu_memory_fraction=cfg.gpu_memory_fraction,
+        seed=cfg.seed,
     )
     t0 = time.monotonic()
     engine.warmup()
