@@ -28,6 +28,9 @@ const te = {
   'status.live': 'కనెక్ట్ అయింది — తెలుగులో మాట్లాడండి.',
   'status.liveModel': '{model}కు కనెక్ట్ అయింది — తెలుగులో మాట్లాడండి.',
   'status.soundHint': 'సౌండ్ ఆన్ చేయడానికి పేజీలో ఎక్కడైనా క్లిక్ చేయండి.',
+  'status.resumed': 'మళ్లీ కనెక్ట్ అయింది — సంభాషణ కొనసాగుతోంది.',
+  'status.newConversation':
+    'మళ్లీ కనెక్ట్ అయింది, కానీ పాత సంభాషణను కొనసాగించలేకపోయాం — కొత్త సంభాషణ మొదలైంది.',
   'status.draining':
     'సర్వర్ రీస్టార్ట్ అవుతోంది: మీ సంభాషణను ముగించండి; తర్వాత పేజీ తానే మళ్లీ కనెక్ట్ అవుతుంది.',
   'status.drainingWithin':
@@ -147,6 +150,9 @@ const en = {
   'status.live': 'Connected — speak in Telugu.',
   'status.liveModel': 'Connected to {model} — speak in Telugu.',
   'status.soundHint': 'Click anywhere on the page to turn the sound on.',
+  'status.resumed': 'Reconnected — the conversation continues.',
+  'status.newConversation':
+    'Reconnected, but the conversation could not be continued — a new conversation has started.',
   'status.draining':
     'The server is restarting: finish your conversation; the page then reconnects by itself.',
   'status.drainingWithin':
