@@ -14,6 +14,7 @@ from a ServerConfig (or `DEFAULTS`), not defaults of their own.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import ssl
@@ -72,6 +73,10 @@ class ServerConfig:
     idle_timeout_s: float | None = 30.0
     max_session_s: float | None = None
     drain_timeout_s: float = 30.0
+    # A session whose link drops (no close handshake) is kept this long for `/ws?resume=TOKEN`; 0: off. Ten
+    # seconds covers a Wi-Fi blip or a phone changing networks, plus the page's reconnect, and holds a slot
+    # (it counts for admission) no longer than a caller would wait before starting over.
+    resume_window_s: float = 10.0
     allowed_origins: tuple[str, ...] = ()  # besides the page's own origin and localhost; ("*",): any
     auth_token: str | None = None
     auth_secret: str | None = None
@@ -138,6 +143,13 @@ def _seconds_or_off(text: str) -> float | None:
     if text.strip().lower() in ("off", "none") or float(text) == 0.0:
         return None
     return _positive_float(text)
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise ValueError(f"must be a finite number, 0 or more, got {value}")
+    return value
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -294,6 +306,9 @@ OPTIONS: tuple[Option, ...] = (
            "end sessions at this age in seconds", metavar="S", default_text="no limit"),
     Option("drain_timeout_s", ("--drain-timeout",), "VOICE_DRAIN_TIMEOUT", _positive_float,
            "on SIGTERM, let live sessions go on this many seconds before ending them", metavar="S"),
+    Option("resume_window_s", ("--resume-window",), "VOICE_RESUME_WINDOW", _non_negative_float,
+           "keep a session whose connection dropped this many seconds for /ws?resume=TOKEN (0: off)",
+           metavar="S"),
     Option("allowed_origins", ("--allowed-origins",), "VOICE_ALLOWED_ORIGINS", _origins,
            "browser origins allowed to open sessions besides the page's own and localhost "
            "(comma-separated; * allows any)", metavar="ORIGINS", default_text="the page's own and localhost"),

@@ -77,6 +77,13 @@ class WorkerSessions:
         self.gens = SlotGenerations(len(self._lost))  # a new network process numbers its sessions from 1
         return open_slots
 
+    def local(self, session_slot: int, gen: int) -> int | None:
+        """The local slot of session `gen` of `session_slot`, if it is open here."""
+        if session_slot not in self.slots:
+            return None
+        slot = self.slots.index(session_slot)
+        return slot if self.is_open(slot) and self.gen(slot) == gen else None
+
     def close(self, slot: int) -> None:
         """The worker ends the slot's session itself (evicted when memory ran out): its frames are stale."""
         self.gens.close(slot, self.gens.current[slot])

@@ -28,6 +28,9 @@ class ErrorCode(enum.StrEnum):
     BAD_REQUEST = "bad_request"
     IDLE_TIMEOUT = "idle_timeout"  # no audio for --idle-timeout seconds
     TIME_LIMIT = "time_limit"  # the session reached --max-session-s
+    # `/ws?resume=TOKEN` named no session this server can resume (unknown, used, expired, from another
+    # server): a fresh session goes on instead, so the error is not fatal.
+    RESUME_FAILED = "resume_failed"
 
 
 class EndReason(enum.StrEnum):
@@ -48,3 +51,4 @@ class EndReason(enum.StrEnum):
     MESSAGE_TOO_BIG = "message_too_big"  # the WebSocket layer refused an oversized message (close 1009)
     INVALID_UTF8 = "invalid_utf8"  # the WebSocket layer refused a text frame that is not UTF-8 (close 1007)
     KEEPALIVE_TIMEOUT = "keepalive_timeout"  # the client stopped answering pings (close 1011)
+    RECONNECTING = "reconnecting"  # the client abandoned a silent connection to resume (its close 4000)

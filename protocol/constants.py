@@ -37,6 +37,15 @@ BLOCK_MS: Final = FRAME_MS * FRAMES_PER_BLOCK  # 80
 IN_SAMPLES_PER_BLOCK: Final = IN_FRAME_SAMPLES * FRAMES_PER_BLOCK  # 1280 at 16 kHz
 OUT_SAMPLES_PER_BLOCK: Final = OUT_FRAME_SAMPLES * FRAMES_PER_BLOCK  # 1920 at 24 kHz: one Mimi frame
 
+# Close codes of our own (the application range 4000-4999). A client that abandons a connection that went
+# silent, to reconnect and resume its session, closes it with CLOSE_RECONNECTING: the server keeps the
+# session for its resume window, as for a link that died with no close at all. A connection whose session
+# was resumed on another one is closed with CLOSE_RESUMED_ELSEWHERE.
+CLOSE_RECONNECTING: Final = 4000
+CLOSE_RESUMED_ELSEWHERE: Final = 4001
+# A resume token (`session_start.resume_token`, `/ws?resume=`) is URL-safe base64 of at most this length.
+MAX_RESUME_TOKEN_CHARS: Final = 128
+
 # Largest JSON control frame accepted, in UTF-8 bytes. Every legitimate control message is far
 # smaller; the cap bounds parsing work and nesting depth an untrusted peer can cause.
 MAX_TEXT_BYTES: Final = 4096

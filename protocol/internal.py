@@ -43,6 +43,15 @@ class SessionClose(_Internal, tag="session_close"):
     reason: EndReason
 
 
+class SessionDetached(_Internal, tag="session_detached"):
+    """The session in `slot` lost its connection and waits to be resumed (`--resume-window`): it sends no
+    audio meanwhile, so its model is not stepped and it must not be waited for; when it is resumed its
+    frames come again and place it on the step clock anew, as a new session's would."""
+
+    slot: int
+    gen: int
+
+
 # --- workers -> network ----------------------------------------------------------------------------
 
 
@@ -124,6 +133,7 @@ class StepStats(_Internal, tag="step_stats"):
 InternalMessage = (
     SessionOpen
     | SessionClose
+    | SessionDetached
     | VoiceActivity
     | ModelText
     | SlotError

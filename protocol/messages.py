@@ -86,6 +86,13 @@ class SessionStart(_Control, tag="session_start"):
     model: str  # checkpoint name
     demo_weights: bool  # True when the model has random/demo weights (its speech is not meaningful)
     max_sessions: int
+    # Resume (README, "Resuming a session"): the token that re-attaches this session within
+    # `resume_window_s` of a dropped link (`/ws?resume=TOKEN`); each `session_start` carries a new one and
+    # the one used is spent. None: this session cannot be resumed (`--resume-window 0`, moshi's wire).
+    resume_token: str | None = None
+    resume_window_s: float = 0.0
+    resumed: bool = False  # this connection re-attached a session that was already going on
+    resume_gap_s: float | None = None  # resumed: from the server noticing the drop to the re-attach
 
 
 class SessionEnd(_Control, tag="session_end"):
@@ -217,8 +224,10 @@ CLIENT_CONTROL_TAGS: Final = _tags(CLIENT_CONTROL_TYPES)
 
 
 def session_start(session_id: str, model: str, demo_weights: bool, max_sessions: int,
-                  codec: str = "pcm") -> SessionStart:
-    """A `SessionStart` for this protocol version and the audio formats of `codec` ("pcm" or "opus")."""
+                  codec: str = "pcm", resume_token: str | None = None, resume_window_s: float = 0.0,
+                  resume_gap_s: float | None = None) -> SessionStart:
+    """A `SessionStart` for this protocol version and the audio formats of `codec` ("pcm" or "opus");
+    `resume_gap_s` given: the start of a resumed session."""
     client_format, server_format = AUDIO_FORMATS[codec]
     return SessionStart(
         session_id=session_id,
@@ -228,6 +237,10 @@ def session_start(session_id: str, model: str, demo_weights: bool, max_sessions:
         model=model,
         demo_weights=demo_weights,
         max_sessions=max_sessions,
+        resume_token=resume_token,
+        resume_window_s=resume_window_s if resume_token is not None else 0.0,
+        resumed=resume_gap_s is not None,
+        resume_gap_s=resume_gap_s,
     )
 
 

@@ -178,7 +178,7 @@ def test_error_codes_are_the_documented_strings() -> None:
     assert {code.value for code in ErrorCode} == {
         "bad_header", "bad_length", "bad_audio", "empty_frame", "oversize", "bad_utf8", "bad_json",
         "unknown_type", "bad_field", "capacity", "rate_limited", "internal", "shutdown", "bad_request",
-        "idle_timeout", "time_limit",
+        "idle_timeout", "time_limit", "resume_failed",
     }  # fmt: skip
     assert all(isinstance(code, str) and code == code.value for code in ErrorCode)
 
@@ -368,7 +368,7 @@ def test_targeted_error_code(decode: Decoder, data: Any, code: ErrorCode) -> Non
 
 def test_every_decoder_error_code_has_a_targeted_case() -> None:
     session_level = {E.CAPACITY, E.RATE_LIMITED, E.INTERNAL, E.SHUTDOWN, E.BAD_REQUEST, E.IDLE_TIMEOUT,
-                     E.TIME_LIMIT}
+                     E.TIME_LIMIT, E.RESUME_FAILED}
     session_level.add(E.BAD_AUDIO)  # raised by the Opus decoder (procs/network/codec.py; tests/test_opus.py)
     assert {case[3] for case in TARGETED} == set(ErrorCode) - session_level
 

@@ -18,6 +18,7 @@ from protocol.internal import (
     NetworkHello,
     NetworkReady,
     SessionClose,
+    SessionDetached,
     SessionOpen,
     SlotError,
     StepStats,
@@ -31,6 +32,7 @@ from protocol.internal import (
 ALL_TYPES = (
     SessionOpen,
     SessionClose,
+    SessionDetached,
     VoiceActivity,
     ModelText,
     SlotError,
@@ -64,6 +66,7 @@ internal_messages = st.one_of(
     ),
     st.builds(VadReady, model=st.text(max_size=20)),
     st.builds(NetworkHello),
+    st.builds(SessionDetached, slot=st.integers(0, 255), gen=st.integers(0, 2**31)),
     st.builds(WorkerDown, worker=st.sampled_from(["inference-0", "vad"]), why=st.text(max_size=20)),
     st.builds(NetworkReady, host=st.text(max_size=9), port=st.integers(0, 65535), model=st.text(max_size=9)),
     st.builds(StepStats, step_s=floats, batch=st.integers(0, 64), wait_s=st.lists(floats, max_size=64)),

@@ -329,7 +329,8 @@ def test_the_session_takes_pcm_as_its_edge_decoded_it() -> None:
 def test_every_close_code_is_a_websockets_close_code_from_one_map() -> None:
     assert all(isinstance(code, CloseCode) for code in CLOSE_CODES.values())
     # Every ending but the client's own has a code of ours.
-    assert set(EndReason) - set(CLOSE_CODES) == {EndReason.CLIENT_CLOSED, EndReason.CONNECTION_LOST}
+    assert set(EndReason) - set(CLOSE_CODES) == {EndReason.CLIENT_CLOSED, EndReason.CONNECTION_LOST,
+                                                 EndReason.RECONNECTING}
     assert CLOSE_CODES[EndReason.CAPACITY] is CloseCode.TRY_AGAIN_LATER
     assert CLOSE_CODES[EndReason.SERVER_SHUTDOWN] is CloseCode.GOING_AWAY
     ended = {EndReason.CLIENT_REQUEST: lambda s: receive(s, encode_client_control(ClientSessionEnd()), 0),

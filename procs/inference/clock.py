@@ -50,7 +50,8 @@ one block each, for what it holds beyond one block. Only a slot whose queue outg
 (the model cannot keep up) loses its oldest block, counted as dropped input.
 
 Slot states (`StepScheduler`): none (no session) -> placing (first block not complete: its frames are fed,
-not timed) -> timed (placed; realigned for drift) -> none (closed).
+not timed) -> timed (placed; realigned for drift) -> none (closed). A session whose link dropped goes back
+to placing (`replace`): it sends nothing while detached, and is placed anew if it resumes.
 """
 
 from __future__ import annotations
@@ -285,6 +286,16 @@ class StepScheduler(Generic[P]):
         if all(s is None for s in self.slots):
             self.clock.stop()
 
+    def replace(self, slot: int) -> None:
+        """The slot's session stops sending for a while (its link dropped; it may resume): it is no longer
+        awaited, and its next block places it on the clock as a first block would. Its queued blocks stay:
+        they are audio the session did send."""
+        s = self.slots[slot]
+        if s is not None:
+            s.timing = SessionTiming(self.rules)
+            s.depths.clear()
+            s.catch_up = s.ticks = 0
+
     def timing(self, slot: int) -> SessionTiming | None:
         s = self.slots[slot]
         return None if s is None else s.timing
@@ -376,6 +387,9 @@ class ImmediateScheduler(Generic[P]):
 
     def close(self, slot: int) -> None:
         self.queues[slot].clear()
+
+    def replace(self, slot: int) -> None:
+        pass  # no clock to place it on
 
     def timing(self, slot: int) -> SessionTiming | None:
         return None

@@ -34,7 +34,7 @@ from procs.runtime import LogThrottle, setup_child
 from procs.topology import Topology, WorkerLinks, worker_links
 from procs.worker import IDLE_WAIT_S, WorkerSessions
 from protocol import BLOCK_MS, FRAMES_PER_BLOCK, OUT_FRAME_SAMPLES, OUT_SAMPLES_PER_BLOCK, ErrorCode
-from protocol.internal import InferenceReady, ModelText, NetworkHello, SlotError, StepStats
+from protocol.internal import InferenceReady, ModelText, NetworkHello, SessionDetached, SlotError, StepStats
 from ringbuf import Ring, wait_any
 
 log = logging.getLogger("inference")
@@ -152,6 +152,9 @@ class InferenceLoop:
                 if isinstance(msg, NetworkHello):
                     self.forget_all()
                     continue
+                if isinstance(msg, SessionDetached):
+                    self.detached(msg)
+                    continue
                 if (closed := self.sessions.apply(msg)) is not None:
                     slot = self.slots[closed.slot]
                     slot.close()
@@ -168,6 +171,14 @@ class InferenceLoop:
         engine = self.engine
         self.links.control_out.send(InferenceReady(model=engine.name, demo_weights=engine.demo_weights,
                                                    max_sessions=self.n, device=engine.device))
+
+    def detached(self, msg: SessionDetached) -> None:
+        """A session lost its link and waits for a resume: its state stays; the step clock stops waiting
+        for it and places it anew when its frames come again."""
+        if (row := self.sessions.local(msg.slot, msg.gen)) is not None:
+            self.scheduler.replace(row)
+            log.info("session=%s slot=%d: detached, waiting for a resume", self.sessions.session_id(row),
+                     self.slots[row].slot)
 
     def forget_all(self) -> None:
         """A network process (re)started: its sessions are gone; say we are ready for new ones."""

@@ -44,6 +44,8 @@ SNR_BUCKETS = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0)
 # What the page reports: its jitter buffer's delay and the round trip (seconds).
 PLAYOUT_BUCKETS = (0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5)
 RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+# A resume's gap: the server noticing the drop -> the new connection re-attaching (the page's reconnect).
+GAP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.2, 0.4)
 
 
@@ -93,6 +95,15 @@ class LabelledGauge:
         return [f'{self.name}{{{self.label}="{key}"}} {_fmt(v)}' for key, v in self.values.items()]
 
 
+class LabelledCounter(LabelledGauge):
+    """One counter per value of one label (its values known up front, so every series shows from 0)."""
+
+    kind = "counter"
+
+    def inc(self, key: str, n: float = 1.0) -> None:
+        self.values[key] += n
+
+
 class Histogram:
     kind = "histogram"
 
@@ -122,8 +133,9 @@ class Histogram:
 class ServerMetrics:
     """The series `GET /metrics` exposes."""
 
-    def __init__(self, workers: Sequence[str]) -> None:
-        """`workers`: the inference workers' names (procs/topology.py), one series each below."""
+    def __init__(self, workers: Sequence[str], resume_refusals: Sequence[str] = ()) -> None:
+        """`workers`: the inference workers' names (procs/topology.py), one series each below;
+        `resume_refusals`: why a resume may be refused (procs/network/resume.py), likewise."""
         self.sessions_active = Gauge("voice_sessions_active", "Sessions holding a slot now")
         self.sessions_max = Gauge("voice_sessions_max", "Sessions held at once (the ready workers' sum)")
         self.worker_up = LabelledGauge("voice_worker_up", "1 while the inference worker is ready, 0 while it "
@@ -136,6 +148,16 @@ class ServerMetrics:
             "worker", workers)
         self.sessions_total = Counter("voice_sessions_total", "Sessions accepted")
         self.sessions_rejected = Counter("voice_sessions_rejected_total", "Sessions refused (capacity)")
+        # Resume (procs/network/resume.py, `--resume-window`).
+        self.sessions_detached = Gauge(
+            "voice_sessions_detached", "Sessions whose link dropped, kept for a resume (they hold a slot)")
+        self.sessions_resumed = Counter("voice_sessions_resumed_total", "Sessions a new connection resumed")
+        self.resume_failures = LabelledCounter(
+            "voice_resume_failures_total", "Resume attempts refused (a fresh session was started instead)",
+            "reason", resume_refusals)
+        self.resume_gap_seconds = Histogram(
+            "voice_resume_gap_seconds", "A resumed session's gap: its link dropped -> a new one re-attached",
+            GAP_BUCKETS)
         # Sums of every session's counters (procs.network.session.SessionCounters), set at scrape time.
         self.frames_in = SummedCounter("voice_frames_in_total", "Client audio frames received")
         self.frames_out = SummedCounter("voice_frames_out_total", "Model audio frames sent")

@@ -16,12 +16,19 @@ its edge (`wires.py` for `/ws`, `moshi_api.py` for `/api/chat`), admission in `s
 
 Whatever way a connection ends, its handler's `finally` tells the session `connection_closed()`, so the
 slot is released exactly once (by the session's `Release`) without waiting for anything else.
+
+A session outlives its connection when the link drops (`--resume-window`, procs/network/resume.py): its
+`LiveSession` keeps the slot with no `Link` (DETACHED) until `/ws?resume=TOKEN` gives it a new one, or its
+window passes (the ticker). A resume whose session still has a link (a half-dead one the server has not
+noticed) takes the session over: the old connection is closed with CLOSE_RESUMED_ELSEWHERE and its handler,
+no longer the session's link, leaves the session alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -55,10 +62,12 @@ from procs.network.metrics import ServerMetrics
 from procs.network.moshi_api import MoshiAdapter, moshi_params
 from procs.network.moshi_api import capacity_refusal as moshi_capacity_refusal
 from procs.network.quality import QualityReport
+from procs.network.resume import REFUSAL_MESSAGES, ResumeRefusal, TokenBook, requested_resume
 from procs.network.session import (
     CLOSE_CODES,
     Action,
     Close,
+    Phase,
     PublishAudio,
     Release,
     Session,
@@ -70,7 +79,17 @@ from procs.network.wires import AudioOut, Wire, WireOutgoing, ws_wire
 from procs.network.workers import InferenceWorkers
 from procs.runtime import LogThrottle
 from procs.topology import NetworkLinks, Topology, network_links
-from protocol import MAX_TEXT_BYTES, ClientStats, EndReason, session_start
+from protocol import (
+    CLOSE_RECONNECTING,
+    CLOSE_RESUMED_ELSEWHERE,
+    MAX_TEXT_BYTES,
+    ClientStats,
+    EndReason,
+    Error,
+    ErrorCode,
+    SessionStart,
+    session_start,
+)
 from protocol.internal import (
     InferenceReady,
     InternalMessage,
@@ -78,6 +97,7 @@ from protocol.internal import (
     NetworkHello,
     NetworkReady,
     SessionClose,
+    SessionDetached,
     SessionOpen,
     SlotError,
     StepStats,
@@ -97,20 +117,12 @@ WRITE_LIMIT = (4096, 1024)  # websockets' transport buffer high/low-water marks,
 
 
 @dataclass(eq=False)
-class LiveSession:
-    """A session and the I/O that carries it out."""
+class Link:
+    """One WebSocket carrying a session: a session has one at a time, none while detached."""
 
-    session: Session
     ws: ServerConnection
     wire: Wire  # the session's edge: our `/ws` (PCM or Opus) or moshi.server's `/api/chat`
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    rate_limited_logged: int = 0
-    warnings: tuple[str, ...] = ()  # the quality warnings of its last report (logged when they change)
-    client_stats_observed: ClientStats | None = None  # the page's figures last put into the histograms
-
-    def ctx(self) -> tuple[str, int]:
-        """For a log template that starts `session=%s slot=%d` (procs/runtime.py: SessionContext)."""
-        return self.session.session_id, self.session.slot
 
     # The session's I/O, through its wire's edge: decoded on the way in, encoded on the way out.
     def receive(self, message: str | bytes, now_ns: int) -> list[Action]:
@@ -123,6 +135,26 @@ class LiveSession:
         return self.wire.wants_to_send()
 
 
+@dataclass(eq=False)
+class LiveSession:
+    """A session holding a slot, and the connection that carries it (None while it waits for a resume)."""
+
+    session: Session
+    link: Link | None
+    rate_limited_logged: int = 0
+    warnings: tuple[str, ...] = ()  # the quality warnings of its last report (logged when they change)
+    client_stats_observed: ClientStats | None = None  # the page's figures last put into the histograms
+
+    def ctx(self) -> tuple[str, int]:
+        """For a log template that starts `session=%s slot=%d` (procs/runtime.py: SessionContext)."""
+        return self.session.session_id, self.session.slot
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Its slot and generation: what its resume token names."""
+        return self.session.slot, self.session.gen
+
+
 class NetworkServer:
     def __init__(self, cfg: ServerConfig, topo: Topology, status: Connection) -> None:
         self.cfg, self.status = cfg, status
@@ -131,7 +163,11 @@ class NetworkServer:
         # One ready record per inference worker; a stalled one is told by its heartbeat on the board.
         board = self.links.heartbeat.board
         self.inference = InferenceWorkers(topo.inference, last_beat=lambda place: board.get(place.beat))
-        self.metrics = ServerMetrics([w.name for w in self.inference])
+        self.metrics = ServerMetrics([w.name for w in self.inference], [r.value for r in ResumeRefusal])
+        # The resume token of every resumable session; a restarted network process draws a new server id,
+        # so the tokens of the one before are "foreign" (their sessions are gone with it).
+        self.tokens: TokenBook[tuple[int, int]] = TokenBook()
+        self.closers: set[asyncio.Task] = set()  # closing connections whose session was resumed elsewhere
         self.ended = SessionCounters()  # what every session whose connection has closed counted
         self.closing: set[LiveSession] = set()  # released, still flushing their last messages
         self.vad: VadReady | None = None
@@ -245,10 +281,11 @@ class NetworkServer:
         if self.handlers:
             await asyncio.wait(self.handlers, timeout=GOODBYE_S)
         for live in [*self.slots.live(), *self.closing]:
-            if live.ws.transport is not None and not live.ws.transport.is_closing():
+            transport = None if live.link is None else live.link.ws.transport
+            if transport is not None and not transport.is_closing():
                 log.warning("session=%s slot=%d: could not take its goodbye within %.0f s; aborting the "
                             "connection", *live.ctx(), GOODBYE_S)
-                live.ws.transport.abort()
+                transport.abort()
         if self.handlers:
             await asyncio.wait(self.handlers, timeout=GOODBYE_S)
 
@@ -344,14 +381,18 @@ class NetworkServer:
                         ring.publish(write_in_frame(buf, seq, t_ns, gen, pcm))
                 case Release(reason=reason):
                     self._release(live, reason)
-        if live.wants_to_send():
-            live.wake.set()
+        if live.link is not None and live.link.wants_to_send():
+            live.link.wake.set()
 
     def _release(self, live: LiveSession, reason: EndReason) -> None:
         session = live.session
         if not self.slots.release(session.slot, session.gen):
             raise RuntimeError("session={} slot={}: released twice".format(*live.ctx()))
-        self.closing.add(live)
+        self.tokens.retire(live.key)
+        if live.link is not None:
+            self.closing.add(live)  # its handler sees its connection close, and counts it as ended
+        else:  # detached: no connection, no handler
+            self.ended.add(session.counters)
         self._tell_workers(session.slot, SessionClose(slot=session.slot, gen=session.gen, reason=reason))
         c = session.counters
         log.info("session=%s slot=%d: ended (%s) after %.1f s, frames in=%d out=%d, input dropped=%d "
@@ -360,6 +401,16 @@ class NetworkServer:
                  c.input_realigned, c.input_rate_limited, c.input_lost, c.output_dropped, c.latency_spikes)
         if self.draining and not len(self.slots):  # what a drain waits for (a drain sets it at its start)
             self.no_sessions.set()
+
+    def _detached(self, live: LiveSession, reason: EndReason) -> None:
+        """The session's link dropped and it waits for a resume: its inference worker stops waiting for its
+        audio (procs/inference/clock.py: `replace`)."""
+        session = live.session
+        live.link = None
+        self.links.workers[self.inference.owner(session.slot).name].to.send(
+            SessionDetached(slot=session.slot, gen=session.gen))
+        log.info("session=%s slot=%d: connection lost (%s); kept %g s for a resume", *live.ctx(),
+                 reason.value, self.rules.resume_window_s)
 
     def _tell_workers(self, slot: int, msg: SessionOpen | SessionClose) -> None:
         """The slot's inference worker and the VAD."""
@@ -418,6 +469,7 @@ class NetworkServer:
             totals.add(live.session.counters)
         m = self.metrics
         m.sessions_active.set(len(self.slots))
+        m.sessions_detached.set(sum(live.session.phase is Phase.DETACHED for live in self.slots.live()))
         m.sessions_max.set(self.capacity)
         now_ns = time.monotonic_ns()
         status = {w.name: self.inference.status(w, now_ns) for w in self.inference}
@@ -454,21 +506,86 @@ class NetworkServer:
             self.handlers.discard(task)
 
     def _open(self, ws: ServerConnection, slot: int, gen: int) -> LiveSession:
+        # `?codec=` is ours (checked in the handshake); moshi's wire is Ogg/Opus by its own adapter, whatever
+        # the query says, and moshi's clients know nothing of resuming.
+        moshi = is_moshi(ws)
+        rules = dataclasses.replace(self.rules, resume_window_s=0.0) if moshi else self.rules
+        start = self._session_start(ws, uuid.uuid4().hex[:12], (slot, gen), rules)
+        session = Session(start, slot, gen, now=time.monotonic(), rules=rules)
+        wire: Wire = (MoshiAdapter(session, moshi_params(ws.request.path))  # type: ignore[union-attr]
+                      if moshi else ws_wire(session, ws_codec(ws)))
+        return LiveSession(session, Link(ws, wire))
+
+    def _session_start(self, ws: ServerConnection, session_id: str, key: tuple[int, int], rules: SessionRules,
+                       resume_gap_s: float | None = None) -> SessionStart:
+        """The `session_start` of a connection: of a new session, or (`resume_gap_s`) of a resumed one, with
+        the session's new resume token if it can be resumed."""
         model = self.inference.first_ready
         assert model is not None
-        # `?codec=` is ours (checked in the handshake); moshi's wire is Ogg/Opus by its own adapter, whatever
-        # the query says.
-        moshi = is_moshi(ws)
-        codec = "pcm" if moshi else requested_codec(ws.request.path if ws.request is not None else "")
-        start = session_start(uuid.uuid4().hex[:12], model=model.model,
-                              demo_weights=model.demo_weights, max_sessions=self.capacity,
-                              codec=codec)
-        session = Session(start, slot, gen, now=time.monotonic(), rules=self.rules)
-        wire: Wire = (MoshiAdapter(session, moshi_params(ws.request.path))  # type: ignore[union-attr]
-                      if moshi else ws_wire(session, codec))
-        return LiveSession(session, ws, wire)
+        codec = "pcm" if is_moshi(ws) else ws_codec(ws)
+        resumable = rules.resume_window_s > 0
+        return session_start(session_id, model=model.model, demo_weights=model.demo_weights,
+                             max_sessions=self.capacity, codec=codec,
+                             resume_token=self.tokens.issue(key) if resumable else None,
+                             resume_window_s=rules.resume_window_s, resume_gap_s=resume_gap_s)
+
+    def _resume_target(self, ws: ServerConnection) -> LiveSession | ResumeRefusal | None:
+        """The session a `/ws?resume=TOKEN` handshake resumes (its token spent), why it resumes none, or None
+        if it asks for no resume."""
+        if is_moshi(ws) or ws.request is None or (token := requested_resume(ws.request.path)) is None:
+            return None
+        key = self.tokens.redeem(token)
+        if isinstance(key, ResumeRefusal):
+            return key
+        live = self.slots.get(*key)
+        if live is None or live.session.phase not in (Phase.OPEN, Phase.DETACHED):  # cannot be: retired
+            return ResumeRefusal.EXPIRED
+        return live
+
+    def _resume(self, live: LiveSession, ws: ServerConnection) -> Link | None:
+        """Re-attach `live` to the new connection `ws`, taking it over from a connection it still has; None if
+        it cannot be (taken over as a drain began, it ended)."""
+        session, now = live.session, time.monotonic()
+        if (old := live.link) is not None:  # a link the server has not seen drop (the client has)
+            self._apply(live, session.connection_closed(EndReason.RECONNECTING, now))
+            if session.phase is Phase.DETACHED:
+                self._detached(live, EndReason.RECONNECTING)
+            closer = asyncio.create_task(old.ws.close(CLOSE_RESUMED_ELSEWHERE, "resumed elsewhere"))
+            self.closers.add(closer)
+            closer.add_done_callback(self.closers.discard)
+        if session.detached_at is None:
+            return None
+        gap_s = now - session.detached_at
+        start = self._session_start(ws, session.session_id, live.key, session.rules, resume_gap_s=gap_s)
+        link = Link(ws, ws_wire(session, ws_codec(ws)))
+        live.link = link
+        self._apply(live, session.attach(start, now))
+        self.metrics.sessions_resumed.inc()
+        self.metrics.resume_gap_seconds.observe(gap_s)
+        log.info("session=%s slot=%d: resumed from %s after %.2f s", *live.ctx(), ws.remote_address, gap_s)
+        return link
 
     async def _session(self, ws: ServerConnection) -> None:
+        target = self._resume_target(ws)
+        if isinstance(target, LiveSession):
+            if (link := self._resume(target, ws)) is not None:
+                await self._carry(target, link)
+                return
+            target = ResumeRefusal.EXPIRED
+        live = await self._admit(ws)
+        if live is None:
+            return
+        assert live.link is not None
+        if target is not None:  # a resume that failed: a fresh session goes on, and says why
+            self.metrics.resume_failures.inc(target.value)
+            log.info("session=%s slot=%d: resume refused (%s); a fresh session", *live.ctx(), target.value)
+            self._apply(live, live.session.resume_failed(
+                Error(code=ErrorCode.RESUME_FAILED, msg=REFUSAL_MESSAGES[target], fatal=False)))
+        await self._carry(live, live.link)
+
+    async def _admit(self, ws: ServerConnection) -> LiveSession | None:
+        """A new session for `ws` in a free slot of the ready worker with the most room, its workers told; or
+        None, the client told why (capacity)."""
         # A free slot is not enough: the process's open files must leave the reserve free (procs/fdlimit.py).
         room = room_for_a_session()
         now_ns = time.monotonic_ns()
@@ -489,32 +606,41 @@ class NetworkServer:
                 for refusal in refusals:
                     await ws.send(refusal)
                 await ws.close(CLOSE_CODES[EndReason.CAPACITY], CAPACITY_MESSAGE)
-            return
+            return None
         session = live.session
+        ring = self.links.audio_from_inference[session.slot]
+        while ring.peek() is not None:  # output left over from the slot's previous session
+            ring.release()
+        self.metrics.sessions_total.inc()
+        self._tell_workers(session.slot, SessionOpen(slot=session.slot, gen=session.gen,
+                                                     session_id=session.session_id))
+        assert live.link is not None
+        if not isinstance(live.link.wire, MoshiAdapter):
+            log.info("session=%s slot=%d: open from %s", *live.ctx(), ws.remote_address)
+        else:  # the sampling settings a moshi client asks for are not honoured: say which were asked
+            log.info("session=%s slot=%d: open from %s on moshi's /api/chat (ignored settings: %s)",
+                     *live.ctx(), ws.remote_address, live.link.wire.params.given() or "none")
+        return live
+
+    async def _carry(self, live: LiveSession, link: Link) -> None:
+        """Carry the session over `link` until its connection ends, then tell the session how it ended, unless
+        a resume on another connection has taken the session over meanwhile."""
+        session, ws = live.session, link.ws
         sender: asyncio.Task | None = None
         try:
             sock = ws.transport.get_extra_info("socket")
             if sock is not None:  # unsent audio waits in the session's bounded queue, not in the kernel
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-            ring = self.links.audio_from_inference[session.slot]
-            while ring.peek() is not None:  # output left over from the slot's previous session
-                ring.release()
-            self.metrics.sessions_total.inc()
-            self._tell_workers(session.slot, SessionOpen(slot=session.slot, gen=session.gen,
-                                                         session_id=session.session_id))
-            if not isinstance(live.wire, MoshiAdapter):
-                log.info("session=%s slot=%d: open from %s", *live.ctx(), ws.remote_address)
-            else:  # the sampling settings a moshi client asks for are not honoured: say which were asked
-                log.info("session=%s slot=%d: open from %s on moshi's /api/chat (ignored settings: %s)",
-                         *live.ctx(), ws.remote_address, live.wire.params.given() or "none")
             if self.stop_now.is_set():  # admitted as the stop began: it missed the goodbye
                 self._apply(live, session.shutdown())
             elif self.draining:  # admitted as the drain began: it missed the notice
                 self._apply(live, session.drain(self.cfg.drain_timeout_s))
-            live.wake.set()  # session_start
-            sender = asyncio.create_task(self._sender(live), name=f"sender-{session.session_id}")
+            link.wake.set()  # session_start
+            sender = asyncio.create_task(self._sender(live, link), name=f"sender-{session.session_id}")
             async for message in ws:
-                self._apply(live, live.receive(message, time.monotonic_ns()))
+                if live.link is not link:  # resumed on another connection: this one is being closed
+                    break
+                self._apply(live, link.receive(message, time.monotonic_ns()))
                 if session.counters.input_rate_limited > live.rate_limited_logged:
                     self._warn_rate_limited(live)
         except ConnectionClosed:
@@ -523,11 +649,17 @@ class NetworkServer:
             if sender is not None:
                 sender.cancel()
             try:
-                self._apply(live, session.connection_closed(why_closed(ws)))
+                if live.link is link:
+                    reason = why_closed(ws)
+                    actions = session.connection_closed(reason, time.monotonic())
+                    if session.phase is Phase.DETACHED:
+                        self._detached(live, reason)
+                    self._apply(live, actions)
             finally:
-                live.wire.close()
-                self.closing.discard(live)
-                self.ended.add(session.counters)
+                link.wire.close()
+                if live.link is link:  # the session ended on this connection (not detached, not taken over)
+                    self.closing.discard(live)
+                    self.ended.add(session.counters)
 
     def _observe_client_stats(self, live: LiveSession) -> None:
         """The page's latest figures, once a report period like the server's own: a page that sends
@@ -564,16 +696,16 @@ class NetworkServer:
                         "warnings held back)", *live.ctx(), refused, held_back)
         live.rate_limited_logged = refused
 
-    async def _sender(self, live: LiveSession) -> None:
-        """The one task that drains this session's outbox, through its wire's edge, in the order the session
-        says: to the client, or (a quality report) into the metrics."""
-        ws = live.ws
+    async def _sender(self, live: LiveSession, link: Link) -> None:
+        """The one task that drains this session's outbox over `link`, through its wire's edge, in the order
+        the session says: to the client, or (a quality report) into the metrics."""
+        ws = link.ws
         try:
             while True:
-                item = live.next_outgoing(time.monotonic_ns())
+                item = link.next_outgoing(time.monotonic_ns())
                 if item is None:
-                    await live.wake.wait()
-                    live.wake.clear()
+                    await link.wake.wait()
+                    link.wake.clear()
                 elif isinstance(item, QualityReport):
                     try:  # a failure in the metrics stays there: the client's messages go on
                         self._observe_quality(live, item)
@@ -643,6 +775,11 @@ class HttpConnection(ServerConnection):
 BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 
+def ws_codec(ws: ServerConnection) -> str:
+    """The codec a `/ws` connection asked for (`?codec=`, checked in the handshake)."""
+    return requested_codec(ws.request.path if ws.request is not None else "")
+
+
 def is_moshi(ws: ServerConnection) -> bool:
     """A connection on moshi.server's `/api/chat` (procs/network/moshi_api.py) rather than our `/ws`."""
     return ws.request is not None and ws.request.path.split("?", 1)[0] == MOSHI_PATH
@@ -661,6 +798,6 @@ def why_closed(ws: ServerConnection) -> EndReason:
             return EndReason.INVALID_UTF8
         if sent.code == CLOSE_CODES[EndReason.KEEPALIVE_TIMEOUT] and "keepalive" in sent.reason:
             return EndReason.KEEPALIVE_TIMEOUT
-    if received is not None:
-        return EndReason.CLIENT_CLOSED
+    if received is not None:  # the client's close: a goodbye, unless it is leaving to resume
+        return EndReason.RECONNECTING if received.code == CLOSE_RECONNECTING else EndReason.CLIENT_CLOSED
     return EndReason.CONNECTION_LOST

@@ -11,6 +11,7 @@ decodes a client's messages into the inputs below and encodes the outbox's items
 wire's bytes are encoded here only to be decoded again there.
 
 Events (methods):
+    resume_failed(error)          the client asked to resume a session that could not be (it gets this one)
     receive(input, now_ns)        a client message, decoded: `ClientAudio`, a control message, or the
                                   `ProtocolError` its decoding raised
     model_audio(frame)            a 20 ms frame of model audio the I/O layer read from the inference ring
@@ -21,8 +22,10 @@ Events (methods):
     drain(deadline_s)             the server stops taking sessions; this one has `deadline_s` left
     shutdown()                    the server is stopping (or the drain's time is up)
     internal_failure(msg)         the inference process died: the session cannot go on
-    connection_closed(reason)     the socket is gone: the client closed it, the network failed, the
+    connection_closed(reason, now)  the socket is gone: the client closed it, the network failed, the
                                   WebSocket layer refused something, or our own close finished
+    attach(start, now)            a new connection resumed the detached session (`start`: its
+                                  `session_start`, resumed)
 
 Actions, returned by an event, carried out at once (they never wait for a slow client):
     `PublishAudio`: write this client frame to the workers' rings;
@@ -36,12 +39,22 @@ The outbox, drained by the sender at the client's pace (`next_outgoing(now_ns)`)
 States:
 
     OPEN ─ the server ends it (client_request, idle_timeout, ...) ─▶ CLOSING ─ connection_closed ─▶ CLOSED
-     └─────── connection_closed (client_closed, connection_lost, ...) ──────────────────────▶ CLOSED
+     │└────── connection_closed (client_closed, a close the server refused, ...) ─────────────────▶ CLOSED
+     └─ connection_closed (no close frame, keepalive timeout, the client's 4000), resumable ─▶ DETACHED
+    DETACHED ─ attach ─▶ OPEN
+    DETACHED ─ the window passes, the time limit, a drain, shutdown, internal failure ──────────▶ CLOSED
+
+Resume (`resume_window_s` > 0): a link that dies without a close handshake (or that the client abandons
+with CLOSE_RECONNECTING, to resume) does not end the session: it is DETACHED, keeps its slot (so it counts
+for admission) and its model state, sends and publishes nothing (so its model is not stepped: the
+conversation goes on from where it stopped, not on silence the client never said), and ends when its window
+passes unless a new connection `attach`es it. A session told to drain is not kept (its server is going).
 
 Invariants (tests/test_session.py checks them over arbitrary event sequences): no event raises; every way
-out of OPEN yields exactly one `Release`, and nothing else does; a session that is not OPEN publishes
-nothing and queues nothing new; a session the server ends yields exactly one `Close`; a CLOSED session
-has nothing to send. Close codes come from one map, `CLOSE_CODES`, the same for every wire.
+out of OPEN and DETACHED into CLOSING or CLOSED yields exactly one `Release`, and nothing else does; a
+session that is not OPEN publishes nothing and queues nothing new; a session the server ends yields exactly
+one `Close`; a CLOSED or DETACHED session has nothing to send. Close codes come from one map, `CLOSE_CODES`,
+the same for every wire.
 """
 
 from __future__ import annotations
@@ -96,10 +109,15 @@ CLOSE_CODES: Mapping[EndReason, CloseCode] = MappingProxyType({
     EndReason.INVALID_UTF8: CloseCode.INVALID_DATA,  # websockets' own, for a text frame that is not UTF-8
     EndReason.KEEPALIVE_TIMEOUT: CloseCode.INTERNAL_ERROR,  # websockets' own, reason "keepalive ping timeout"
 })
+# The connection endings that detach a resumable session rather than end it: the link died, or the client
+# abandoned it to resume (its close 4000). A close frame with any other code is the client's goodbye.
+RESUMABLE_ENDINGS = frozenset({EndReason.CONNECTION_LOST, EndReason.KEEPALIVE_TIMEOUT,
+                               EndReason.RECONNECTING})
 
 
 class Phase(enum.Enum):
     OPEN = "open"
+    DETACHED = "detached"  # the link dropped; kept for its resume window, nothing stepped, nothing sent
     CLOSING = "closing"  # the server ended the session; what is queued goes out, then the close
     CLOSED = "closed"  # the socket is gone
 
@@ -113,6 +131,8 @@ class SessionRules:
     idle_timeout_s: float | None
     # Operators who bill or cap by time end sessions at this age (`time_limit`); None: no limit.
     max_session_s: float | None
+    # A session whose link drops is kept this long for a resume (`--resume-window`); 0: never.
+    resume_window_s: float = 0.0
 
     # A client that sends this many malformed messages within `garbage_window_s` is closed (1008); fewer
     # are answered with an `error` each, at most `errors_per_second` of them.
@@ -138,7 +158,8 @@ class SessionRules:
     @classmethod
     def of(cls, cfg: ServerConfig, **protocol: float) -> SessionRules:
         """The rules of a server started with `cfg` (`protocol`: any of the other limits, for a test)."""
-        return cls(idle_timeout_s=cfg.idle_timeout_s, max_session_s=cfg.max_session_s, **protocol)
+        return cls(idle_timeout_s=cfg.idle_timeout_s, max_session_s=cfg.max_session_s,
+                   resume_window_s=cfg.resume_window_s, **protocol)
 
 
 # --- input: a client message as its wire's edge decoded it ------------------------------------------------
@@ -331,6 +352,9 @@ class Session:
         self._audio_rate = TokenBucket(self.rules.rate_frames_per_s, self.rules.rate_burst_frames, now)
         self._control_rate = TokenBucket(self.rules.control_per_s, self.rules.control_burst, now)
         self._refused: deque[float] = deque()
+        self._draining = False  # told to drain: a dropped link ends the session (the server is going)
+        self.detached_at: float | None = None  # when the link dropped, while DETACHED
+        self.resumes = 0  # connections that re-attached it
 
     # ---- events -----------------------------------------------------------------------------------------
     def receive(self, decoded: ClientInput, now_ns: int) -> list[Action]:
@@ -372,8 +396,13 @@ class Session:
         return []
 
     def model_audio(self, frame: ModelFrame) -> list[Action]:
-        if self.phase is not Phase.OPEN or frame.gen != self.gen:
-            return []  # a session that is over hears nothing; a previous session's frame is stale
+        if frame.gen != self.gen:
+            return []  # a previous session's frame is stale
+        if self.phase is Phase.DETACHED:  # what the model said of the audio it had before the drop
+            self.counters.output_dropped += 1
+            return []
+        if self.phase is not Phase.OPEN:
+            return []  # a session that is over hears nothing
         self.counters.input_dropped = max(self.counters.input_dropped, frame.dropped)
         self.counters.input_realigned = max(self.counters.input_realigned, frame.realigned)
         self.counters.input_skipped = max(self.counters.input_skipped, frame.skipped)
@@ -403,6 +432,8 @@ class Session:
         return []
 
     def slot_error(self, code: ErrorCode, msg: str) -> list[Action]:
+        if self.phase is Phase.DETACHED and code is ErrorCode.CAPACITY:
+            return self._end_detached(EndReason.CAPACITY)
         if self.phase is not Phase.OPEN:
             return []
         if code is ErrorCode.CAPACITY:
@@ -414,9 +445,16 @@ class Session:
     def tick(self, now: float) -> list[Action]:
         """At least one `latency` report per period once the session has produced audio; the idle timeout
         and the session time limit."""
+        rules = self.rules
+        if self.phase is Phase.DETACHED:
+            assert self.detached_at is not None
+            if now - self.detached_at >= rules.resume_window_s:
+                return self._end_detached(EndReason.CONNECTION_LOST)
+            if rules.max_session_s is not None and now - self.started >= rules.max_session_s:
+                return self._end_detached(EndReason.TIME_LIMIT)
+            return []
         if self.phase is not Phase.OPEN:
             return []
-        rules = self.rules
         if rules.idle_timeout_s is not None and now - self._last_audio >= rules.idle_timeout_s:
             self._say(Error(code=ErrorCode.IDLE_TIMEOUT, fatal=True,
                             msg=f"no audio for {rules.idle_timeout_s:g} s: the session is closed"))
@@ -441,36 +479,72 @@ class Session:
         return []
 
     def drain(self, deadline_s: float) -> list[Action]:
+        self._draining = True
+        if self.phase is Phase.DETACHED:  # nobody to finish the conversation with
+            return self._end_detached(EndReason.SERVER_SHUTDOWN)
         if self.phase is Phase.OPEN:
             self._say(Draining(deadline_s=deadline_s))
         return []
 
     def shutdown(self) -> list[Action]:
+        if self.phase is Phase.DETACHED:
+            return self._end_detached(EndReason.SERVER_SHUTDOWN)
         if self.phase is not Phase.OPEN:
             return []
         return self._end_saying_goodbye(EndReason.SERVER_SHUTDOWN, "server shutting down")
 
     def internal_failure(self, msg: str) -> list[Action]:
+        if self.phase is Phase.DETACHED:
+            return self._end_detached(EndReason.INTERNAL)
         if self.phase is not Phase.OPEN:
             return []
         self._say(Error(code=ErrorCode.INTERNAL, msg=msg, fatal=True))
         return self._end(EndReason.INTERNAL, "internal error")
 
-    def connection_closed(self, reason: EndReason = EndReason.CLIENT_CLOSED) -> list[Action]:
-        """`reason`: why the socket went, as the I/O layer saw it (used only if the session was open)."""
-        actions: list[Action] = []
+    def resume_failed(self, error: Error) -> list[Action]:
+        """This fresh session's client asked to resume one that could not be: `error` says why, right after
+        the `session_start`."""
         if self.phase is Phase.OPEN:
+            self._say(error)
+        return []
+
+    def connection_closed(self, reason: EndReason = EndReason.CLIENT_CLOSED, now: float = 0.0
+                          ) -> list[Action]:
+        """`reason`: why the socket went, as the I/O layer saw it (used only if the session was open); `now`:
+        when (a resumable session's window starts then)."""
+        if self.phase is Phase.DETACHED:
+            return []  # its connection was gone already
+        resumable = reason in RESUMABLE_ENDINGS and self.rules.resume_window_s > 0 and not self._draining
+        actions: list[Action] = []
+        if self.phase is Phase.OPEN and not resumable:
             actions = self._end(reason, text=None)
-        self.phase = Phase.CLOSED
+        if self.phase is Phase.OPEN:  # resumable: what was queued for the dead link is never sent
+            self.counters.output_dropped += len(self._audio)
+            self.phase, self.detached_at = Phase.DETACHED, now
         self._control.clear()
         self._audio.clear()
         self._quality = None
+        if self.phase is Phase.DETACHED:
+            return []
+        self.phase = Phase.CLOSED
         self._goodbye = None
         return actions
 
+    def attach(self, start: SessionStart, now: float) -> list[Action]:
+        """A new connection resumed this DETACHED session: `start` (its `session_start`, `resumed`) goes out
+        first and the conversation goes on; its idle timeout counts from now."""
+        if self.phase is not Phase.DETACHED:
+            raise ValueError(f"session {self.session_id} is {self.phase.value}, not detached")
+        self.phase, self.detached_at = Phase.OPEN, None
+        self.resumes += 1
+        self._control.append(start)
+        self._last_audio = now
+        self._next_report = now + self.rules.latency_period_s
+        return []
+
     # ---- what to send -----------------------------------------------------------------------------------
     def wants_to_send(self) -> bool:
-        if self.phase is Phase.CLOSED:
+        if self.phase in (Phase.CLOSED, Phase.DETACHED):
             return False
         return (bool(self._control or self._audio) or self._quality is not None
                 or (self.close is not None and not self._close_sent))
@@ -483,7 +557,7 @@ class Session:
     def next_outgoing(self, now_ns: int) -> Outgoing | None:
         """The outbox: the next item for the sender. The newest quality report (for the server, not the
         client), then what goes to the socket: control messages first, then model audio, then the close."""
-        if self.phase is Phase.CLOSED:
+        if self.phase in (Phase.CLOSED, Phase.DETACHED):
             return None
         if self._quality is not None:
             report, self._quality = self._quality, None
@@ -543,6 +617,13 @@ class Session:
     def _end_saying_goodbye(self, reason: EndReason, text: str) -> list[Action]:
         self._goodbye = reason
         return self._end(reason, text)
+
+    def _end_detached(self, reason: EndReason) -> list[Action]:
+        """The one way out of DETACHED other than `attach`: the slot is released; no connection to close."""
+        assert self.phase is Phase.DETACHED
+        self.phase, self.detached_at = Phase.CLOSED, None
+        self.end_reason = reason
+        return [Release(reason)]
 
     def _end(self, reason: EndReason, text: str | None) -> list[Action]:
         """The one way out of OPEN: the slot is released here and nowhere else. `text`: the close's reason,
