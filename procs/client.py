@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from procs.network.codec import UP_BITRATE, OpusDecoder, OpusEncoder
 from protocol import (
@@ -27,6 +27,7 @@ from protocol import (
     OUT_RATE,
     ClientSessionEnd,
     ProtocolError,
+    SessionEnd,
     SessionStart,
     decode_server,
     decode_server_opus,
@@ -51,6 +52,12 @@ class ClientRun:
     send_times: list[float] = field(default_factory=list)  # right after each audio frame went to the socket
     close_code: int | None = None
     close_reason: str = ""
+    # `resume=True`: every `session_start` (the first, then one per resume), when each link dropped, and
+    # when each reconnect's `session_start` came.
+    session_starts: list[SessionStart] = field(default_factory=list)
+    drops: list[float] = field(default_factory=list)
+    reconnected: list[float] = field(default_factory=list)
+    frames_skipped: int = 0  # audio frames captured while the link was down (a microphone does not wait)
     audio_bytes_up: int = 0  # binary frames as sent (prefix included): what the codec costs on the wire
     audio_bytes_down: int = 0
 
@@ -110,6 +117,9 @@ async def stream_client(
     seed: int | None = None,
     codec: str = "pcm",
     burst: int = 1,
+    resume: bool = False,
+    retry_s: float = 0.1,
+    run: ClientRun | None = None,
     **connect_kwargs: Any,
 ) -> ClientRun:
     """Stream `pcm16` (16 kHz int16) as 20 ms frames at real-time pace and collect what the server sends.
@@ -128,8 +138,14 @@ async def stream_client(
     `codec="opus"` asks for Opus (`?codec=opus`): the audio is encoded up front (as one pass through an
     encoder, so a looped file restarts mid-stream as a live one would not: fine for tests), and what comes
     back is decoded to 960-byte frames; a packet that does not decode lands in `bad_frames`.
+
+    `resume=True` survives a dropped link as the page does: when the connection dies before the session
+    ended, it reconnects (every `retry_s` while the network refuses) with `?resume=` and the newest
+    `session_start`'s token, for as long as that token's window lasts, and goes on streaming; the frames due
+    meanwhile are skipped (counted), as a microphone's are. Each reconnect's `session_start` joins
+    `session_starts` (the first stays `session_start`). `run`: the record to fill (a test watches it live).
     """
-    run = ClientRun()
+    run = ClientRun() if run is None else run
     unclosed = False
     n_frames = len(pcm16) // IN_FRAME_SAMPLES
     if until_frames is not None and until_frames < 0:
@@ -148,64 +164,103 @@ async def stream_client(
     enough_back = asyncio.Event()
     connect_kwargs.setdefault("compression", None)
     connect_kwargs.setdefault("max_size", 2**20)
-    async with connect(url, **connect_kwargs) as ws:
 
-        async def receive() -> None:
-            with contextlib.suppress(ConnectionClosed):
-                async for message in ws:
-                    t = loop.time()
-                    if decoder is not None and not isinstance(message, str):
-                        decoded = _opus_frame(decoder, message)
-                    else:
-                        decoded = decode_server(message)
-                    if not isinstance(message, str):
-                        run.audio_bytes_down += len(message)
-                    if isinstance(decoded, memoryview):
-                        if first_audio is not None:
-                            first_audio.set()
-                        (run.frames if len(decoded) == OUT_FRAME_BYTES else run.bad_frames).append(
-                            (t, bytes(decoded))
-                        )
-                        if until_frames is not None and len(run.frames) >= until_frames:
-                            enough_back.set()
-                    else:
-                        run.controls.append((t, decoded))
-                        if isinstance(decoded, SessionStart):
+    async def receive(ws: Any) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                t = loop.time()
+                if decoder is not None and not isinstance(message, str):
+                    decoded = _opus_frame(decoder, message)
+                else:
+                    decoded = decode_server(message)
+                if not isinstance(message, str):
+                    run.audio_bytes_down += len(message)
+                if isinstance(decoded, memoryview):
+                    if first_audio is not None:
+                        first_audio.set()
+                    (run.frames if len(decoded) == OUT_FRAME_BYTES else run.bad_frames).append(
+                        (t, bytes(decoded))
+                    )
+                    if until_frames is not None and len(run.frames) >= until_frames:
+                        enough_back.set()
+                else:
+                    run.controls.append((t, decoded))
+                    if isinstance(decoded, SessionStart):
+                        if run.session_start is None:
                             run.session_start = decoded
+                        else:
+                            run.reconnected.append(t)
+                        run.session_starts.append(decoded)
 
-        receiver = asyncio.create_task(receive())
-        try:
-            t0 = loop.time() if start_at is None else start_at
-            period = FRAME_S * (1.0 + clock_ppm * 1e-6)
-            jitter = random.Random(seed)
-            i = 0
-            while i < n_frames or (repeat_until is not None and not repeat_until.is_set() and n_frames):
-                sent_with = i if burst == 1 else (i // burst + 1) * burst - 1  # the clump's last frame
-                due = t0 + sent_with * period + (jitter.uniform(-jitter_s, jitter_s) if jitter_s else 0.0)
-                delay = due - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)  # pacing, as a microphone delivers frames
+    async def reconnect(dropped_at: float) -> Any | None:
+        """A new connection resuming the session, or None when it cannot be (no token, window over)."""
+        start = run.session_starts[-1] if run.session_starts else None
+        if start is None or start.resume_token is None:
+            return None
+        resume_url = url + ("&" if "?" in url else "?") + "resume=" + start.resume_token
+        while loop.time() - dropped_at < start.resume_window_s:
+            try:
+                return await connect(resume_url, **connect_kwargs)
+            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError):
+                await asyncio.sleep(retry_s)  # the network is still down: try again, as the page does
+        return None
+
+    ws = await connect(url, **connect_kwargs)
+    receiver = asyncio.create_task(receive(ws))
+    try:
+        t0 = loop.time() if start_at is None else start_at
+        period = FRAME_S * (1.0 + clock_ppm * 1e-6)
+        jitter = random.Random(seed)
+        i = 0
+        while i < n_frames or (repeat_until is not None and not repeat_until.is_set() and n_frames):
+            sent_with = i if burst == 1 else (i // burst + 1) * burst - 1  # the clump's last frame
+            due = t0 + sent_with * period + (jitter.uniform(-jitter_s, jitter_s) if jitter_s else 0.0)
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing, as a microphone delivers frames
+            try:
                 for raw in (inject or {}).get(i, []):
                     await ws.send(raw)
                 await ws.send(frames[i % n_frames])
-                run.send_times.append(loop.time())
-                run.audio_bytes_up += len(frames[i % n_frames])
-                i += 1
-            with contextlib.suppress(TimeoutError):  # frames that never come back fail the caller's checks
-                await asyncio.wait_for(enough_back.wait(), timeout=tail_s)
-            if end_session:
-                await ws.send(encode_client_control(ClientSessionEnd()))
-            await asyncio.wait_for(receiver, timeout=CLOSE_WAIT_S)
-        except ConnectionClosed:
-            pass
-        except TimeoutError:  # the server never closed: what was seen is still the run's (no close code)
-            unclosed = True
-        finally:
-            receiver.cancel()
-        run.close_code, run.close_reason = ws.close_code, ws.close_reason or ""
+            except ConnectionClosed:
+                if not resume or _session_over(run, ws):
+                    raise
+                run.drops.append(loop.time())
+                await asyncio.wait_for(receiver, timeout=CLOSE_WAIT_S)
+                new = await reconnect(run.drops[-1])
+                if new is None:
+                    raise
+                ws = new
+                receiver = asyncio.create_task(receive(ws))
+                now_i = int((loop.time() - t0) / period)  # frames captured while the link was down
+                if now_i > i:
+                    run.frames_skipped += now_i - i
+                    i = now_i
+                continue
+            run.send_times.append(loop.time())
+            run.audio_bytes_up += len(frames[i % n_frames])
+            i += 1
+        with contextlib.suppress(TimeoutError):  # frames that never come back fail the caller's checks
+            await asyncio.wait_for(enough_back.wait(), timeout=tail_s)
+        if end_session:
+            await ws.send(encode_client_control(ClientSessionEnd()))
+        await asyncio.wait_for(receiver, timeout=CLOSE_WAIT_S)
+    except ConnectionClosed:
+        pass
+    except TimeoutError:  # the server never closed: what was seen is still the run's (no close code)
+        unclosed = True
+    finally:
+        receiver.cancel()
+        await ws.close()
+    run.close_code, run.close_reason = ws.close_code, ws.close_reason or ""
     if unclosed:
         run.close_code, run.close_reason = None, f"the server did not close within {CLOSE_WAIT_S:.0f} s"
     return run
+
+
+def _session_over(run: ClientRun, ws: Any) -> bool:
+    """The session ended (the server said goodbye or closed it with a close frame), rather than the link."""
+    return any(isinstance(m, SessionEnd) for _, m in run.controls) or ws.protocol.close_rcvd is not None
 
 
 def _opus_frame(decoder: OpusDecoder, message: bytes) -> memoryview:

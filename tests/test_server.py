@@ -39,7 +39,9 @@ ALL_BACK = {"until_frames": -1, "tail_s": 5.0}
 
 # A client of the demo model listens until what it sent is answered (a slow CPU answers late, not less).
 ANSWERED = {"until_frames": 10**9, "tail_s": 3.0}
-pytestmark = pytest.mark.loopback_server("--max-sessions", "2")
+# A dropped link holds its session for a resume this long (procs/network/session.py): short here, so a test
+# that drops one sees its slot back soon.
+pytestmark = pytest.mark.loopback_server("--max-sessions", "2", "--resume-window", "1")
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +249,8 @@ def test_sessions_that_end_before_any_audio_give_their_slot_back(loopback_server
         async with connect(loopback_server.ws_url, compression=None) as ws:
             first = decode_server(await ws.recv())
             assert isinstance(first, SessionStart), first
-            if how == "abort":
-                ws.transport.abort()  # no close frame: the TCP connection just dies
+            if how == "abort":  # no close frame: the TCP connection just dies; the session is kept for its
+                ws.transport.abort()  # resume window (1 s on this module's server), then the slot goes back
             elif how == "end":
                 await ws.send(encode_client_control(ClientSessionEnd()))
                 await ws.wait_closed()

@@ -15,6 +15,7 @@ from procs.frames import ModelFrame
 from procs.network.quality import QualityReport
 from procs.network.session import (
     CLOSE_CODES,
+    RESUMABLE_ENDINGS,
     ClientAudio,
     Close,
     ModelAudio,
@@ -394,7 +395,10 @@ events = st.lists(
         st.tuples(st.just("tick"), st.floats(0, 3)),
         st.tuples(st.just("send"), st.integers(0, 100)),
         st.just(("shutdown",)),
+        st.just(("drain",)),
         st.just(("connection_closed",)),
+        st.tuples(st.just("connection_lost"), st.sampled_from(sorted(RESUMABLE_ENDINGS))),
+        st.just(("attach",)),
     ),
     max_size=60,
 )
@@ -403,7 +407,7 @@ events = st.lists(
 @settings(deadline=None, max_examples=300)
 @given(events)
 def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> None:
-    session = new_session(gen=2)
+    session = new_session(gen=2, rules=rules_with(resume_window_s=1.0))
     now = 0.0
     releases: list[Release] = []
     sent: list[object] = []
@@ -441,6 +445,7 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
 
     for event in sequence:
         was_open = session.phase is Phase.OPEN
+        was_detached = session.phase is Phase.DETACHED
         kind = event[0]
         now += 0.01
         queued_before = session.queued
@@ -453,7 +458,7 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
         elif kind == "audio":
             gen, pos = event[1], event[2]
             session.model_audio(model_frame(gen=gen, block_pos=pos, t_in_ns=int(now * 1e9)))
-            if was_open and gen == 2:
+            if (was_open or was_detached) and gen == 2:  # queued, or (detached) dropped and counted
                 model_frames_taken += 1
         elif kind == "vad":
             take(session.voice_activity(event[1], 0.0))
@@ -468,13 +473,25 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
             send(event[1])
         elif kind == "shutdown":
             take(session.shutdown())
+        elif kind == "drain":
+            take(session.drain(5.0))
+        elif kind == "connection_lost":
+            take(session.connection_closed(event[1], now))
+        elif kind == "attach":
+            if session.phase is Phase.DETACHED:
+                take(session.attach(session_start("s1", model="m", demo_weights=True, max_sessions=4,
+                                                  resume_gap_s=0.0), now))
+            else:
+                with pytest.raises(ValueError):
+                    session.attach(session_start("s1", model="m", demo_weights=True, max_sessions=4), now)
         else:
-            take(session.connection_closed())
-        if not was_open and kind != "send":
+            take(session.connection_closed(EndReason.CLIENT_CLOSED, now))
+        if not was_open and kind not in ("send", "attach"):
             assert session.queued <= queued_before, f"{kind} queued something after the end"
-        # Every way out of OPEN released the slot exactly once; nothing else did.
-        assert len(releases) == (0 if session.phase is Phase.OPEN else 1), (session.phase, releases)
-        if session.phase is Phase.CLOSED:
+        # Every way out of OPEN and DETACHED released the slot exactly once; nothing else did.
+        kept = session.phase in (Phase.OPEN, Phase.DETACHED)
+        assert len(releases) == (0 if kept else 1), (session.phase, releases)
+        if session.phase in (Phase.CLOSED, Phase.DETACHED):
             assert session.next_outgoing(0) is None and not session.wants_to_send()
 
     send(10_000)
@@ -598,3 +615,115 @@ def test_unsent_model_audio_is_bounded_at_200_ms() -> None:
     for i in range(60):
         session.model_audio(model_frame(fill=i % 250))
     assert session.queued == 10 and session.counters.output_dropped == 50
+
+
+# ---- resume: a dropped link detaches the session for its window ------------------------------------------
+
+WINDOW_S = 10.0
+
+
+def resumable(**limits: float | None) -> Session:
+    """An opened session of a server that keeps dropped sessions WINDOW_S for a resume."""
+    session = new_session(rules=rules_with(resume_window_s=WINDOW_S, **limits))
+    assert isinstance(drain(session)[0], SessionStart)
+    return session
+
+
+def resumed_start(gap_s: float) -> SessionStart:
+    return session_start("s1", model="m", demo_weights=True, max_sessions=4, resume_token="t2",
+                         resume_window_s=WINDOW_S, resume_gap_s=gap_s)
+
+
+@pytest.mark.parametrize("reason", [EndReason.CONNECTION_LOST, EndReason.KEEPALIVE_TIMEOUT,
+                                    EndReason.RECONNECTING])
+def test_a_link_that_dies_without_a_goodbye_detaches_the_session(reason: EndReason) -> None:
+    session = resumable()
+    receive(session, AUDIO, 10 * MS)
+    session.model_audio(model_frame())
+    assert session.connection_closed(reason, now=1.0) == []  # no Release: the slot is kept
+    assert session.phase is Phase.DETACHED and session.detached_at == 1.0
+    assert session.counters.output_dropped == 1  # queued for the dead link, never sent
+    # Detached: it sends nothing, publishes nothing, and what the model still says of its audio is dropped.
+    assert not session.wants_to_send() and session.next_outgoing(0) is None
+    assert receive(session, AUDIO, 2000 * MS) == []
+    session.model_audio(model_frame())
+    assert session.voice_activity("start", 0.0) == [] and session.model_text("x", 0.0) == []
+    assert session.counters.output_dropped == 2 and session.next_outgoing(0) is None
+    # The idle timeout (30 s) does not run while detached; its window does.
+    assert session.tick(1.0 + WINDOW_S - 0.1) == []
+    assert session.tick(1.0 + WINDOW_S) == [Release(EndReason.CONNECTION_LOST)]
+    assert session.phase is Phase.CLOSED and session.tick(100.0) == []
+    assert session.connection_closed(EndReason.CONNECTION_LOST, now=200.0) == []
+
+
+def test_a_resumed_session_says_so_first_and_goes_on_where_it_stopped() -> None:
+    session = resumable(idle_timeout_s=5.0)
+    receive(session, AUDIO, 10 * MS)
+    session.connection_closed(EndReason.CONNECTION_LOST, now=1.0)
+    assert session.attach(resumed_start(2.5), now=3.5) == []
+    assert session.phase is Phase.OPEN and session.resumes == 1
+    first = drain(session)[0]
+    assert isinstance(first, SessionStart) and first.resumed and first.resume_gap_s == 2.5
+    assert first.session_id == session.session_id
+    # Its input numbering goes on: the model's clock never saw the gap.
+    [published] = receive(session, AUDIO, 3600 * MS)
+    assert isinstance(published, PublishAudio) and published.seq == 1
+    session.model_audio(model_frame(t_in_ns=3600 * MS))
+    assert any(isinstance(m, ModelAudio) for m in drain(session, 3700 * MS))
+    # The idle timeout counts from the resume, not from the audio before the drop.
+    assert session.tick(3.5 + 4.9) == []
+    assert session.tick(3.6 + 5.0) == [Release(EndReason.IDLE_TIMEOUT)]
+
+
+def test_only_a_detached_session_can_be_attached() -> None:
+    session = resumable()
+    with pytest.raises(ValueError, match="not detached"):
+        session.attach(resumed_start(0.0), now=1.0)
+    session.connection_closed(EndReason.CONNECTION_LOST, now=1.0)
+    session.tick(1.0 + WINDOW_S)
+    with pytest.raises(ValueError, match="not detached"):
+        session.attach(resumed_start(0.0), now=20.0)
+
+
+@pytest.mark.parametrize("reason", [EndReason.CLIENT_CLOSED, EndReason.MESSAGE_TOO_BIG,
+                                    EndReason.INVALID_UTF8])
+def test_a_goodbye_or_a_refused_message_ends_a_resumable_session_at_once(reason: EndReason) -> None:
+    session = resumable()
+    assert session.connection_closed(reason, now=1.0) == [Release(reason)]
+    assert session.phase is Phase.CLOSED
+
+
+def test_without_a_window_a_dropped_link_ends_the_session_as_before() -> None:
+    session = new_session(rules=rules_with(resume_window_s=0.0))
+    lost = EndReason.CONNECTION_LOST
+    assert session.connection_closed(lost, now=1.0) == [Release(lost)]
+
+
+@pytest.mark.parametrize("ending", ["drain", "shutdown", "internal_failure", "capacity", "time_limit"])
+def test_a_detached_session_ends_at_once_when_the_server_or_its_limits_end_it(ending: str) -> None:
+    session = resumable(max_session_s=60.0)
+    session.connection_closed(EndReason.CONNECTION_LOST, now=59.0)
+    actions = {
+        "drain": lambda: session.drain(30.0),
+        "shutdown": session.shutdown,
+        "internal_failure": lambda: session.internal_failure("gone"),
+        "capacity": lambda: session.slot_error(ErrorCode.CAPACITY, "GPU memory"),
+        "time_limit": lambda: session.tick(60.0),
+    }[ending]()
+    assert len(actions) == 1 and isinstance(actions[0], Release)
+    assert session.phase is Phase.CLOSED and not session.wants_to_send()
+
+
+def test_a_draining_session_that_loses_its_link_ends() -> None:
+    session = resumable()
+    session.drain(30.0)
+    lost = EndReason.CONNECTION_LOST
+    assert session.connection_closed(lost, now=1.0) == [Release(lost)]
+
+
+def test_a_failed_resume_is_said_right_after_the_fresh_session_start() -> None:
+    session = resumable()
+    error = Error(code=ErrorCode.RESUME_FAILED, msg="no session has this resume token", fatal=False)
+    assert session.resume_failed(error) == []
+    assert drain(session) == [error]
+    assert session.phase is Phase.OPEN
