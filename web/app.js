@@ -172,8 +172,14 @@ class VoiceAgent {
       this.view.setStatus(() => t('status.open'), 'connecting');
     } else if (state === 'live') {
       const suspended = this.audio?.suspended;
-      const text = () =>
-        suspended ? `${liveText(detail.session)} ${t('status.soundHint')}` : liveText(detail.session);
+      // After a drop: the same conversation goes on, or the server could only start a new one.
+      const words = () =>
+        detail.resumed
+          ? t('status.resumed')
+          : detail.resumeRefused
+            ? t('status.newConversation')
+            : liveText(detail.session);
+      const text = () => (suspended ? `${words()} ${t('status.soundHint')}` : words());
       this.view.setStatus(text, 'live');
     } else if (state === 'reconnecting') {
       this.setSpeaking(false);
@@ -185,12 +191,15 @@ class VoiceAgent {
 
   onSessionStart(message) {
     this.session = message;
+    this.view.setDemo(Boolean(message.demo_weights));
+    // A resumed session is the session the server already had, the same conversation: its transcript runs
+    // on and its `client_stats` stay counted from its first start, so nothing begins again.
+    if (message.resumed === true) return;
     // `client_stats` once a second, counted from this session's start.
     this.clientStats ??= new ClientStatsReporter();
     this.clientStats.startSession(this.playback, performance.now());
     this.sessions++;
     if (this.sessions > 1) this.view.transcriptBreak();
-    this.view.setDemo(Boolean(message.demo_weights));
   }
 
   onTranscript(message) {
@@ -246,6 +255,8 @@ class VoiceAgent {
       framesSent: connection?.framesSent ?? 0,
       framesReceived: connection?.framesReceived ?? 0,
       reconnects: connection?.reconnects ?? 0,
+      resumes: connection?.resumes ?? 0,
+      resumeFailures: connection?.resumeFailures ?? 0,
       sessionId: connection?.sessionId ?? '',
       model: this.session?.model ?? '',
       // What this session's audio travels as: the server's `session_start` says (Opus when asked and
@@ -282,6 +293,8 @@ class VoiceAgent {
       mouthToEarParts: Object.fromEntries(s.estimate.parts.map((part) => [part.key, part.ms])),
       speaking: this.speaking,
       reconnects: s.reconnects,
+      resumes: s.resumes,
+      resumeFailures: s.resumeFailures,
       transcript: this.transcript,
       lastError: this.lastError ? this.lastError() : '',
       quality: s.quality,

@@ -28,6 +28,9 @@ const te = {
   'status.live': 'కనెక్ట్ అయింది — తెలుగులో మాట్లాడండి.',
   'status.liveModel': '{model}కు కనెక్ట్ అయింది — తెలుగులో మాట్లాడండి.',
   'status.soundHint': 'సౌండ్ ఆన్ చేయడానికి పేజీలో ఎక్కడైనా క్లిక్ చేయండి.',
+  'status.resumed': 'మళ్లీ కనెక్ట్ అయింది — సంభాషణ కొనసాగుతోంది.',
+  'status.newConversation':
+    'మళ్లీ కనెక్ట్ అయింది, కానీ పాత సంభాషణను కొనసాగించలేకపోయాం — కొత్త సంభాషణ మొదలైంది.',
   'status.draining':
     'సర్వర్ రీస్టార్ట్ అవుతోంది: మీ సంభాషణను ముగించండి; తర్వాత పేజీ తానే మళ్లీ కనెక్ట్ అవుతుంది.',
   'status.drainingWithin':
@@ -51,6 +54,7 @@ const te = {
   'error.rate_limited': 'ఆడియో మరీ వేగంగా వస్తోంది',
   'error.capacity': 'సర్వర్ నిండిపోయింది',
   'error.malformed': 'సర్వర్ ఈ పేజీ పంపినదాన్ని చదవలేకపోయింది',
+  'error.resume_failed': 'పాత సంభాషణను కొనసాగించలేకపోయాం, కొత్త సంభాషణ మొదలైంది',
   'end.client_request': 'మీరు ముగించారు',
   'end.client_closed': 'కనెక్షన్ మూసివేయబడింది',
   'end.connection_lost': 'కనెక్షన్ తెగిపోయింది',
@@ -64,6 +68,7 @@ const te = {
   'end.message_too_big': 'సందేశం మరీ పెద్దది',
   'end.invalid_utf8': 'చదవలేని టెక్స్ట్ సందేశం',
   'end.keepalive_timeout': 'పేజీ నుండి స్పందన రాలేదు',
+  'end.reconnecting': 'సంభాషణను కొనసాగించడానికి పేజీ మళ్లీ కనెక్ట్ అవుతోంది',
   'reconnect.lost': 'కనెక్షన్ తెగిపోయింది — {wait}',
   'reconnect.lostCode': 'కనెక్షన్ తెగిపోయింది (కోడ్ {code}) — {wait}',
   'mic.denied':
@@ -147,6 +152,9 @@ const en = {
   'status.live': 'Connected — speak in Telugu.',
   'status.liveModel': 'Connected to {model} — speak in Telugu.',
   'status.soundHint': 'Click anywhere on the page to turn the sound on.',
+  'status.resumed': 'Reconnected — the conversation continues.',
+  'status.newConversation':
+    'Reconnected, but the conversation could not be continued — a new conversation has started.',
   'status.draining':
     'The server is restarting: finish your conversation; the page then reconnects by itself.',
   'status.drainingWithin':
@@ -169,6 +177,7 @@ const en = {
   'error.rate_limited': 'audio is arriving too fast',
   'error.capacity': 'the server is full',
   'error.malformed': 'the server could not read what this page sent',
+  'error.resume_failed': 'the conversation could not be continued, a new one has started',
   'end.client_request': 'you ended it',
   'end.client_closed': 'the connection was closed',
   'end.connection_lost': 'the connection was lost',
@@ -182,6 +191,7 @@ const en = {
   'end.message_too_big': 'a message was too big',
   'end.invalid_utf8': 'an unreadable text message',
   'end.keepalive_timeout': 'the page stopped answering',
+  'end.reconnecting': 'the page is reconnecting to continue the conversation',
   'reconnect.lost': 'Connection lost — {wait}',
   'reconnect.lostCode': 'Connection lost (code {code}) — {wait}',
   'mic.denied':

@@ -8,7 +8,7 @@ import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
 import { Backoff } from '../../web/lib/backoff.js';
-import { AgentConnection, CLOSE_CLIENT_TIMEOUT } from '../../web/lib/connection.js';
+import { AgentConnection, CLOSE_CLIENT_TIMEOUT, withResume } from '../../web/lib/connection.js';
 import { encodeAudioFrame, KIND_SERVER_AUDIO } from '../../web/lib/protocol.js';
 import { startWsServer } from './helpers/ws_server.mjs';
 
@@ -24,12 +24,15 @@ class Recorder {
       'onState',
       'onSessionStart',
       'onSessionEnd',
+      'onDraining',
       'onAudio',
       'onLatency',
       'onVad',
       'onTranscript',
       'onServerError',
       'onRtt',
+      'onResumed',
+      'onNewConversation',
     ];
     return Object.fromEntries(names.map((name) => [name, (...args) => this.record(name, args)]));
   }
@@ -55,7 +58,7 @@ class Recorder {
   }
 }
 
-function sessionStart(id) {
+function sessionStart(id, extra = {}) {
   return {
     type: 'session_start',
     session_id: id,
@@ -65,8 +68,36 @@ function sessionStart(id) {
     model: 'test',
     demo_weights: true,
     max_sessions: 2,
+    ...extra,
   };
 }
+
+/** A session_start of a server that resumes: a token and its window. */
+function resumableStart(id, token, extra = {}) {
+  return sessionStart(id, { resume_token: token, resume_window_s: 10, resumed: false, ...extra });
+}
+
+/** The query of the URL a server connection was asked for. */
+function query(peer) {
+  return new URL(peer.url, 'http://localhost').searchParams;
+}
+
+/** The n-th (1-based) `reconnecting` state's detail, once it has happened. */
+async function nthReconnecting(recorder, n) {
+  await recorder.waitFor(() => recorder.events.filter(isReconnecting).length >= n);
+  return recorder.events.filter(isReconnecting)[n - 1].args[1];
+}
+
+function isReconnecting(event) {
+  return event.name === 'onState' && event.args[0] === 'reconnecting';
+}
+
+// What detect() asks of WebCodecs, answered yes: the connection keeps ?codec=opus in its URL (Node has no
+// WebCodecs; the sessions below speak PCM, so no codec is ever made).
+const OPUS_CAPABLE = {
+  Encoder: { isConfigSupported: async () => ({ supported: true }) },
+  Decoder: { isConfigSupported: async () => ({ supported: true }) },
+};
 
 function makeConnection(url, recorder, options = {}) {
   return new AgentConnection({
@@ -91,7 +122,7 @@ if (typeof WebSocket === 'undefined') {
       env,
     });
     assert.equal(child.status, 0, `${child.stdout}\n${child.stderr}`);
-    assert.match(child.stdout, /# pass 6\n/);
+    assert.match(child.stdout, /# pass 11\n/);
   });
 } else {
   describe('AgentConnection', () => {
@@ -225,10 +256,189 @@ if (typeof WebSocket === 'undefined') {
       assert.equal(reconnecting.args[1].code, 1006);
       assert.equal(reconnecting.args[1].capacity, false);
       const second = await server.connection(base + 1);
+      // A server that does not resume (no token): the reconnection is a new session, as it always was.
+      assert.equal(reconnecting.args[1].resume, false);
+      assert.equal(query(second).has('resume'), false);
       second.sendJson(sessionStart('b'));
       await recorder.waitForState('live', (detail) => detail.session.session_id === 'b');
       client.stop();
       await second.closedPromise();
+    });
+
+    test('a dropped live session is resumed at once with its token, other URL parameters kept', async () => {
+      const base = server.connections.length;
+      const recorder = new Recorder();
+      const url = `${server.url}?codec=opus&token=secret`;
+      const client = makeConnection(url, recorder, { webCodecs: OPUS_CAPABLE });
+      client.start();
+      const first = await server.connection(base);
+      assert.equal(query(first).has('resume'), false);
+      first.sendJson(resumableStart('s-1', 'tok-1'));
+      await recorder.waitForState('live');
+      assert.equal(client.resumeToken, 'tok-1');
+      first.destroy();
+      const lost = await nthReconnecting(recorder, 1);
+      assert.deepEqual([lost.code, lost.resume, lost.delayMs], [1006, true, 0]);
+      const second = await server.connection(base + 1);
+      const asked = query(second);
+      const params = ['resume', 'codec', 'token'].map((name) => asked.get(name));
+      assert.deepEqual(params, ['tok-1', 'opus', 'secret']);
+      const connecting = await recorder.waitForState('connecting', (detail) => detail.attempt === 2);
+      assert.equal(connecting.args[1].resume, true);
+      // The server re-attached it: same session, a fresh token.
+      second.sendJson(resumableStart('s-1', 'tok-2', { resumed: true, resume_gap_s: 0.05 }));
+      const live = await recorder.waitForState('live', (detail) => detail.resumed === true);
+      assert.equal(live.args[1].resumeRefused, false);
+      const resumed = await recorder.waitFor((e) => e.name === 'onResumed');
+      assert.equal(resumed.args[0].session_id, 's-1');
+      assert.equal(recorder.count('onNewConversation'), 0);
+      assert.deepEqual([client.sessionId, client.resumes, client.resumeFailures], ['s-1', 1, 0]);
+      assert.equal(client.resumeToken, 'tok-2');
+      // onResumed comes before onSessionStart, which still hears every session_start.
+      const order = recorder.events
+        .map((e) => e.name)
+        .filter((name) => name === 'onResumed' || name === 'onSessionStart');
+      assert.deepEqual(order, ['onSessionStart', 'onResumed', 'onSessionStart']);
+      client.stop();
+      assert.equal((await second.closedPromise()).code, 1000);
+      assert.equal(client.resumeToken, null); // stop ended the session: nothing to resume
+      // withResume replaces a token already there and keeps the rest.
+      const again = new URL(withResume(`${url}&resume=old`, 'new')).searchParams;
+      assert.deepEqual([...again.getAll('resume'), again.get('codec')], ['new', 'opus']);
+    });
+
+    test('a silent server, abandoned with 4000, is resumed too', async () => {
+      const base = server.connections.length;
+      const recorder = new Recorder();
+      const client = makeConnection(server.url, recorder, { pingIntervalMs: 50, silenceTimeoutMs: 200 });
+      client.start();
+      const mute = await server.connection(base);
+      mute.sendJson(resumableStart('quiet', 'tok-q'));
+      await recorder.waitForState('live');
+      const abandoned = await nthReconnecting(recorder, 1);
+      assert.deepEqual([abandoned.code, abandoned.resume], [CLOSE_CLIENT_TIMEOUT, true]);
+      // 4000 on the wire: the server keeps the session for the resume.
+      assert.equal((await mute.closedPromise()).code, CLOSE_CLIENT_TIMEOUT);
+      const second = await server.connection(base + 1);
+      assert.equal(query(second).get('resume'), 'tok-q');
+      second.sendJson(resumableStart('quiet', 'tok-r', { resumed: true }));
+      await recorder.waitFor((e) => e.name === 'onResumed');
+      client.stop();
+      await second.closedPromise();
+    });
+
+    test('a refused resume starts a new conversation; its resume_failed is no fatal error', async () => {
+      const base = server.connections.length;
+      const recorder = new Recorder();
+      const client = makeConnection(server.url, recorder);
+      client.start();
+      const first = await server.connection(base);
+      first.sendJson(resumableStart('old', 'tok-old'));
+      await recorder.waitForState('live');
+      first.destroy();
+      const second = await server.connection(base + 1);
+      assert.equal(query(second).get('resume'), 'tok-old');
+      // What the server answers to a token it does not know: a fresh session, then the error.
+      second.sendJson(resumableStart('fresh', 'tok-fresh'));
+      second.sendJson({ type: 'error', code: 'resume_failed', msg: 'unknown resume token', fatal: false });
+      second.sendJson({ type: 'vad', event: 'start', t_ms: 1 }); // heard after the error
+      await recorder.waitFor((e) => e.name === 'onVad');
+      const live = await recorder.waitForState('live', (detail) => detail.session.session_id === 'fresh');
+      assert.deepEqual([live.args[1].resumed, live.args[1].resumeRefused], [false, true]);
+      const fresh = await recorder.waitFor((e) => e.name === 'onNewConversation');
+      assert.equal(fresh.args[0].session_id, 'fresh');
+      assert.equal(recorder.count('onResumed'), 0);
+      assert.equal(recorder.count('onServerError'), 0);
+      assert.equal(client.lastServerError, null);
+      assert.equal(client.lastResumeFailure.code, 'resume_failed');
+      assert.deepEqual(
+        [client.state, client.connected, client.resumes, client.resumeFailures],
+        ['live', true, 0, 1],
+      );
+      // The new session resumes with its own token.
+      second.destroy();
+      const third = await server.connection(base + 2);
+      assert.equal(query(third).get('resume'), 'tok-fresh');
+      assert.equal((await nthReconnecting(recorder, 2)).serverError, null);
+      client.stop();
+      await third.closedPromise();
+    });
+
+    test('a session that ended or that the server closed is not resumed; a plain drop is', async () => {
+      const base = server.connections.length;
+      const recorder = new Recorder();
+      const client = makeConnection(server.url, recorder);
+      client.start();
+      // session_end, then the link drops before the close: that session is over.
+      const ended = await server.connection(base);
+      ended.sendJson(resumableStart('a', 'tok-a'));
+      ended.sendJson({ type: 'session_end', reason: 'idle_timeout' });
+      await recorder.waitFor((e) => e.name === 'onSessionEnd');
+      ended.destroy();
+      const afterEnd = await nthReconnecting(recorder, 1);
+      assert.deepEqual([afterEnd.resume, afterEnd.delayMs], [false, 20]); // the usual back-off
+      const b = await server.connection(base + 1);
+      assert.equal(query(b).has('resume'), false);
+      // A plain drop of the next session is resumed...
+      b.sendJson(resumableStart('b', 'tok-b'));
+      await recorder.waitForState('live', (detail) => detail.session.session_id === 'b');
+      b.destroy();
+      const c = await server.connection(base + 2);
+      assert.equal(query(c).get('resume'), 'tok-b');
+      c.sendJson(resumableStart('b', 'tok-c', { resumed: true }));
+      await recorder.waitFor((e) => e.name === 'onResumed');
+      // ...but not one the server ends with a fatal error and a close frame (1011)...
+      c.sendJson({ type: 'error', code: 'internal', msg: 'boom', fatal: true });
+      c.close(1011, 'internal error');
+      const internal = await nthReconnecting(recorder, 3);
+      assert.deepEqual([internal.code, internal.resume], [1011, false]);
+      const d = await server.connection(base + 3);
+      assert.equal(query(d).has('resume'), false);
+      // ...nor a server going away (1001: a drain ends the sessions it kept), even with no error before it.
+      d.sendJson(resumableStart('d', 'tok-d'));
+      await recorder.waitForState('live', (detail) => detail.session.session_id === 'd');
+      d.close(1001, 'going away');
+      const away = await nthReconnecting(recorder, 4);
+      assert.deepEqual([away.code, away.shutdown, away.resume], [1001, true, false]);
+      const e = await server.connection(base + 4);
+      assert.equal(query(e).has('resume'), false);
+      client.stop();
+      await e.closedPromise();
+    });
+
+    test('the token is used only within the resume window, counted from the drop', async () => {
+      const base = server.connections.length;
+      const recorder = new Recorder();
+      let clock = 1000;
+      const client = makeConnection(server.url, recorder, {
+        now: () => clock,
+        resumeBackoff: new Backoff({ initialMs: 30, factor: 1, maxMs: 30, jitter: 0 }),
+      });
+      client.start();
+      const first = await server.connection(base);
+      first.sendJson(resumableStart('w', 'tok-w', { resume_window_s: 2 }));
+      await recorder.waitForState('live');
+      clock = 5000; // time while live does not count
+      first.destroy();
+      const second = await server.connection(base + 1);
+      assert.equal(query(second).get('resume'), 'tok-w');
+      // 1.5 s after the drop: still within the 2 s window; retries after the first at the resume pace.
+      clock = 6500;
+      second.destroy();
+      const within = await nthReconnecting(recorder, 2);
+      assert.deepEqual([within.resume, within.delayMs], [true, 30]);
+      const third = await server.connection(base + 2);
+      assert.equal(query(third).get('resume'), 'tok-w');
+      // 2.5 s after it: the server has ended that session; a new one, with the usual back-off.
+      clock = 7500;
+      third.destroy();
+      const past = await nthReconnecting(recorder, 3);
+      assert.deepEqual([past.resume, past.delayMs], [false, 20]);
+      const fourth = await server.connection(base + 3);
+      assert.equal(query(fourth).has('resume'), false);
+      assert.equal(client.resumeToken, null);
+      client.stop();
+      await fourth.closedPromise();
     });
 
     test('a server that goes silent is abandoned and reconnected', async () => {

@@ -12,6 +12,17 @@ export const BACKOFF_DEFAULTS = Object.freeze({
   jitter: 0.25,
 });
 
+// Retries of a resume (lib/connection.js), after the first, which goes at once: the server keeps a dropped
+// session only for its resume window (10 s by default) and the conversation should go on within 2 s of the
+// network coming back, so these stay short and flat (a retry at least once a second). Jitter still spreads
+// the pages that lost the same link; a drop the server decided on is never retried at this pace.
+export const RESUME_BACKOFF = Object.freeze({
+  initialMs: 250,
+  factor: 1.5,
+  maxMs: 1000,
+  jitter: 0.25,
+});
+
 /**
  * The delay before retry number `attempt` (0-based).
  * @param {number} attempt

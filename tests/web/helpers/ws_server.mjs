@@ -27,7 +27,10 @@ function encodeFrame(opcode, payload) {
   return Buffer.concat([header, payload]);
 }
 
-/** One accepted connection. Events: 'text' (string), 'binary' (Buffer), 'close' ({code, reason}). */
+/**
+ * One accepted connection. Events: 'text' (string), 'binary' (Buffer), 'close' ({code, reason}). `url` is
+ * the request's path and query.
+ */
 export class ServerConnection extends EventEmitter {
   constructor(socket) {
     super();
@@ -164,6 +167,7 @@ export async function startWsServer(onConnection = () => {}) {
     );
     socket.setNoDelay(true);
     const connection = new ServerConnection(socket);
+    connection.url = request.url; // path and query, as the client asked for them
     connections.push(connection);
     const index = connections.length - 1;
     onConnection(connection, index);
