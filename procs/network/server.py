@@ -701,7 +701,7 @@ class NetworkServer:
         the session says: to the client, or (a quality report) into the metrics."""
         ws = link.ws
         try:
-            while True:
+            while live.link is link:  # a resume on another connection takes the outbox with the session
                 item = link.next_outgoing(time.monotonic_ns())
                 if item is None:
                     await link.wake.wait()
