@@ -1,14 +1,23 @@
 """Which Host a request may name (procs/network/hosts.py), the defence against DNS rebinding: the matcher
-and the defaults sans I/O, and the flag and its variable."""
+and the defaults sans I/O, the flag and its variable, the routes' order of checks without a socket, and the
+real server on loopback refusing a rebinding page's handshake while its own names pass."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Request
 
 from procs.config import parse_config
+from procs.network.auth import Access
 from procs.network.hosts import (
     AllowedHosts,
     HostPattern,
@@ -20,6 +29,12 @@ from procs.network.hosts import (
     parse_host_pattern,
     split_host,
 )
+from procs.network.http import Health, HttpRoutes
+from protocol import SessionStart, decode_server
+from tests.support.launcher import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+BOUND_S = 15.0  # every network wait here is bounded by this
 
 # ---- the matcher, sans I/O ---------------------------------------------------------------------------------
 
@@ -184,3 +199,114 @@ def test_a_bad_entry_is_refused_with_usage_naming_the_flag_or_variable(
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert "usage:" in err and ("VOICE_ALLOWED_HOSTS" in err if environ else "--allowed-hosts" in err)
+
+
+# ---- the routes: where the Host is checked, without a socket --------------------------------------------
+
+
+def respond(headers: dict[str, str] | Headers, path: str = "/ws", method: str = "GET",
+            hosts: AllowedHosts | None = None):
+    routes = HttpRoutes(ROOT / "web", lambda: Health("ok", 0, 4, "m", "moshi", False), lambda: "m 1\n",
+                        lambda: None, Access(auth_token="t" * 20), hosts)
+    return routes.respond(Request(path, Headers(headers), method=method))
+
+
+def test_a_foreign_host_is_421_before_the_origin_or_a_token_is_looked_at() -> None:
+    rebinding = {"Host": "evil.example:8998", "Origin": "http://evil.example:8998"}
+    for path in ("/ws", "/api/chat", "/", "/app.js", "/nothing"):
+        response = respond(rebinding, path)
+        assert response is not None and response.status_code == 421, path
+        assert b"--allowed-hosts" in response.body
+    # The same page once the operator names it: on to the token (401), as before this check existed.
+    named = respond(rebinding, hosts=AllowedHosts.of(["voice.example", "evil.example"]))
+    assert named is not None and named.status_code == 401
+    assert respond({"Host": "localhost:8998", "Origin": "http://evil.example"}).status_code == 403
+
+
+def test_the_probes_routes_answer_any_host() -> None:
+    for path in ("/livez", "/health", "/metrics"):
+        assert respond({"Host": "10.1.2.3:8998"}, path).status_code == 200, path
+        assert respond({"Host": "voice-agent"}, path).status_code == 200, path  # HAProxy's check
+
+
+def test_a_request_without_exactly_one_host_is_400() -> None:
+    for path in ("/ws", "/", "/health"):
+        assert respond({}, path).status_code == 400, path
+        two = Headers([("Host", "localhost"), ("Host", "evil.example")])
+        assert respond(two, path).status_code == 400, path
+
+
+def test_a_refused_head_has_no_body() -> None:
+    get, head = respond({"Host": "evil.example"}, "/"), respond({"Host": "evil.example"}, "/", "HEAD")
+    assert head.status_code == get.status_code == 421
+    assert head.body == b"" and head.headers["Content-Length"] == str(len(get.body))
+
+
+# ---- the real server on loopback ---------------------------------------------------------------------------
+
+
+async def handshake_status(port: int, host: str, origin: str | None) -> int:
+    """A WebSocket handshake from websockets' own client to 127.0.0.1:`port`, naming `host` as a browser
+    that resolved `host` to 127.0.0.1 would: 101 (and `session_start`) or the refusal's status."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=BOUND_S)
+    try:
+        async with connect(f"ws://{host}/ws", sock=sock, origin=origin,  # type: ignore[arg-type]
+                           open_timeout=BOUND_S) as ws:
+            assert isinstance(decode_server(await asyncio.wait_for(ws.recv(), BOUND_S)), SessionStart)
+            return 101
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
+def plain_get(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=BOUND_S) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def port_of(server: ServerProcess) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def test_a_dns_rebinding_handshake_is_refused_and_the_servers_own_names_pass(
+        loopback_server: ServerProcess) -> None:
+    port = port_of(loopback_server)
+    # evil.example's page, its name now resolving to 127.0.0.1: same-origin to the Origin check alone.
+    assert asyncio.run(handshake_status(port, f"evil.example:{port}", f"http://evil.example:{port}")) == 421
+    assert asyncio.run(handshake_status(port, "evil.example", None)) == 421  # no browser: no other rule
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"LOCALHOST.:{port}"):
+        assert asyncio.run(handshake_status(port, host, f"http://{host}")) == 101, host
+    assert "refused a request for Host 'evil.example" in loopback_server.log()
+
+
+def test_the_page_is_refused_to_a_foreign_host_and_the_probes_answer_any(
+        loopback_server: ServerProcess) -> None:
+    port = port_of(loopback_server)
+    page = plain_get(port, b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+    assert page.startswith(b"HTTP/1.1 421 ") and page.endswith(b"--allowed-hosts)\n")
+    assert plain_get(port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    assert plain_get(port, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    for path in (b"/health", b"/livez", b"/metrics"):
+        reply = plain_get(port, b"GET " + path + b" HTTP/1.1\r\nHost: 10.9.8.7:8998\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 "), path
+
+
+@pytest.fixture(scope="module")
+def everywhere_server() -> Iterator[ServerProcess]:
+    """Bound to every address, with the operator's names: a pod behind a balancer."""
+    with ServerProcess("--engine", "loopback", "--host", "0.0.0.0", "--allowed-hosts",
+                       "voice.example,.corp.example") as server:
+        yield server
+
+
+def test_allowed_hosts_adds_a_name_and_a_domain_to_a_wildcard_binds_own(
+        everywhere_server: ServerProcess) -> None:
+    port = port_of(everywhere_server)
+    for host in ("voice.example", f"voice.example:{port}", "corp.example", "a.b.corp.example:443",
+                 f"{socket.gethostname()}:{port}", f"localhost:{port}", f"0.0.0.0:{port}"):
+        assert asyncio.run(handshake_status(port, host, f"http://{host}")) == 101, host
+    for host in ("evil.example", "evilcorp.example", "voice.example.evil.example"):
+        assert asyncio.run(handshake_status(port, host, f"http://{host}")) == 421, host
