@@ -1,12 +1,13 @@
-"""Which `Host` a request may name: the defence against DNS rebinding, sans I/O (but `bound_hosts`).
+"""Which `Host` a request may name: the defence against DNS rebinding, sans I/O (but `machine_hosts`).
 
 The Origin check (auth.py) lets in the page's own origin, the one whose host is the request's `Host`. A
 DNS-rebinding page breaks that on its own: evil.example, first resolving to the attacker and then to
 127.0.0.1 (or a LAN address), makes the browser send `Host: evil.example` and `Origin: http://evil.example`
-to this server, which look same-origin. What the attacker cannot choose is the name the browser asked for:
-it is the attacker's own. So a request is served only when its `Host` is one this server answers for: the
-names and addresses it is bound to (`default_hosts`), and what `--allowed-hosts` adds (the public name a
-balancer or ingress forwards). Anything else is 421 Misdirected Request, before the Origin check.
+to this server, which look same-origin. What the attacker cannot change is the Host the browser sends:
+its own name, not one of this server's. So a request is served only when its `Host` is one this server
+answers for: the names and addresses it is bound to (`default_hosts`), and what `--allowed-hosts` adds (the
+public name a balancer or ingress forwards). Anything else is 421 Misdirected Request, before the Origin
+check.
 
 An entry is a host name or an IP address (IPv6 in brackets, or bare without a port), optionally with
 `:port`; a leading dot (`.example.com`) also allows every name under it; `*` allows any Host (the check is
