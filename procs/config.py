@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from procs.model.footprint import KV_FORMATS, MIN_CONTEXT, WEIGHT_FORMATS, Footprint
 from procs.model.source import ModelSource
+from procs.network.hosts import ANY_HOST, parse_host_pattern
 
 
 def default_web_dir() -> Path:
@@ -79,6 +80,9 @@ class ServerConfig:
     # (it counts for admission) no longer than a caller would wait before starting over.
     resume_window_s: float = 10.0
     allowed_origins: tuple[str, ...] = ()  # besides the page's own origin and localhost; ("*",): any
+    # Host headers served besides the names and addresses the server is bound to (and localhost); ("*",):
+    # any. The defence against DNS rebinding: procs/network/hosts.py.
+    allowed_hosts: tuple[str, ...] = ()
     auth_token: str | None = None
     auth_secret: str | None = None
     log_level: str = "INFO"
@@ -166,6 +170,13 @@ def _origins(text: str) -> tuple[str, ...]:
         if origin not in ("*", "null") and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]), * or null")
     return origins
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    """Comma-separated `--allowed-hosts` entries, each checked and normalised (`Voice.Example.` is
+    voice.example)."""
+    entries = (e.strip() for e in text.split(",") if e.strip())
+    return tuple(ANY_HOST if e == ANY_HOST else str(parse_host_pattern(e)) for e in entries)
 
 
 def _readable_file(text: str) -> Path:
@@ -323,6 +334,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("allowed_origins", ("--allowed-origins",), "VOICE_ALLOWED_ORIGINS", _origins,
            "browser origins allowed to open sessions besides the page's own and localhost "
            "(comma-separated; * allows any)", metavar="ORIGINS", default_text="the page's own and localhost"),
+    Option("allowed_hosts", ("--allowed-hosts",), "VOICE_ALLOWED_HOSTS", _hosts,
+           "Host headers served besides the server's own names and addresses: the public name a balancer "
+           "forwards (comma-separated host[:port]; .example.com: it and its subdomains; * allows any)",
+           metavar="HOSTS", default_text="the names and addresses it is bound to, and localhost"),
     Option("auth_token", ("--auth-token",), "VOICE_AUTH_TOKEN", parse_secret,
            "a shared secret clients must pass as ?token=... (at least 16 characters)", metavar="TOKEN"),
     Option("auth_secret", ("--auth-secret",), "VOICE_AUTH_SECRET", parse_secret,

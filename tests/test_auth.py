@@ -12,11 +12,14 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request
 
 from procs.network.auth import MAX_TOKEN_LIFETIME_S, Access, mint_token
+from procs.network.hosts import AllowedHosts
 from procs.network.http import Health, HttpRoutes
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cret-s3cret-s3cret"
 NOW = 1_800_000_000.0
+# The server answers for voice.example (its --allowed-hosts): the Origin rules below are checked after it.
+HOSTS = AllowedHosts.of(("localhost", "voice.example"))
 
 
 def handshake(access: Access, path: str = "/ws", origin: str | None = None, host: str = "voice.example:8998"):
@@ -24,7 +27,7 @@ def handshake(access: Access, path: str = "/ws", origin: str | None = None, host
     if origin is not None:
         headers["Origin"] = origin
     routes = HttpRoutes(ROOT / "web", lambda: Health("ok", 0, 4, "m", "moshi", False), lambda: "",
-                        lambda: None, access)
+                        lambda: None, access, HOSTS)
     return routes.respond(Request(path, headers), NOW)
 
 

@@ -20,6 +20,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request
 
 from procs.config import OPTIONS, ServerConfig, parse_config
+from procs.network.hosts import AllowedHosts, default_hosts
 from procs.network.http import Health, HttpRoutes
 from procs.network.metrics import ServerMetrics
 
@@ -151,6 +152,19 @@ def test_every_voice_variable_is_a_real_option_and_parses() -> None:
     assert cfg.device == "cuda"
     assert cfg.model.hf_repo == ENV["VOICE_HF_REPO"]
     assert cfg.log_format == "json"
+
+
+def test_the_public_and_in_cluster_names_are_served() -> None:
+    # The page and /ws answer only the Host names a pod knows (procs/network/hosts.py): its own (a
+    # stand-in pod IP here), and VOICE_ALLOWED_HOSTS. The probes answer any Host (test_probes_... below).
+    cfg = _server_config()
+    hosts = AllowedHosts.of((*default_hosts(cfg.host, ["10.1.2.3"]), *cfg.allowed_hosts))
+    service = OBJECTS["Service"]["metadata"]["name"]
+    port = cfg.port
+    for host in ("voice.example.com", f"{service}:{port}", f"{service}.voice.svc.cluster.local:{port}",
+                 f"10.1.2.3:{port}", f"localhost:{port}"):
+        assert hosts.allows(host), f"{host} is not served: VOICE_ALLOWED_HOSTS={ENV['VOICE_ALLOWED_HOSTS']}"
+    assert not hosts.allows("evil.example") and not hosts.allows(f"10.1.2.4:{port}")
 
 
 def test_gpu_requested_and_run_as_non_root() -> None:

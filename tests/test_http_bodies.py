@@ -28,17 +28,19 @@ def status_line(server: ServerProcess, request: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(("request_bytes", "status"), [
-    (b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", b"405"),
-    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"405"),
-    (b"PUT /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n{\"a\":1}", b"405"),
-    (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 65536\r\n\r\n" + b"x" * 65536, b"405"),
-    (b"GET /ws HTTP/1.1\r\nHost: x\r\n" + HANDSHAKE + b"Content-Length: 3\r\n\r\nabc", b"400"),
+    (b"POST /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello", b"405"),
+    (b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+     b"405"),
+    (b"PUT /ws HTTP/1.1\r\nHost: localhost\r\nContent-Length: 7\r\n\r\n{\"a\":1}", b"405"),
+    (b"POST /metrics HTTP/1.1\r\nHost: localhost\r\nContent-Length: 65536\r\n\r\n" + b"x" * 65536, b"405"),
+    (b"GET /ws HTTP/1.1\r\nHost: localhost\r\n" + HANDSHAKE + b"Content-Length: 3\r\n\r\nabc", b"400"),
     # Some devices announce an empty body on a handshake; websockets takes it, and so do we.
-    (b"GET /ws HTTP/1.1\r\nHost: x\r\n" + HANDSHAKE + b"Content-Length: 0\r\n\r\n", b"101"),
-    (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", b"200"),
+    (b"GET /ws HTTP/1.1\r\nHost: localhost\r\n" + HANDSHAKE + b"Content-Length: 0\r\n\r\n", b"101"),
+    (b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nabc", b"200"),
 ])
 def test_a_request_with_a_body_gets_an_answer(loopback_server: ServerProcess, request_bytes: bytes,
                                               status: bytes) -> None:
     assert status_line(loopback_server, request_bytes).split(b" ")[1] == status
     # ...and the server goes on answering the next one
-    assert status_line(loopback_server, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n") == b"HTTP/1.1 200 OK"
+    livez = b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    assert status_line(loopback_server, livez) == b"HTTP/1.1 200 OK"

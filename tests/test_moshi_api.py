@@ -287,7 +287,8 @@ def test_api_chat_passes_the_admission_of_ws(refusal: str | None, token: str | N
     # `codec` is our /ws's parameter; on moshi's path it is one more query parameter, never a refusal.
     if refusal is None and token == TOKEN:
         for codec in ("opus", "foo"):
-            assert routes.respond(Request(f"/api/chat?codec={codec}&token={TOKEN}", Headers({}))) is None
+            request = Request(f"/api/chat?codec={codec}&token={TOKEN}", Headers({"Host": "localhost"}))
+            assert routes.respond(request) is None
         bad = routes.respond(Request(f"/ws?codec=foo&token={TOKEN}", Headers({})))
         assert bad is not None and bad.status_code == 400
 

@@ -116,10 +116,10 @@ def test_http_refuses_an_unknown_codec_in_the_handshake(tmp_path) -> None:
     from websockets.http11 import Request
 
     routes = HttpRoutes(tmp_path, health=lambda: None, metrics=lambda: "", websocket_refusal=lambda: None)
-    refused = routes.respond(Request("/ws?codec=mp3", Headers()))
+    refused = routes.respond(Request("/ws?codec=mp3", Headers({"Host": "localhost"})))
     assert refused is not None and refused.status_code == 400
     assert b"unknown codec" in refused.body
-    assert routes.respond(Request("/ws?codec=opus", Headers())) is None
+    assert routes.respond(Request("/ws?codec=opus", Headers({"Host": "localhost"}))) is None
 
 
 # --- the session's rules, sans I/O ----------------------------------------------------------------------

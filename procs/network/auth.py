@@ -70,7 +70,9 @@ class Access:
 
     def origin_allowed(self, origin: str | None, host: str | None) -> bool:
         """A browser always sends Origin on a WebSocket; a client without one is no browser, and what keeps
-        it out is the token. The page's own origin (the host it asked for) and localhost are allowed."""
+        it out is the token. The page's own origin (the host it asked for) and localhost are allowed: the
+        request's `host` was checked first against the hosts this server answers for (hosts.py), without
+        which a DNS-rebinding page's own name would pass as "the page's own origin"."""
         if origin is None or "*" in self.allowed_origins:
             return True
         origin = origin.rstrip("/")

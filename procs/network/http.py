@@ -2,6 +2,12 @@
 (liveness), `/metrics`, and the checks a WebSocket handshake passes before any slot is taken (method,
 origin, token, server state).
 
+Every request first names its `Host`: exactly one (400 otherwise, as HTTP/1.1 says), and, but for the
+probes' routes, one this server answers for (hosts.py; 421 Misdirected Request otherwise), before the
+Origin check that trusts it. The probes (`/livez`, `/health`, `/metrics`) are exempt from the allow-list:
+their callers are machines whose Host is whatever they were pointed at (a pod IP, HAProxy's `Host:
+voice-agent`), no browser's credentials ride on them, they start nothing and only tell figures.
+
 websockets hands every HTTP request to `HttpRoutes.respond` before its handshake; a `Response` answers it,
 None lets the WebSocket handshake of `/ws` go on. Only GET and HEAD are served (HEAD: the same headers,
 no body); any other method gets 405 with an `Allow` header.
@@ -21,10 +27,13 @@ from websockets.http11 import Request, Response
 
 from procs.network.auth import Access
 from procs.network.codec import requested_codec
+from procs.network.hosts import AllowedHosts
 
 WS_PATH = "/ws"
 MOSHI_PATH = "/api/chat"  # kyutai's moshi.server wire, the same admission (procs/network/moshi_api.py)
 READ_METHODS = ("GET", "HEAD")
+PROBE_PATHS = ("/livez", "/health", "/metrics")  # served whatever the Host (above)
+MISDIRECTED = 421  # a Host this server does not answer for (a DNS-rebinding page's own name)
 # A request's body headers, renamed by the connection (server.py: HttpConnection) so that websockets parses a
 # request with a body at all; the body is never read. None of our routes takes one.
 UNREAD_BODY_PREFIX = "X-Unread-"
@@ -72,16 +81,24 @@ class HttpRoutes:
         metrics: Callable[[], str],
         websocket_refusal: Callable[[], str | None],
         access: Access | None = None,
+        hosts: AllowedHosts | None = None,
     ) -> None:
-        """`websocket_refusal()` says why `/ws` is not open now ("starting", "draining"), None if it is."""
+        """`websocket_refusal()` says why `/ws` is not open now ("starting", "draining"), None if it is.
+        `hosts`: the Host headers served; by default loopback's names alone."""
         self.web_dir = web_dir.resolve()
         self.health, self.metrics, self.websocket_refusal = health, metrics, websocket_refusal
         self.access = access or Access()
+        self.hosts = hosts or AllowedHosts()
 
     def respond(self, request: Request, now: float = 0.0) -> Response | None:
         """`now`: Unix time, for token expiry."""
         path = request.path.split("?", 1)[0]
         method = request.method
+        misdirected = self._host_refusal(request, path)
+        if misdirected is not None:
+            if method == "HEAD":
+                misdirected.body = b""
+            return misdirected
         if path in (WS_PATH, MOSHI_PATH):
             if method != "GET":
                 return _response(405, b"method not allowed\n", "text/plain", allow="GET")
@@ -115,6 +132,16 @@ class HttpRoutes:
         if method == "HEAD":
             response.body = b""  # Content-Length still says what GET would send
         return response
+
+    def _host_refusal(self, request: Request, path: str) -> Response | None:
+        """None when the request's Host may be served (module docstring)."""
+        hosts = request.headers.get_all("Host")
+        if len(hosts) != 1:
+            return _response(400, b"a request names exactly one Host\n", "text/plain")
+        if path in PROBE_PATHS or self.hosts.allows(hosts[0]):
+            return None
+        return _response(MISDIRECTED, b"this server does not answer for that Host (its --allowed-hosts)\n",
+                         "text/plain")
 
     def _static(self, path: str) -> Response:
         rel = "index.html" if path in ("", "/") else path.lstrip("/")

@@ -50,7 +50,9 @@ from procs.frames import read_out_frame, write_in_frame
 from procs.network.agent import AgentServer, health_reply
 from procs.network.auth import Access
 from procs.network.codec import requested_codec
+from procs.network.hosts import AllowedHosts, bound_hosts
 from procs.network.http import (
+    MISDIRECTED,
     MOSHI_PATH,
     UNREAD_BODY_PREFIX,
     Health,
@@ -179,8 +181,12 @@ class NetworkServer:
         self.handlers: set[asyncio.Task] = set()
         self.rules = SessionRules.of(cfg)
         access = Access(cfg.allowed_origins, cfg.auth_token, cfg.auth_secret)
+        # The Host headers served (DNS rebinding, procs/network/hosts.py): what the server is bound to, and
+        # what the operator adds. Looked up once here; a wildcard bind looks up the machine's names.
+        hosts = AllowedHosts.of((*bound_hosts(cfg.host), *cfg.allowed_hosts))
+        log.info("serving the Host names %s", "any (--allowed-hosts *)" if hosts.any_host else hosts)
         self.http = HttpRoutes(cfg.web_dir, self._health, self._render_metrics, self._websocket_refusal,
-                               access)
+                               access, hosts)
         self.warnings = LogThrottle(period_s=5.0)
         # https:// and wss:// with `--ssl-cert`/`--ssl-key` (or `--ssl DIR`): the microphone needs a secure
         # page anywhere but localhost. None: plain http:// and ws://.
@@ -420,7 +426,15 @@ class NetworkServer:
     # ---- HTTP -----------------------------------------------------------------------------------------
     def _process_request(self, _conn: ServerConnection, request: Request) -> Response | None:
         try:
-            return self.http.respond(request, time.time())
+            response = self.http.respond(request, time.time())
+            if response is not None and response.status_code == MISDIRECTED:
+                # What an operator whose balancer forwards a public name sees first: say which, and the fix.
+                held_back = self.warnings.allow("misdirected", time.monotonic())
+                if held_back is not None:
+                    log.warning("refused a request for Host %r (421): not a name this server answers for; if "
+                                "it is yours, add it with --allowed-hosts (%d more held back)",
+                                request.headers.get("Host", "")[:100], held_back)
+            return response
         except Exception as exc:  # a bug of ours, found by a request a client controls: a 500, one line
             # (a traceback per request would let any client flood the log; the type says where to look)
             held_back = self.warnings.allow("http-500", time.monotonic())
