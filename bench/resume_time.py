@@ -95,7 +95,8 @@ async def cut_and_resume(proxy: TcpProxy, figures: ResumeFigures) -> ClientRun:
         figures.first_audio_ms.append((first_after - restored[k]) * 1e3)
     done.set()
     await client
-    figures.server_gap_ms = [s.resume_gap_s * 1e3 for s in run.session_starts[1:] if s.resume_gap_s is not None]
+    figures.server_gap_ms = [start.resume_gap_s * 1e3 for start in run.session_starts[1:]
+                             if start.resume_gap_s is not None]
     return run
 
 
