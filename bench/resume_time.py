@@ -86,7 +86,7 @@ async def cut_and_resume(proxy: TcpProxy, figures: ResumeFigures) -> ClientRun:
         await asyncio.sleep(figures.outage_s)  # the outage itself
         await asyncio.to_thread(proxy.restore)
         restored.append(time.monotonic())
-        while len(run.reconnected) < k + 1 or len(run.frames) == frames_before:
+        while len(run.reconnected) < k + 1 or run.frames[-1][0] < run.reconnected[k]:
             if client.done():
                 raise RuntimeError(f"the client stopped at cut {k}: {client.exception()!r}")
             await asyncio.sleep(0.01)  # polls the client's record

@@ -41,3 +41,13 @@ def test_the_soak_samples_every_process_and_leaves_nothing_behind(demo_checkpoin
     assert set(soak["frames_out"]) == {"normal-0", "never-reading", "reconnecting"}
     assert soak["frames_out"]["normal-0"] > 0 and soak["frames_out"]["never-reading"] == 0
     assert "/dev/shm after exit: 0" in run.stdout
+
+
+def test_the_resume_time_script_cuts_resumes_and_checks_the_slots(tmp_path: Path) -> None:
+    out = tmp_path / "resume.json"
+    run = run_script("-m", "bench.resume_time", "--cuts", "3", "--outage", "0.2", "--json", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    figures = json.loads(out.read_text())
+    assert figures["same_session"] and figures["resumed_total"] == 3 and figures["resume_failures"] == 0
+    assert len(figures["after_restore_ms"]) == len(figures["first_audio_ms"]) == 3
+    assert figures["sessions_active_after"] == 0 and figures["detached_after"] == 0
