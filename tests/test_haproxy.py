@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,17 +30,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from procs.client import stream_client
+from procs.client import ClientRun, stream_client
 from procs.network.agent import ServerState, agent_reply, health_reply
 from procs.network.http import Health
-from protocol import Error, ErrorCode, SessionEnd, SessionStart, decode_server
+from protocol import (
+    ClientSessionEnd,
+    Error,
+    ErrorCode,
+    SessionEnd,
+    SessionStart,
+    decode_server,
+    encode_client_control,
+)
 from tests.support.helpers import assert_real_time
 from tests.support.launcher import SHM, ServerProcess, wait_gone
+from tests.support.proxy import TcpProxy
 from tests.support.speech import telugu_speech_16k
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,9 +176,10 @@ async def wait_for(what: str, condition: Callable[[], bool], timeout: float = ST
     return time.monotonic() - t0
 
 
-async def first_message_and_close(url: str) -> tuple[object, int | None]:
+async def first_message_and_close(url: str, cookie: str | None = None) -> tuple[object, int | None]:
     """Open a WebSocket, read the server's first message and wait for the close: (message, close code)."""
-    async with connect(url, compression=None, open_timeout=5) as ws:
+    headers = None if cookie is None else {"Cookie": cookie}
+    async with connect(url, compression=None, open_timeout=5, additional_headers=headers) as ws:
         first = decode_server(await asyncio.wait_for(ws.recv(), 5))
         await asyncio.wait_for(ws.wait_closed(), 5)
         return first, ws.close_code
@@ -582,3 +595,266 @@ def test_the_agent_takes_resets_and_silent_checkers_without_an_error() -> None:
             sock.close()
         log = server.log()
     assert "Traceback" not in log and "Unhandled exception" not in log
+
+
+# ---- resume after a dropped link, behind HAProxy --------------------------------------------------------
+
+RESUMED_WITHIN_S = 2.0  # issue 19's goal: the session resumed within 2 s of the network coming back
+
+
+class CookieJar:
+    """A browser's cookies for the site, as far as WebSocket handshakes go: the `Set-Cookie` of each
+    handshake's response (`ws.response.headers`) is kept and sent back as `Cookie` on every later handshake.
+    Give `connect` (or `stream_client`, which passes them again on each reconnect)
+    `additional_headers=jar.headers, create_connection=jar.connection`: `headers` is one dict, updated in
+    place, so the reconnects carry what the first handshake set."""
+
+    def __init__(self) -> None:
+        self.cookies: dict[str, str] = {}
+        self.headers: dict[str, str] = {}
+        jar = self
+
+        class Connection(ClientConnection):
+            async def handshake(self, *args: Any, **kwargs: Any) -> None:
+                await super().handshake(*args, **kwargs)
+                assert self.response is not None
+                jar.keep(self.response.headers.get_all("Set-Cookie"))
+
+        self.connection = Connection
+
+    def keep(self, set_cookies: list[str]) -> None:
+        for line in set_cookies:
+            name, _, value = line.split(";", 1)[0].partition("=")
+            self.cookies[name.strip()] = value.strip()
+        if self.cookies:
+            self.headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    """One sample of the server's /metrics, by its name with labels (`voice_x{reason="y"}`)."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert found is not None, name
+    return float(found.group(1))
+
+
+def detached(server: ServerProcess) -> float:
+    """Sessions the server keeps for a resume (their link dropped)."""
+    return metric(server, "voice_sessions_detached")
+
+
+RESUME_METRICS = ("voice_sessions_total", "voice_sessions_resumed_total", "voice_sessions_detached",
+                  'voice_resume_failures_total{reason="foreign"}')
+
+
+def resume_metrics(servers: list[ServerProcess]) -> list[dict[str, float]]:
+    return [{name: metric(server, name) for name in RESUME_METRICS} for server in servers]
+
+
+def growth(before: list[dict[str, float]], after: list[dict[str, float]], name: str) -> list[float]:
+    return [a[name] - b[name] for b, a in zip(before, after, strict=True)]
+
+
+def phone_link_to(haproxy: HAProxy) -> TcpProxy:
+    """The network between a phone and HAProxy, which the test cuts and restores."""
+    return TcpProxy("127.0.0.1", int(haproxy.url.rsplit(":", 1)[1]))
+
+
+def phone_client(phone_link: TcpProxy, jar: CookieJar, run: ClientRun, done: asyncio.Event) -> asyncio.Task:
+    """A client talking through `phone_link` until `done`, resuming after each drop as the page does, with
+    the cookies of `jar`; `run` records it live."""
+    pcm = (np.sin(np.arange(16000) / 16000 * 2 * np.pi * 220) * 8000).astype(np.int16)
+    return asyncio.create_task(stream_client(
+        phone_link.url(), pcm, repeat_until=done, resume=True, run=run, tail_s=2.0, until_frames=-1,
+        additional_headers=jar.headers, create_connection=jar.connection))
+
+
+async def audio_flows(run: ClientRun, frames: int = 25) -> None:
+    """Half a second of audio more comes back (the conversation goes on)."""
+    have = len(run.frames)
+    await wait_for("audio flowing", lambda: len(run.frames) >= have + frames, 10)
+
+
+def test_a_link_cut_behind_haproxy_resumes_on_the_same_server_by_the_sticky_cookie(
+    servers: list[ServerProcess], haproxy: HAProxy
+) -> None:
+    """A phone's link drops mid-conversation: a TCP proxy between the client and HAProxy is cut (RST both
+    ways, no close frame) and restored, twice. The client keeps the cookie HAProxy set on its first
+    handshake, as a browser does, and sends it with each `?resume=`: HAProxy brings the resume back to the
+    server that holds the detached session, which resumes it (same `session_id`) within 2 s of the network
+    coming back.
+
+    One slot per server, so the server holding the session is full, and DOWN in HAProxy's `voice` backend,
+    the whole time (its detached session keeps the slot), while the other one has room: plain balancing
+    would send every reconnect there. That is what a resume without the cookie gets, deterministically: the
+    other server, which does not know the token (`foreign`), and a fresh session with `resume_failed`. The
+    second cut comes while the other server is full too, so the resume arrives through `voice_overflow`.
+    Which server each session reached is read from each server's own /metrics."""
+
+    def resumed_within_2_s(run: ClientRun, session_id: str, resumes: int, restored_at: float | None) -> None:
+        """The client's `resumes`th reconnect resumed the same session, within 2 s of the restore."""
+        start = run.session_starts[resumes]
+        assert start.resumed and start.session_id == session_id, (start, run.of_type(Error))
+        assert restored_at is not None
+        took = run.reconnected[resumes - 1] - restored_at
+        assert took < RESUMED_WITHIN_S, f"resumed {took:.2f} s after the network came back"
+
+    async def scenario() -> None:
+        await wait_for("both UP at weight 100", both_up_at(haproxy, 100), 15)
+        before = await asyncio.to_thread(resume_metrics, servers)
+        jar, run, done = CookieJar(), ClientRun(), asyncio.Event()
+        with phone_link_to(haproxy) as phone_link:
+            client = phone_client(phone_link, jar, run, done)
+            await audio_flows(run)
+            # HAProxy balanced the first handshake (it had no cookie) and named its server in a cookie.
+            assert list(jar.cookies) == [STICKY_COOKIE], jar.cookies
+            sticky = SERVER_NAMES.index(jar.cookies[STICKY_COOKIE])
+            other = 1 - sticky
+            assert run.session_start is not None
+            session_id = run.session_start.session_id
+            opened = growth(before, await asyncio.to_thread(resume_metrics, servers), "voice_sessions_total")
+            assert opened[sticky] == 1 and opened[other] == 0, opened
+            await wait_for("the sticky server DOWN (full), the other UP (with room)",
+                           lambda: haproxy.status(PRIMARY, SERVER_NAMES[sticky]) == "DOWN"
+                           and haproxy.status(PRIMARY, SERVER_NAMES[other]) == "UP")
+
+            # The network goes. HAProxy sees its client connection reset and closes the one to the server.
+            # After the 101, HAProxy only tunnels bytes and never writes a WebSocket frame, so that server
+            # connection ends (FIN or RST) with no close frame: the server detaches the session (kept for
+            # a resume, its slot held) as it would on a direct link, rather than ending it. Checked here:
+            # the server's log says `connection_lost`, the reason of a connection with no close frame.
+            assert await asyncio.to_thread(phone_link.cut) == 1
+            await wait_for("the session detached on its server, still holding its slot",
+                           lambda: detached(servers[sticky]) == 1 and sessions_active(servers[sticky]) == 1
+                           and haproxy.current_sessions(PRIMARY) == 0)
+            assert (f"session={session_id} slot=0: connection lost (connection_lost); kept"
+                    in servers[sticky].log())
+
+            # A resume WITHOUT the cookie (straight to HAProxy: the phone's link is still down) is balanced
+            # to the server with room, the other one: it knows nothing of the token.
+            token = run.session_starts[-1].resume_token
+            assert token
+            async with connect(f"{haproxy.ws_url}?resume={token}", compression=None, open_timeout=5) as ws:
+                start = decode_server(await asyncio.wait_for(ws.recv(), 5))
+                error = decode_server(await asyncio.wait_for(ws.recv(), 5))
+                await ws.send(encode_client_control(ClientSessionEnd()))
+                await asyncio.wait_for(ws.wait_closed(), 5)
+            assert isinstance(start, SessionStart) and not start.resumed and start.session_id != session_id
+            assert isinstance(error, Error) and error.code is ErrorCode.RESUME_FAILED and not error.fatal
+            refused = await asyncio.to_thread(resume_metrics, servers)
+            assert growth(before, refused, 'voice_resume_failures_total{reason="foreign"}')[other] == 1
+            opened = growth(before, refused, "voice_sessions_total")
+            assert opened[sticky] == 1 and opened[other] == 1, opened
+            await wait_for("the other server free and UP again",
+                           lambda: sessions_active(servers[other]) == 0
+                           and haproxy.status(PRIMARY, SERVER_NAMES[other]) == "UP")
+
+            # The network comes back: the client resumes with the cookie, and HAProxy sends it to the
+            # sticky server although it is DOWN in `voice` (full) and the other one has room.
+            await asyncio.to_thread(phone_link.restore)
+            await wait_for("a reconnect", lambda: len(run.reconnected) == 1, RESUMED_WITHIN_S + 5)
+            resumed_within_2_s(run, session_id, 1, phone_link.restored_at)
+            await audio_flows(run)
+
+            # Second cut, with the other server full as well (a session of its own): no server is UP in
+            # `voice`, so HAProxy takes the resume to `voice_overflow`, where the cookie must hold too.
+            async with open_session(servers[other].ws_url):
+                await wait_for("both DOWN in voice", lambda: all(haproxy.status(PRIMARY, n) == "DOWN"
+                                                                 for n in SERVER_NAMES))
+                # `voice_overflow` follows the cookie, not its own turn (leastconn over two servers with
+                # no connection through it takes turns): twice in a row to the server each cookie names,
+                # which, full, refuses the newcomer.
+                for name in [SERVER_NAMES[other]] * 2 + [SERVER_NAMES[sticky]] * 2:
+                    stot = int(haproxy.row(OVERFLOW, name)["stot"])
+                    refusal = await first_message_and_close(haproxy.ws_url, f"{STICKY_COOKIE}={name}")
+                    assert is_refusal(*refusal), refusal
+                    assert int(haproxy.row(OVERFLOW, name)["stot"]) == stot + 1, name
+                assert await asyncio.to_thread(phone_link.cut) == 1
+                await wait_for("detached again", lambda: detached(servers[sticky]) == 1)
+                await asyncio.to_thread(phone_link.restore)
+                await wait_for("a reconnect", lambda: len(run.reconnected) == 2, RESUMED_WITHIN_S + 5)
+                resumed_within_2_s(run, session_id, 2, phone_link.restored_at)
+                await audio_flows(run)
+            done.set()
+            await asyncio.wait_for(client, 30)
+
+        starts = run.session_starts
+        assert [s.session_id for s in starts] == [session_id] * 3, "a resume gave another session"
+        assert [s.resumed for s in starts] == [False, True, True]
+        assert len(run.drops) == 2 and run.close_code == 1000 and not run.of_type(Error)
+        assert list(jar.cookies.values()) == [SERVER_NAMES[sticky]], "HAProxy moved the client elsewhere"
+        after = await asyncio.to_thread(resume_metrics, servers)
+        resumed = growth(before, after, "voice_sessions_resumed_total")
+        assert resumed[sticky] == 2 and resumed[other] == 0, resumed
+        # The sticky server admitted one session (resumed twice); the other one the resume without the
+        # cookie, and the session that filled it.
+        opened = growth(before, after, "voice_sessions_total")
+        assert opened[sticky] == 1 and opened[other] == 2, opened
+        # No slot left held on either server, nothing detached, no connection left in HAProxy.
+        await wait_for("every slot free", lambda: [sessions_active(s) for s in servers] == [0, 0]
+                       and haproxy.current_sessions(PRIMARY) == haproxy.current_sessions(OVERFLOW) == 0)
+        assert await asyncio.to_thread(lambda: [detached(s) for s in servers]) == [0, 0]
+
+    try:
+        asyncio.run(scenario())
+    except BaseException:
+        print("HAProxy log:\n" + haproxy.log())
+        for name, server in zip(SERVER_NAMES, servers, strict=True):
+            print(f"{name} log:\n{server.log()}")
+        raise
+
+
+def test_a_resume_whose_server_is_gone_gets_a_fresh_session_elsewhere_at_once(
+    servers: list[ServerProcess], haproxy: HAProxy
+) -> None:
+    """The sticky cookie holds for a resume only while its server still serves WebSockets: the link drops,
+    and the server keeping the session stops meanwhile (SIGTERM: its drain ends the detached session at
+    once). When the network comes back, the resume goes to the other server at once (not to the stopped
+    one, HAProxy answering 503 until the client gives up), which starts a fresh session, says
+    `resume_failed`, and sets its own cookie."""
+
+    async def scenario() -> None:
+        await wait_for("both UP at weight 100", both_up_at(haproxy, 100), 15)
+        jar, run, done = CookieJar(), ClientRun(), asyncio.Event()
+        with phone_link_to(haproxy) as phone_link:
+            client = phone_client(phone_link, jar, run, done)
+            await audio_flows(run)
+            sticky = SERVER_NAMES.index(jar.cookies[STICKY_COOKIE])
+            other = 1 - sticky
+            assert await asyncio.to_thread(phone_link.cut) == 1
+            await wait_for("the session detached", lambda: detached(servers[sticky]) == 1)
+            code, _ = await asyncio.to_thread(servers[sticky].stop)
+            assert code == 0, servers[sticky].log()
+            await wait_for("the stopped server DOWN everywhere",
+                           lambda: haproxy.status(OVERFLOW, SERVER_NAMES[sticky]) == "DOWN"
+                           and haproxy.status(PRIMARY, SERVER_NAMES[sticky]) == "DOWN")
+            before = await asyncio.to_thread(resume_metrics, [servers[other]])
+            await asyncio.to_thread(phone_link.restore)
+            await wait_for("a reconnect", lambda: len(run.reconnected) == 1, RESUMED_WITHIN_S + 5)
+            assert phone_link.restored_at is not None
+            took = run.reconnected[0] - phone_link.restored_at
+            assert took < RESUMED_WITHIN_S, f"a session {took:.2f} s after the network came back"
+            await audio_flows(run)
+            done.set()
+            await asyncio.wait_for(client, 30)
+
+        first, fresh = run.session_starts
+        assert not fresh.resumed and fresh.session_id != first.session_id
+        errors = run.of_type(Error)
+        assert [e.code for e in errors] == [ErrorCode.RESUME_FAILED], errors
+        assert run.close_code == 1000
+        after = await asyncio.to_thread(resume_metrics, [servers[other]])
+        assert growth(before, after, 'voice_resume_failures_total{reason="foreign"}') == [1]
+        assert growth(before, after, "voice_sessions_total") == [1]
+        assert jar.cookies == {STICKY_COOKIE: SERVER_NAMES[other]}, "the client sticks to its new server"
+        await wait_for("every slot free", lambda: sessions_active(servers[other]) == 0
+                       and haproxy.current_sessions(PRIMARY) == haproxy.current_sessions(OVERFLOW) == 0)
+
+    try:
+        asyncio.run(scenario())
+    except BaseException:
+        print("HAProxy log:\n" + haproxy.log())
+        for name, server in zip(SERVER_NAMES, servers, strict=True):
+            print(f"{name} log:\n{server.log()}")
+        raise
