@@ -795,6 +795,10 @@ def test_a_link_cut_behind_haproxy_resumes_on_the_same_server_by_the_sticky_cook
         await wait_for("every slot free", lambda: [sessions_active(s) for s in servers] == [0, 0]
                        and haproxy.current_sessions(PRIMARY) == haproxy.current_sessions(OVERFLOW) == 0)
         assert await asyncio.to_thread(lambda: [detached(s) for s in servers]) == [0, 0]
+        # The tokens went through HAProxy in the query of every resume: its log has the paths, never them.
+        log = haproxy.log()
+        assert "/ws" in log
+        assert not [s.resume_token for s in starts if s.resume_token and s.resume_token in log]
 
     try:
         asyncio.run(scenario())
