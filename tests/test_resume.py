@@ -136,6 +136,12 @@ def port_of(server: ServerProcess) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
 
+async def heard_by(server: ServerProcess, frames: float) -> None:
+    """Until the server has received `frames` client audio frames in all (voice_frames_in_total)."""
+    assert await asyncio.to_thread(
+        poll_until, lambda: metric(server, "voice_frames_in_total") >= frames, 10.0) is not None
+
+
 async def first_messages(url: str, n: int) -> tuple[list[object], object]:
     """The first `n` control messages of a connection to `url`, and the connection (still open)."""
     ws = await connect(url, compression=None)
@@ -198,9 +204,11 @@ def test_a_link_cut_mid_conversation_resumes_the_same_session_100_times_in_a_row
 def test_detached_sessions_count_for_capacity_until_their_window_ends(loopback_server: ServerProcess) -> None:
     async def scenario() -> tuple[list[object], int | None, float | None]:
         with TcpProxy("127.0.0.1", port_of(loopback_server)) as proxy:
+            heard = metric(loopback_server, "voice_frames_in_total")
             held = [await first_messages(proxy.url(), 1) for _ in range(4)]
             for _, ws in held:
                 await ws.send(SILENCE)
+            await heard_by(loopback_server, heard + 4)  # a session that heard nothing would not be kept
             proxy.cut()
             for _, ws in held:
                 with pytest.raises(ConnectionClosed):
@@ -291,20 +299,23 @@ def test_wrong_used_expired_and_foreign_tokens_never_resume_and_the_session_besi
 def test_a_drain_ends_detached_sessions_at_once() -> None:
     """A server told to drain (SIGTERM) ends a detached session at once, so nothing is left for the drain
     to wait on and it stops well before its drain timeout."""
-    with ServerProcess("--engine", "loopback", "--resume-window", "60", "--drain-timeout", "20") as server:
+    with ServerProcess("--engine", "loopback", "--resume-window", "120", "--drain-timeout", "60") as server:
 
         async def detach() -> None:
             with TcpProxy("127.0.0.1", port_of(server)) as proxy:
                 _, ws = await first_messages(proxy.url(), 1)
                 await ws.send(SILENCE)
+                await heard_by(server, 1)  # a session that heard nothing would not be kept
                 proxy.cut()
                 with pytest.raises(ConnectionClosed):
                     await ws.recv()
 
         asyncio.run(detach())
         assert poll_until(lambda: metric(server, "voice_sessions_detached") == 1, 5.0) is not None
-        code, took_s = server.stop(signal.SIGTERM)
-    assert code == 0 and took_s < 10.0, (code, took_s)
+        code, took_s = server.stop(signal.SIGTERM, timeout=90)
+    # A drain that waited on the detached session would take its whole minute; half of it is ample for a
+    # loaded machine to stop a server with nothing left to wait on.
+    assert code == 0 and took_s < 30.0, (code, took_s)
 
 
 def test_voice_agent_client_resume_carries_a_session_across_a_cut(loopback_server: ServerProcess,

@@ -399,6 +399,7 @@ events = st.lists(
         st.just(("connection_closed",)),
         st.tuples(st.just("connection_lost"), st.sampled_from(sorted(RESUMABLE_ENDINGS))),
         st.just(("attach",)),
+        st.just(("connection_replaced",)),
     ),
     max_size=60,
 )
@@ -477,6 +478,8 @@ def test_any_sequence_of_events_keeps_the_invariants(sequence: list[tuple]) -> N
             take(session.drain(5.0))
         elif kind == "connection_lost":
             take(session.connection_closed(event[1], now))
+        elif kind == "connection_replaced":
+            take(session.connection_replaced(now))
         elif kind == "attach":
             if session.phase is Phase.DETACHED:
                 take(session.attach(session_start("s1", model="m", demo_weights=True, max_sessions=4,
@@ -679,6 +682,7 @@ def test_only_a_detached_session_can_be_attached() -> None:
     session = resumable()
     with pytest.raises(ValueError, match="not detached"):
         session.attach(resumed_start(0.0), now=1.0)
+    receive(session, AUDIO, 10 * MS)
     session.connection_closed(EndReason.CONNECTION_LOST, now=1.0)
     session.tick(1.0 + WINDOW_S)
     with pytest.raises(ValueError, match="not detached"):
@@ -702,6 +706,7 @@ def test_without_a_window_a_dropped_link_ends_the_session_as_before() -> None:
 @pytest.mark.parametrize("ending", ["drain", "shutdown", "internal_failure", "capacity", "time_limit"])
 def test_a_detached_session_ends_at_once_when_the_server_or_its_limits_end_it(ending: str) -> None:
     session = resumable(max_session_s=60.0)
+    receive(session, AUDIO, 10 * MS)
     session.connection_closed(EndReason.CONNECTION_LOST, now=59.0)
     actions = {
         "drain": lambda: session.drain(30.0),
@@ -716,9 +721,30 @@ def test_a_detached_session_ends_at_once_when_the_server_or_its_limits_end_it(en
 
 def test_a_draining_session_that_loses_its_link_ends() -> None:
     session = resumable()
+    receive(session, AUDIO, 10 * MS)
     session.drain(30.0)
     lost = EndReason.CONNECTION_LOST
     assert session.connection_closed(lost, now=1.0) == [Release(lost)]
+
+
+def test_a_session_that_never_heard_a_frame_is_not_kept() -> None:
+    """A handshake and a reset, before any audio: nothing to resume, and kept it would hold a slot for a
+    whole window for the price of one connection."""
+    session = resumable()
+    lost = EndReason.CONNECTION_LOST
+    assert session.connection_closed(lost, now=1.0) == [Release(lost)]
+
+
+def test_a_resume_takes_a_session_over_from_its_link_even_before_its_first_audio() -> None:
+    """The client presents its token: whatever the old link heard, the session is detached to be attached
+    to the new one at once (unless the server is draining: then it ends)."""
+    session = resumable()
+    assert session.connection_replaced(now=2.0) == [] and session.phase is Phase.DETACHED
+    session.attach(resumed_start(0.0), now=2.0)
+    assert session.phase is Phase.OPEN
+    draining = resumable()
+    draining.drain(30.0)
+    assert draining.connection_replaced(now=2.0) == [Release(EndReason.RECONNECTING)]
 
 
 def test_a_failed_resume_is_said_right_after_the_fresh_session_start() -> None:

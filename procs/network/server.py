@@ -561,7 +561,7 @@ class NetworkServer:
         it cannot be (taken over as a drain began, it ended)."""
         session, now = live.session, time.monotonic()
         if (old := live.link) is not None:  # a link the server has not seen drop (the client has)
-            self._apply(live, session.connection_closed(EndReason.RECONNECTING, now))
+            self._apply(live, session.connection_replaced(now))
             if session.phase is Phase.DETACHED:
                 self._detached(live, EndReason.RECONNECTING)
             closer = asyncio.create_task(old.ws.close(CLOSE_RESUMED_ELSEWHERE, "resumed elsewhere"))

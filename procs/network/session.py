@@ -22,6 +22,7 @@ Events (methods):
     drain(deadline_s)             the server stops taking sessions; this one has `deadline_s` left
     shutdown()                    the server is stopping (or the drain's time is up)
     internal_failure(msg)         the inference process died: the session cannot go on
+    connection_replaced(now)      a resume on a new connection takes the session from the one it has
     connection_closed(reason, now)  the socket is gone: the client closed it, the network failed, the
                                   WebSocket layer refused something, or our own close finished
     attach(start, now)            a new connection resumed the detached session (`start`: its
@@ -45,10 +46,11 @@ States:
     DETACHED ─ the window passes, the time limit, a drain, shutdown, internal failure ──────────▶ CLOSED
 
 Resume (`resume_window_s` > 0): a link that dies without a close handshake (or that the client abandons
-with CLOSE_RECONNECTING, to resume) does not end the session: it is DETACHED, keeps its slot (so it counts
-for admission) and its model state, sends and publishes nothing (so its model is not stepped: the
-conversation goes on from where it stopped, not on silence the client never said), and ends when its window
-passes unless a new connection `attach`es it. A session told to drain is not kept (its server is going).
+with CLOSE_RECONNECTING, to resume) does not end a session that has had audio: it is DETACHED, keeps its
+slot (so it counts for admission) and its model state, sends and publishes nothing (so its model is not
+stepped: the conversation goes on from where it stopped, not on silence the client never said), and ends
+when its window passes unless a new connection `attach`es it. A session told to drain is not kept (its
+server is going).
 
 Invariants (tests/test_session.py checks them over arbitrary event sequences): no event raises; every way
 out of OPEN and DETACHED into CLOSING or CLOSED yields exactly one `Release`, and nothing else does; a
@@ -514,21 +516,40 @@ class Session:
         when (a resumable session's window starts then)."""
         if self.phase is Phase.DETACHED:
             return []  # its connection was gone already
-        resumable = reason in RESUMABLE_ENDINGS and self.rules.resume_window_s > 0 and not self._draining
+        # A session that never heard a frame has no conversation to keep: kept anyway, a client could hold a
+        # slot for a whole window with one handshake and a reset.
+        resumable = reason in RESUMABLE_ENDINGS and self.counters.frames_in > 0 and self._keepable
+        if self.phase is Phase.OPEN and resumable:
+            return self._detach(now)
         actions: list[Action] = []
-        if self.phase is Phase.OPEN and not resumable:
+        if self.phase is Phase.OPEN:
             actions = self._end(reason, text=None)
-        if self.phase is Phase.OPEN:  # resumable: what was queued for the dead link is never sent
-            self.counters.output_dropped += len(self._audio)
-            self.phase, self.detached_at = Phase.DETACHED, now
         self._control.clear()
         self._audio.clear()
         self._quality = None
-        if self.phase is Phase.DETACHED:
-            return []
         self.phase = Phase.CLOSED
         self._goodbye = None
         return actions
+
+    def connection_replaced(self, now: float) -> list[Action]:
+        """A resume on a new connection takes this session over from the link it still has (one the server
+        has not seen drop): it is detached, to be attached at once, audio or not (the client has its
+        token)."""
+        if self.phase is Phase.OPEN and self._keepable:
+            return self._detach(now)
+        return self.connection_closed(EndReason.RECONNECTING, now)
+
+    @property
+    def _keepable(self) -> bool:
+        return self.rules.resume_window_s > 0 and not self._draining
+
+    def _detach(self, now: float) -> list[Action]:
+        self.counters.output_dropped += len(self._audio)  # what was queued for the dead link is never sent
+        self.phase, self.detached_at = Phase.DETACHED, now
+        self._control.clear()
+        self._audio.clear()
+        self._quality = None
+        return []
 
     def attach(self, start: SessionStart, now: float) -> list[Action]:
         """A new connection resumed this DETACHED session: `start` (its `session_start`, `resumed`) goes out
