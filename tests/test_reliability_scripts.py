@@ -17,7 +17,8 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
 
 def test_the_attack_script_measures_what_the_server_did(tmp_path: Path) -> None:
     out = tmp_path / "attacks.json"
-    run = run_script("-m", "bench.attacks", "strangers", "protocol", "drain", "--json", str(out))
+    run = run_script("-m", "bench.attacks", "strangers", "protocol", "drain", "resume_race", "--json",
+                     str(out))
     assert run.returncode == 0, run.stdout + run.stderr
     figures = json.loads(out.read_text())
     strangers = figures["strangers"]
@@ -28,6 +29,10 @@ def test_the_attack_script_measures_what_the_server_did(tmp_path: Path) -> None:
     drain = figures["drain"]
     assert drain["newcomer during drain"] == 503 and drain["exit code"] == 0
     assert drain["live session: frames lost"] == 0
+    race = figures["resume_race"]
+    assert race["rounds with exactly one winner"] == 20 and race["rounds with two winners"] == 0
+    assert race["losers told resume_failed with a fresh session"] == 20
+    assert race["after: sessions_active"] == 0 and race["after: voice_sessions_detached"] == 0
 
 
 def test_the_soak_samples_every_process_and_leaves_nothing_behind(demo_checkpoint: str,
