@@ -461,8 +461,11 @@ def resume_flood() -> Figures:
             await sentinel_ws.send(FRAME)
             await detach_through(proxy, sentinel_ws, server)
             done, run = asyncio.Event(), ClientRun()
+            # It listens 2 s after its last frame before it ends its session: with a looped file,
+            # `until_frames` counts the file's frames, not those sent, so it would not wait for its last
+            # block's echo (a session ended by its client drops the block it has not been answered yet).
             victim = asyncio.create_task(stream_client(server.ws_url, pcm, repeat_until=done, run=run,
-                                                       until_frames=-1, tail_s=2.0))
+                                                       tail_s=2.0))
             while run.session_start is None or len(run.frames) < 25:
                 await asyncio.sleep(0.01)  # until the victim streams; wait_for bounds the scenario
             live = run.session_start.resume_token
