@@ -88,6 +88,9 @@ class EndState:
     sessions_resumed_total: float | None
     resume_failures: dict[str, float | None] = field(default_factory=dict)  # by reason
     sessions_total: float | None = None
+    # Whether the model kept up: frames in, frames out and input frames the inference dropped (it fell
+    # behind), all sessions together. A server that does not keep up is soaked less than it seems.
+    frames: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,6 +112,8 @@ class Soak:
     resuming_close_code: int | None = None
     end: EndState | None = None
     verdict: dict[str, bool] = field(default_factory=dict)  # each judgement; all must hold
+    # os.getloadavg() as the soak began and ended: a busy machine slows the model, not the bookkeeping
+    load_average: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 def process_name(server: ServerProcess, pid: int) -> str:
@@ -235,6 +240,8 @@ def end_state(server: ServerProcess) -> EndState:
         resume_failures={r.value: server.metric(f'voice_resume_failures_total{{reason="{r.value}"}}')
                          for r in ResumeRefusal},
         sessions_total=server.metric("voice_sessions_total"),
+        frames={name: server.metric(name) for name in ("voice_frames_in_total", "voice_frames_out_total",
+                                                       "voice_input_frames_dropped_total")},
     )
 
 
@@ -289,11 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.sessions < 3:
         parser.error("--sessions: at least 3 (never reading, reconnecting, resuming)")
     result = Soak(args.minutes, args.sessions, args.drop_every, args.outage)
+    result.load_average["start"] = os.getloadavg()
     with ServerProcess("--max-sessions", str(args.sessions), "--threads", "1") as server:
         asyncio.run(soak(server, result))
         result.end = end_state(server)
         result.samples.append(sample(server, result.minutes * 60))
         result.exit_code, _ = server.stop(signal.SIGTERM, timeout=60)
+    result.load_average["end"] = os.getloadavg()
     leftover = list(SHM.glob(f"vring-{server.proc.pid}-*"))
     warm = next((s for s in result.samples if s.t_s >= WARM_UP_S), result.samples[0])
     last = result.samples[-1]
