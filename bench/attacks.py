@@ -1,7 +1,7 @@
 """The attacks of the hardening issue, each run once against a real server on loopback, with what the server
 did: the figures behind the reliability table in bench/RESULTS.md.
 
-    python -m bench.attacks --json attacks.json            # every attack (about 3 minutes)
+    python -m bench.attacks --json attacks.json            # every attack (4 min 49 s on 2 loaded cores)
     python -m bench.attacks idle flood                      # some of them
     python -m bench.attacks resume_flood resume_race resume_takeover   # resume after a drop (issue 19)
 
