@@ -17,7 +17,8 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
 
 def test_the_attack_script_measures_what_the_server_did(tmp_path: Path) -> None:
     out = tmp_path / "attacks.json"
-    run = run_script("-m", "bench.attacks", "strangers", "protocol", "drain", "--json", str(out))
+    run = run_script("-m", "bench.attacks", "strangers", "protocol", "drain", "resume_race", "--json",
+                     str(out))
     assert run.returncode == 0, run.stdout + run.stderr
     figures = json.loads(out.read_text())
     strangers = figures["strangers"]
@@ -28,18 +29,27 @@ def test_the_attack_script_measures_what_the_server_did(tmp_path: Path) -> None:
     drain = figures["drain"]
     assert drain["newcomer during drain"] == 503 and drain["exit code"] == 0
     assert drain["live session: frames lost"] == 0
+    race = figures["resume_race"]
+    assert race["rounds with exactly one winner"] == 20 and race["rounds with two winners"] == 0
+    assert race["losers told resume_failed with a fresh session"] == 20
+    assert race["after: sessions_active"] == 0 and race["after: voice_sessions_detached"] == 0
 
 
 def test_the_soak_samples_every_process_and_leaves_nothing_behind(demo_checkpoint: str,
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    run = run_script("-m", "bench.soak", "--minutes", "0.25", "--sessions", "3", "--json", str(out))
+    run = run_script("-m", "bench.soak", "--minutes", "0.25", "--sessions", "4", "--drop-every", "5",
+                     "--json", str(out))
     assert run.returncode == 0, run.stdout + run.stderr
     soak = json.loads(out.read_text())
     assert soak["exit_code"] == 0 and len(soak["samples"]) >= 2
     assert {"supervisor", "network", "vad", "inference"} <= set(soak["samples"][-1]["rss_mb"])
-    assert set(soak["frames_out"]) == {"normal-0", "never-reading", "reconnecting"}
+    assert set(soak["frames_out"]) == {"normal-0", "never-reading", "reconnecting", "resuming"}
     assert soak["frames_out"]["normal-0"] > 0 and soak["frames_out"]["never-reading"] == 0
+    # The resuming client's link dropped twice (at 5 and 10 s) and its session came back each time.
+    assert len(soak["drops"]) == 2 and all(d["resumed"] for d in soak["drops"])
+    assert soak["end"]["sessions_resumed_total"] == 2 and soak["end"]["sessions_detached"] == 0
+    assert soak["verdict"] and all(soak["verdict"].values()), soak["verdict"]
     assert "/dev/shm after exit: 0" in run.stdout
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import selectors
 import signal
@@ -167,6 +168,14 @@ class ServerProcess:
             return e.code, json.loads(e.read())
         except OSError:
             return 0, {}
+
+    def metric(self, name: str) -> float | None:
+        """One sample of GET /metrics, by its name as exposed, labels included
+        (`voice_resume_failures_total{reason="used"}`); None when the server exposes no such sample."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return None if found is None else float(found.group(1))
 
     def child_pid(self, role: str) -> int | None:
         """The pid of the running child of `role` (network, vad, inference), from /proc; None while there
