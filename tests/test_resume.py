@@ -256,8 +256,10 @@ def test_wrong_used_expired_and_foreign_tokens_never_resume_and_the_session_besi
         foreign = TokenBook().issue((0, 1))
         done = asyncio.Event()
         run = ClientRun()
+        # It listens 5 s after its last frame (with a looped file `until_frames` would count the file's
+        # frames, not those sent): its last block is answered on a loaded machine too.
         victim = asyncio.create_task(stream_client(loopback_server.ws_url, pcm, repeat_until=done, run=run,
-                                                   until_frames=-1, tail_s=2.0))
+                                                   tail_s=5.0))
         while run.session_start is None:
             await asyncio.sleep(0.01)  # polls the client's record; wait_for bounds the scenario
         token = run.session_start.resume_token
