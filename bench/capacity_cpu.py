@@ -289,14 +289,17 @@ class Clients:
 
 
 async def stream_sessions(url: str, pcm: np.ndarray, n: int, clients: Clients = Clients(),
-                          steady: tuple[float, float] | None = None) -> tuple[list[ClientRun], list[dict]]:
+                          steady: tuple[float, float] | None = None, start_at: float | None = None
+                          ) -> tuple[list[ClientRun], list[dict]]:
     """N clients at different phases of the 80 ms block clock (people do not start in step). With `steady`
     (seconds after the first frame), /metrics is also read at those two moments, while every client
-    streams: the steady-state window the step figures are taken over."""
+    streams: the steady-state window the step figures are taken over. `start_at`: when the first frame is
+    due (the loop's clock, time.monotonic), unless that leaves the clients less than 0.5 s to connect."""
     rng = np.random.default_rng(clients.seed)
     offsets = rng.uniform(0, BLOCK_MS / 1000, n) if clients.random_phases else [
         i * BLOCK_MS / 1000 / n + 0.003 * i for i in range(n)]
     start = asyncio.get_running_loop().time() + 0.5  # every client connected before the first frame
+    start = start if start_at is None else max(start, start_at)
 
     def one(i: int) -> asyncio.Task[ClientRun]:
         ppm = clients.drift_ppm if i % 2 == 0 else -clients.drift_ppm

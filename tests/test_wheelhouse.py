@@ -14,7 +14,7 @@ import pytest
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from tests.test_container import clean_env
-from tests.test_gpu_check import assert_gpu_check_figures
+from tests.test_gpu_check import GPU_CHECK_TIMEOUT_S, assert_gpu_check_figures
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = "torch==2.13.0"  # as scripts/setup installs it
@@ -37,7 +37,7 @@ def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # its steps' own limits: a registry download, a venv, gpu_check --tiny
+@pytest.mark.timeout(1500 + GPU_CHECK_TIMEOUT_S)  # its steps' own limits: downloads, a venv, gpu_check --tiny
 def test_the_wheelhouse_installs_offline_and_runs_the_gpu_check(demo_checkpoint: str, tmp_path: Path) -> None:
     started = time.monotonic()
     house = tmp_path / "wheelhouse"
@@ -83,8 +83,8 @@ def test_the_wheelhouse_installs_offline_and_runs_the_gpu_check(demo_checkpoint:
 
     # bench/ runs from the checkout, with the fresh venv's Python.
     out = tmp_path / "gpu_check.json"
-    check = run([str(ROOT / "bench" / "gpu_check"), "--tiny", "--json", str(out)], timeout=600, cwd=ROOT,
-                env=clean_env(PYTHON=python))
+    check = run([str(ROOT / "bench" / "gpu_check"), "--tiny", "--json", str(out)],
+                timeout=GPU_CHECK_TIMEOUT_S, cwd=ROOT, env=clean_env(PYTHON=python))
     assert_gpu_check_figures(json.loads(out.read_text()))
     assert "**GPU check**" in check.stdout
     checked_s = time.monotonic() - started - built_s - installed_s
