@@ -38,6 +38,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from procs.client import ClientRun, messages_until_closed, stream_client
 from procs.network.resume import ResumeRefusal, TokenBook
 from protocol import (
+    CLOSE_RESUMED_ELSEWHERE,
     FRAMES_PER_BLOCK,
     IN_FRAME_BYTES,
     ClientSessionEnd,
@@ -377,8 +378,12 @@ async def opening(url: str, n: int, timeout_s: float = 10.0) -> tuple[list[objec
 
 
 async def detach_through(proxy: TcpProxy, ws: Any, server: ServerProcess) -> float | None:
-    """Cut `proxy`'s links (RST both ways, no close) and restore it; seconds until the server says its
-    session is detached (None: not within 5 s)."""
+    """Send a frame on `ws` and, once the server has heard it (a session that never heard a frame is not
+    kept for a resume; nothing else may stream meanwhile), cut `proxy`'s links (RST both ways, no close)
+    and restore it; seconds until the server says its session is detached (None: not within 5 s)."""
+    heard = metric(server, "voice_frames_in_total")
+    await ws.send(FRAME)
+    await asyncio.to_thread(poll_until, lambda: metric(server, "voice_frames_in_total") > heard, 5.0)
     await asyncio.to_thread(proxy.cut)
     with contextlib.suppress(ConnectionClosed, TimeoutError):
         await asyncio.wait_for(ws.recv(), 5)  # the client's side of the cut
@@ -458,7 +463,6 @@ def resume_flood() -> Figures:
             foreign = TokenBook().issue((0, 1))
             (sentinel,), sentinel_ws = await opening(proxy.url(), 1)
             assert isinstance(sentinel, SessionStart) and sentinel.resume_token
-            await sentinel_ws.send(FRAME)
             await detach_through(proxy, sentinel_ws, server)
             done, run = asyncio.Event(), ClientRun()
             # It listens 2 s after its last frame before it ends its session: with a looped file,
@@ -534,15 +538,23 @@ def resume_flood() -> Figures:
 def resume_race() -> Figures:
     """Two connections present one session's token at the same moment, 20 times: every other time the
     session is detached (its link cut), otherwise still attached (a half-dead link the server has not seen
-    drop). One may resume it; the other must get a fresh session and resume_failed."""
+    drop). Both may resume it in turn (a token stays good until the client speaks on the link it resumed:
+    procs/network/resume.py), the second taking it over from the first (4001), or the second may get a fresh
+    session and resume_failed; never may both carry it."""
     rounds = 20
     with (ServerProcess(*LOOPBACK, "--max-sessions", "8") as server,
           TcpProxy("127.0.0.1", port_of(server)) as proxy):
         before, resumed_before = refusals(server), metric(server, "voice_sessions_resumed_total")
 
         async def contender(url: str, session_id: str) -> tuple[str, Any]:
-            """'won' (resumed `session_id`), 'told' (a fresh session, then resume_failed) or what it got."""
-            (start,), ws = await opening(url, 1)
+            """'won' (resumed `session_id`), 'told' (a fresh session, then resume_failed), 'taken over' (the
+            other took the session before this one's session_start went out: closed 4001) or what it got."""
+            ws = await connect(url, compression=None)
+            try:
+                start = decode_server(await asyncio.wait_for(ws.recv(), 10))
+            except ConnectionClosed:
+                taken = ws.close_code == CLOSE_RESUMED_ELSEWHERE
+                return ("taken over" if taken else f"closed {ws.close_code}"), ws
             if isinstance(start, SessionStart) and start.resumed and start.session_id == session_id:
                 return "won", ws
             error = decode_server(await asyncio.wait_for(ws.recv(), 10))
@@ -554,19 +566,27 @@ def resume_race() -> Figures:
         async def one(detached: bool) -> tuple[list[str], int | None]:
             (start,), old = await opening(proxy.url(), 1)
             assert isinstance(start, SessionStart) and start.resume_token
-            await old.send(FRAME)
             if detached:
                 await detach_through(proxy, old, server)
+            else:
+                await old.send(FRAME)
             url = f"{server.ws_url}?resume={start.resume_token}"
             got = await asyncio.gather(contender(url, start.session_id), contender(url, start.session_id))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(old.wait_closed(), 10)
+            outcomes = []
             for outcome, ws in got:
-                with contextlib.suppress(ConnectionClosed):
-                    if outcome == "won":
+                if outcome == "won":  # ends the session if it carries it; one taken over was closed 4001
+                    with contextlib.suppress(ConnectionClosed):
                         await ws.send(encode_client_control(ClientSessionEnd()))
+                    with contextlib.suppress(ConnectionClosed, TimeoutError):
+                        while True:
+                            await asyncio.wait_for(ws.recv(), 10)
+                    outcome = {1000: "carried", CLOSE_RESUMED_ELSEWHERE: "taken over"}.get(
+                        ws.close_code or 0, f"won, closed {ws.close_code}")
+                outcomes.append(outcome)
                 await ws.close()
-            return sorted(outcome for outcome, _ in got), None if detached else old.close_code
+            return sorted(outcomes), None if detached else old.close_code
 
         async def scenario() -> list[tuple[list[str], int | None]]:
             return [await one(detached=k % 2 == 0) for k in range(rounds)]
@@ -577,8 +597,10 @@ def resume_race() -> Figures:
         out: Figures = {
             "rounds (detached / still attached)": f"{rounds - rounds // 2} / {rounds // 2}",
             "outcomes per round": dict(Counter(" + ".join(outcome) for outcome, _ in results)),
-            "rounds with exactly one winner": sum(o.count("won") == 1 for o, _ in results),
-            "rounds with two winners": sum(o.count("won") == 2 for o, _ in results),
+            "rounds with the session on exactly one connection at the end": sum(
+                o.count("carried") == 1 for o, _ in results),
+            "rounds with two connections carrying it": sum(o.count("carried") == 2 for o, _ in results),
+            "resumed, then taken over by the other (4001)": sum(o.count("taken over") for o, _ in results),
             "losers told resume_failed with a fresh session": sum(o.count("told") for o, _ in results),
             "still-attached rounds: old connection's close code": dict(Counter(
                 str(code) for (_, code), k in zip(results, range(rounds), strict=True) if k % 2)),

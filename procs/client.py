@@ -39,6 +39,7 @@ from protocol import (
 T = TypeVar("T")
 FRAME_S = FRAME_MS / 1000
 CLOSE_WAIT_S = 10.0  # after the session ends, how long the server has to close it
+RESUME_OPEN_S = 1.5  # a resume's handshake taking longer is given up and tried again (web/lib/connection.js)
 
 
 @dataclass
@@ -198,9 +199,10 @@ async def stream_client(
         if start is None or start.resume_token is None:
             return None
         resume_url = url + ("&" if "?" in url else "?") + "resume=" + start.resume_token
-        while loop.time() - dropped_at < start.resume_window_s:
-            try:
-                return await connect(resume_url, **connect_kwargs)
+        while (left := start.resume_window_s - (loop.time() - dropped_at)) > 0:
+            try:  # a handshake into a dead path gives up soon, as the page's does, to try again
+                kwargs = {**connect_kwargs, "open_timeout": min(RESUME_OPEN_S, left)}
+                return await connect(resume_url, **kwargs)
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError):
                 await asyncio.sleep(retry_s)  # the network is still down: try again, as the page does
         return None

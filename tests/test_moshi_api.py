@@ -35,7 +35,7 @@ from procs.network.moshi_api import HANDSHAKE, MAX_OGG_BURST_BYTES, MoshiAdapter
 from procs.network.ogg import OggFraming
 from procs.network.session import ClientAudio, Close, PublishAudio, Release, Session, SessionRules
 from procs.network.wires import AudioOut
-from protocol import SessionEnd, session_start
+from protocol import EndReason, SessionEnd, session_start
 from tests.support.helpers import wait_for_sessions
 from tests.support.launcher import ServerProcess
 from tests.support.speech import telugu_speech_16k
@@ -252,7 +252,8 @@ def test_adapter_ends_a_broken_ogg_stream_once_with_1008() -> None:
     assert isinstance(close, Close) and close.code == 1008 and close.reason.startswith("bad Ogg/Opus stream")
     assert len(close.reason.encode()) <= 123
     assert adapter.next_outgoing(0) is None and not adapter.wants_to_send()
-    assert adapter.session.connection_closed() == []  # the slot was given back once, not twice
+    # The slot was given back once, not twice.
+    assert adapter.session.connection_closed(EndReason.CLIENT_CLOSED, 0.0) == []
 
 
 def test_web_ui_settings_are_read_and_bad_values_ignored() -> None:

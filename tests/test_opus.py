@@ -24,6 +24,7 @@ from protocol import (
     IN_RATE,
     MAX_OPUS_PACKET_BYTES,
     OUT_RATE,
+    EndReason,
     Error,
     ErrorCode,
     ProtocolError,
@@ -169,7 +170,7 @@ def test_bad_packets_are_answered_and_counted_and_the_session_goes_on() -> None:
     for i in range(session.rules.garbage_limit):
         released += wire.receive(bytes([CLIENT_OPUS, 0x03, 0xFF]), t_ns + (i + 2) * 1_000_000)
     assert len(released) == 1 and session.close is not None and session.close.code == 1008
-    session.connection_closed()
+    session.connection_closed(EndReason.CLIENT_CLOSED, 0.0)
     wire.close()  # the server's, with the connection (procs/network/server.py)
     assert wire.codec.decoder._state is None  # freed with the connection
 

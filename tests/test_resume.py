@@ -52,16 +52,34 @@ RESUMED_WITHIN_S = 2.0  # the goal: resumed within 2 s of the network coming bac
 # ---- tokens ---------------------------------------------------------------------------------------------
 
 
-def test_a_token_resumes_its_own_session_once_and_a_new_token_spends_the_old() -> None:
+def test_a_token_resumes_its_own_session_until_the_client_speaks_with_the_new_one() -> None:
     book: TokenBook[tuple[int, int]] = TokenBook()
     first, other = book.issue((0, 1)), book.issue((1, 1))
     assert book.redeem(first) == (0, 1)
+    second = book.issue((0, 1))  # the resumed session's next token, in its session_start
+    # That link drops before the client saw `second`: `first` still takes the session back (pending).
+    assert book.redeem(first) == (0, 1)
+    third = book.issue((0, 1))
+    assert book.redeem(second) is ResumeRefusal.USED  # issued on a link the client never heard
+    book.confirm((0, 1))  # the client spoke on the link of `third`: it has it
     assert book.redeem(first) is ResumeRefusal.USED
-    second = book.issue((0, 1))
-    third = book.issue((0, 1))  # the resumed session's next token; the one before is spent
-    assert book.redeem(second) is ResumeRefusal.USED
     assert book.redeem(other) == (1, 1) and book.redeem(third) == (0, 1)
-    assert len(book) == 0
+    fourth = book.issue((0, 1))
+    book.confirm((0, 1))
+    assert book.redeem(third) is ResumeRefusal.USED and book.redeem(fourth) == (0, 1)
+    book.confirm((5, 5))  # a session that was never resumed: nothing to confirm
+    assert len(book) == 2  # fourth (pending) and other (pending): each still its session's
+
+
+def test_a_newer_token_spends_an_older_pending_one() -> None:
+    book: TokenBook[int] = TokenBook()
+    first = book.issue(0)
+    book.redeem(first)
+    second = book.issue(0)
+    assert book.redeem(second) == 0  # the client had the newer one after all
+    assert book.redeem(first) is ResumeRefusal.USED
+    book.retire(0)
+    assert book.redeem(second) is ResumeRefusal.EXPIRED and len(book) == 0
 
 
 def test_an_ended_sessions_token_has_expired_and_another_servers_is_foreign() -> None:
@@ -81,8 +99,10 @@ def test_what_is_not_a_token_is_malformed(garbage: str) -> None:
 def test_the_past_is_remembered_within_its_bound() -> None:
     book: TokenBook[int] = TokenBook(remember=2)
     tokens = [book.issue(k) for k in range(3)]
-    for token in tokens:
+    for k, token in enumerate(tokens):  # each resumed, its client speaking with its new token
         book.redeem(token)
+        book.issue(k)
+        book.confirm(k)
     assert [book.redeem(t) for t in tokens] == [ResumeRefusal.UNKNOWN, ResumeRefusal.USED, ResumeRefusal.USED]
 
 

@@ -182,16 +182,16 @@ def test_the_client_asks_to_end() -> None:
     assert out[0] == SessionEnd(reason="client_request", frames_in=1, frames_out=0)
     assert out[-1] == Close(1000, "session ended")
     assert session.phase is Phase.CLOSING
-    assert session.connection_closed() == []  # the release was given already
+    assert session.connection_closed(EndReason.CLIENT_CLOSED, 0.0) == []  # the release was given already
     assert session.phase is Phase.CLOSED
 
 
 def test_a_client_that_goes_away_releases_the_slot_and_is_sent_nothing() -> None:
     session = new_session()  # session_start still queued: never sent
-    assert session.connection_closed() == [Release(EndReason.CLIENT_CLOSED)]
+    assert session.connection_closed(EndReason.CLIENT_CLOSED, 0.0) == [Release(EndReason.CLIENT_CLOSED)]
     assert session.phase is Phase.CLOSED and session.close is None
     assert not session.wants_to_send() and drain(session) == []
-    assert session.connection_closed() == []
+    assert session.connection_closed(EndReason.CLIENT_CLOSED, 0.0) == []
     assert session.shutdown() == [] and receive(session, AUDIO, 0) == []
 
 
@@ -313,7 +313,7 @@ def test_the_quality_report_leaves_through_the_outbox_first_and_only_the_newest(
     assert not any(isinstance(item, QualityReport) for item in out[1:])
     assert [type(item) for item in out[1:]] == [ModelAudio]  # nothing answered before the tick: no latency
     session.tick(3.0)
-    session.connection_closed()
+    session.connection_closed(EndReason.CLIENT_CLOSED, 0.0)
     assert session.next_outgoing(0) is None  # a closed session reports nothing more
 
 
@@ -609,7 +609,7 @@ def test_the_drain_notice_and_an_internal_failure() -> None:
 
 def test_why_the_connection_went_is_the_release_reason() -> None:
     session = opened()
-    assert session.connection_closed(EndReason.MESSAGE_TOO_BIG) == [Release(EndReason.MESSAGE_TOO_BIG)]
+    assert session.connection_closed(EndReason.MESSAGE_TOO_BIG, 0.0) == [Release(EndReason.MESSAGE_TOO_BIG)]
     assert session.end_reason is EndReason.MESSAGE_TOO_BIG
 
 
@@ -669,13 +669,13 @@ def test_a_resumed_session_says_so_first_and_goes_on_where_it_stopped() -> None:
     assert isinstance(first, SessionStart) and first.resumed and first.resume_gap_s == 2.5
     assert first.session_id == session.session_id
     # Its input numbering goes on: the model's clock never saw the gap.
-    [published] = receive(session, AUDIO, 3600 * MS)
-    assert isinstance(published, PublishAudio) and published.seq == 1
-    session.model_audio(model_frame(t_in_ns=3600 * MS))
-    assert any(isinstance(m, ModelAudio) for m in drain(session, 3700 * MS))
-    # The idle timeout counts from the resume, not from the audio before the drop.
-    assert session.tick(3.5 + 4.9) == []
-    assert session.tick(3.6 + 5.0) == [Release(EndReason.IDLE_TIMEOUT)]
+    session.model_audio(model_frame(t_in_ns=3500 * MS))
+    assert any(isinstance(m, ModelAudio) for m in drain(session, 3500 * MS))
+    # The idle timeout leaves out the detached time (the last audio before the drop was at 0.01 s, so 0.99 s
+    # of silence had passed at the drop), without starting over.
+    session.tick(3.5)
+    assert session.tick(3.5 + 5.0 - 0.99 - 0.01) == []
+    assert session.tick(3.5 + 5.0 - 0.99 + 0.01) == [Release(EndReason.IDLE_TIMEOUT)]
 
 
 def test_only_a_detached_session_can_be_attached() -> None:
@@ -745,6 +745,27 @@ def test_a_resume_takes_a_session_over_from_its_link_even_before_its_first_audio
     draining = resumable()
     draining.drain(30.0)
     assert draining.connection_replaced(now=2.0) == [Release(EndReason.RECONNECTING)]
+
+
+def test_dropping_and_resuming_does_not_keep_a_silent_session_alive() -> None:
+    session = resumable(idle_timeout_s=5.0)
+    receive(session, AUDIO, 0)
+    now, released = 0.0, []
+    while now < 60 and not released:  # a drop and a resume every 4 s, never a frame again
+        now += 4.0
+        session.connection_closed(EndReason.CONNECTION_LOST, now)
+        session.attach(resumed_start(0.1), now + 0.1)
+        released = session.tick(now + 0.1)
+    assert released == [Release(EndReason.IDLE_TIMEOUT)] and now <= 8.0
+
+
+def test_the_audio_numbering_goes_on_after_a_resume() -> None:
+    session = resumable()
+    receive(session, AUDIO, 10 * MS)
+    session.connection_closed(EndReason.CONNECTION_LOST, now=1.0)
+    session.attach(resumed_start(2.5), now=3.5)
+    [published] = receive(session, AUDIO, 3600 * MS)
+    assert isinstance(published, PublishAudio) and published.seq == 1
 
 
 def test_a_failed_resume_is_said_right_after_the_fresh_session_start() -> None:

@@ -12,6 +12,7 @@ from protocol import (
     IN_FRAME_BYTES,
     OUT_FRAME_BYTES,
     OUT_RATE,
+    EndReason,
     ErrorCode,
     Ping,
     Pong,
@@ -80,6 +81,6 @@ def test_the_opus_edge_encodes_model_audio_as_it_leaves_and_frees_libopus_at_clo
     assert all(isinstance(p, AudioOut) and p.data[0] == 0x04 for p in packets)
     back = OpusDecoder(OUT_RATE)
     assert all(len(back.decode(decode_server_opus(p.data))) == OUT_FRAME_BYTES for p in packets)
-    wire.session.connection_closed()
+    wire.session.connection_closed(EndReason.CLIENT_CLOSED, 0.0)
     wire.close()
     assert wire.codec.encoder._state is None and wire.codec.decoder._state is None

@@ -177,15 +177,17 @@ class MoshiAdapter:
             # that is one of our control messages is served, as on /ws).
             return session.receive(decode_ws(message), now_ns)
         if (why := self.framing.feed(memoryview(message)[1:])) is not None:
-            return self._break(why)  # before sphn keeps the bytes: what waits undecoded stays bounded
+            # Before sphn keeps the bytes: what waits undecoded stays bounded.
+            return self._break(why, now_ns)
         self.ogg_bytes_in += len(message) - 1
         allowed = MAX_OGG_BYTES_PER_S * max(0.0, now_ns / 1e9 - session.started) + MAX_OGG_BURST_BYTES
         if self.ogg_bytes_in > allowed:
-            return self._break(f"bad Ogg/Opus stream: more than {MAX_OGG_BYTES_PER_S * 8 // 1000} kbit/s")
+            limit_kbit = MAX_OGG_BYTES_PER_S * 8 // 1000
+            return self._break(f"bad Ogg/Opus stream: more than {limit_kbit} kbit/s", now_ns)
         try:
             pcm24 = self.reader.append_bytes(message[1:])
         except Exception as exc:  # sphn raises ValueError; a foreign library's failure stays with the session
-            return self._break(f"bad Ogg/Opus stream: {exc}")
+            return self._break(f"bad Ogg/Opus stream: {exc}", now_ns)
         if pcm24.size == 0:
             return []
         self.samples_in += pcm24.shape[-1]
@@ -201,7 +203,7 @@ class MoshiAdapter:
         self._pcm16 = pending[whole:].copy()
         return actions
 
-    def _break(self, why: str) -> list[Action]:
+    def _break(self, why: str, now_ns: int) -> list[Action]:
         """The client's Ogg stream cannot be read any further: the session is over. The session has no event
         for "the server ends this for a reason of another wire", so it is told the connection is gone (it
         releases its slot, exactly once, and sends nothing more), and this adapter says goodbye itself."""
@@ -209,7 +211,7 @@ class MoshiAdapter:
             return []
         self._broken = why
         self.session.counters.malformed += 1
-        return self.session.connection_closed(EndReason.PROTOCOL_ERROR)
+        return self.session.connection_closed(EndReason.PROTOCOL_ERROR, now_ns / 1e9)
 
     # ---- session -> client ------------------------------------------------------------------------------
     def wants_to_send(self) -> bool:

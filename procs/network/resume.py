@@ -7,12 +7,17 @@ is bound to one session of one server: a token of another server, or of a networ
 names nothing here. Tokens are never logged (`TokenBook` logs nothing; the server logs only the refusal's
 reason).
 
-Each token is good once: `redeem` spends it, and the resumed session is issued a new one. A spent token,
-and the token of a session that has ended, is remembered (the newest `remember` of them) so its refusal
-can say why ("used", "expired") for the metrics and the client's `error`; anything else is "unknown".
+Each token is good for one resume: `redeem` hands its session back, and the resumed session is issued a
+new one. The redeemed token stays good (pending) until the new connection `confirm`s that the client has
+the new one, with its first message: a link that drops again before the client ever saw its new token
+would otherwise leave the client with a spent one and strand its session for the whole window. A spent
+token, and the token of a session that has ended, is remembered (the newest `remember` of them) so its
+refusal can say why ("used", "expired") for the metrics and the client's `error`; anything else is
+"unknown".
 
-    issue(key) ─▶ live ─ redeem ─▶ used          (the key is handed back; a new token is issued)
-                   └──── retire ─▶ expired       (the session ended: clean close, window passed, drain)
+    issue(key) ─▶ live ─ redeem ─▶ pending ─ confirm (the client spoke on the new link) ─▶ used
+                   │                  └─ redeem again (that link died first): pending, the same session
+                   └─ (live or pending) ─ retire ─▶ expired   (the session ended: close, window, drain)
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import enum
 import hmac
 import secrets
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Generic, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -45,13 +52,13 @@ class ResumeRefusal(enum.StrEnum):
     EXPIRED = "expired"  # its session has ended
 
 
-REFUSAL_MESSAGES = {
+REFUSAL_MESSAGES: Mapping[ResumeRefusal, str] = MappingProxyType({
     ResumeRefusal.MALFORMED: "the resume token is malformed",
     ResumeRefusal.FOREIGN: "the resume token is not from this server (or it restarted)",
     ResumeRefusal.UNKNOWN: "no session has this resume token",
     ResumeRefusal.USED: "the resume token was used already",
     ResumeRefusal.EXPIRED: "the session of this resume token has ended",
-}
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +74,15 @@ class TokenBook(Generic[K]):
     def __init__(self, server_id: bytes | None = None, remember: int = 4096) -> None:
         self.server_id = server_id if server_id is not None else secrets.token_bytes(SERVER_ID_BYTES)
         assert len(self.server_id) == SERVER_ID_BYTES
-        self._live: dict[bytes, _Issued[K]] = {}  # token id -> its secret and session
-        self._id_of: dict[K, bytes] = {}  # session -> its live token's id
+        self._live: dict[bytes, _Issued[K]] = {}  # token id -> its secret and session (live or pending)
+        self._id_of: dict[K, bytes] = {}  # session -> its newest token's id
+        self._pending: dict[K, bytes] = {}  # session -> the token it was resumed with, until confirmed
         self._past: OrderedDict[bytes, tuple[bytes, ResumeRefusal]] = OrderedDict()
         self._remember = remember
 
     def issue(self, key: K) -> str:
-        """A new token for session `key`; the one it had is spent."""
-        if (old := self._id_of.get(key)) is not None:
+        """A new token for session `key`; the one it had is spent, unless it is the one pending."""
+        if (old := self._id_of.pop(key, None)) is not None and old != self._pending.get(key):
             self._forget(old, ResumeRefusal.USED)
         token_id = secrets.token_bytes(TOKEN_ID_BYTES)
         while token_id in self._live or token_id in self._past:  # 2^-64 a draw; cheap to rule out
@@ -97,25 +105,34 @@ class TokenBook(Generic[K]):
         if issued is not None:
             if not hmac.compare_digest(secret, issued.secret):
                 return ResumeRefusal.UNKNOWN
-            self._forget(token_id, ResumeRefusal.USED)
+            if (before := self._pending.get(issued.key)) is not None and before != token_id:
+                self._forget(before, ResumeRefusal.USED)  # the client had a newer token: this one is old news
+            self._pending[issued.key] = token_id
             return issued.key
         past = self._past.get(token_id)
         if past is not None and hmac.compare_digest(secret, past[0]):
             return past[1]
         return ResumeRefusal.UNKNOWN
 
+    def confirm(self, key: K) -> None:
+        """The client of resumed session `key` spoke on its new connection: it has the new token, and the
+        one it resumed with is spent."""
+        if (token_id := self._pending.pop(key, None)) is not None and token_id != self._id_of.get(key):
+            self._forget(token_id, ResumeRefusal.USED)
+
     def retire(self, key: K) -> None:
-        """Session `key` ended: its token names nothing from now on ("expired")."""
-        if (token_id := self._id_of.get(key)) is not None:
+        """Session `key` ended: its tokens name nothing from now on ("expired")."""
+        for token_id in {self._id_of.pop(key, None), self._pending.pop(key, None)} - {None}:
+            assert token_id is not None
             self._forget(token_id, ResumeRefusal.EXPIRED)
 
     def __len__(self) -> int:
-        """Live tokens (one per resumable session)."""
+        """Tokens that resume a session now (one per resumable session, two while a resume is pending)."""
         return len(self._live)
 
     def _forget(self, token_id: bytes, why: ResumeRefusal) -> None:
+        """The token names nothing from now on; `why`, to anyone who presents it."""
         issued = self._live.pop(token_id)
-        del self._id_of[issued.key]
         self._past[token_id] = (issued.secret, why)
         while len(self._past) > self._remember:
             self._past.popitem(last=False)

@@ -14,8 +14,10 @@ its edge (`wires.py` for `/ws`, `moshi_api.py` for `/api/chat`), admission in `s
   worker going down ends only the sessions in its slots;
 * one ticker drives every session's clock.
 
-Whatever way a connection ends, its handler's `finally` tells the session `connection_closed()`, so the
-slot is released exactly once (by the session's `Release`) without waiting for anything else.
+Whatever way a connection ends, its handler's `finally` tells the session `connection_closed()` (unless a
+resume took the session to another connection meanwhile), so the slot is released exactly once (by the
+session's `Release`) without waiting for anything else; a detached session's `Release` comes from its
+clock (the ticker) when its window passes.
 
 A session outlives its connection when the link drops (`--resume-window`, procs/network/resume.py): its
 `LiveSession` keeps the slot with no `Link` (DETACHED) until `/ws?resume=TOKEN` gives it a new one, or its
@@ -113,6 +115,7 @@ log = logging.getLogger("network")
 
 TICK_S = 0.1  # the sessions' clock: `latency` reports are due once a second, checked this often
 GOODBYE_S = 2.0  # how long closing clients get to take their `session_end` and close before we abort
+RESUMED_ELSEWHERE = "resumed elsewhere"  # the close reason of a connection a resume took its session from
 OPEN_TIMEOUT_S = 5.0  # the opening handshake (request line to 101) must complete within this
 SEND_BUFFER_BYTES = 16 * 1024  # per connection: audio waits in our bounded queue, not in the kernel
 WRITE_LIMIT = (4096, 1024)  # websockets' transport buffer high/low-water marks, likewise
@@ -125,6 +128,9 @@ class Link:
     ws: ServerConnection
     wire: Wire  # the session's edge: our `/ws` (PCM or Opus) or moshi.server's `/api/chat`
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # A resumed link: the token it came with stays good until the client speaks on it (procs/network/
+    # resume.py: `confirm`), which shows the client has the new one.
+    unconfirmed: bool = False
 
     # The session's I/O, through its wire's edge: decoded on the way in, encoded on the way out.
     def receive(self, message: str | bytes, now_ns: int) -> list[Action]:
@@ -525,9 +531,13 @@ class NetworkServer:
         moshi = is_moshi(ws)
         rules = dataclasses.replace(self.rules, resume_window_s=0.0) if moshi else self.rules
         start = self._session_start(ws, uuid.uuid4().hex[:12], (slot, gen), rules)
-        session = Session(start, slot, gen, now=time.monotonic(), rules=rules)
-        wire: Wire = (MoshiAdapter(session, moshi_params(ws.request.path))  # type: ignore[union-attr]
-                      if moshi else ws_wire(session, ws_codec(ws)))
+        try:
+            session = Session(start, slot, gen, now=time.monotonic(), rules=rules)
+            wire: Wire = (MoshiAdapter(session, moshi_params(ws.request.path))  # type: ignore[union-attr]
+                          if moshi else ws_wire(session, ws_codec(ws)))
+        except BaseException:
+            self.tokens.retire((slot, gen))  # a session that never was: its token names nothing
+            raise
         return LiveSession(session, Link(ws, wire))
 
     def _session_start(self, ws: ServerConnection, session_id: str, key: tuple[int, int], rules: SessionRules,
@@ -564,14 +574,14 @@ class NetworkServer:
             self._apply(live, session.connection_replaced(now))
             if session.phase is Phase.DETACHED:
                 self._detached(live, EndReason.RECONNECTING)
-            closer = asyncio.create_task(old.ws.close(CLOSE_RESUMED_ELSEWHERE, "resumed elsewhere"))
+            closer = asyncio.create_task(old.ws.close(CLOSE_RESUMED_ELSEWHERE, RESUMED_ELSEWHERE))
             self.closers.add(closer)
             closer.add_done_callback(self.closers.discard)
         if session.detached_at is None:
             return None
         gap_s = now - session.detached_at
         start = self._session_start(ws, session.session_id, live.key, session.rules, resume_gap_s=gap_s)
-        link = Link(ws, ws_wire(session, ws_codec(ws)))
+        link = Link(ws, ws_wire(session, ws_codec(ws)), unconfirmed=True)
         live.link = link
         self._apply(live, session.attach(start, now))
         self.metrics.sessions_resumed.inc()
@@ -586,13 +596,15 @@ class NetworkServer:
                 await self._carry(target, link)
                 return
             target = ResumeRefusal.EXPIRED
+        if target is not None:  # counted here: a full server answers it with `capacity` alone
+            self.metrics.resume_failures.inc(target.value)
+            log.info("resume refused for %s (%s): a fresh session if there is room", ws.remote_address,
+                     target.value)
         live = await self._admit(ws)
         if live is None:
             return
         assert live.link is not None
         if target is not None:  # a resume that failed: a fresh session goes on, and says why
-            self.metrics.resume_failures.inc(target.value)
-            log.info("session=%s slot=%d: resume refused (%s); a fresh session", *live.ctx(), target.value)
             self._apply(live, live.session.resume_failed(
                 Error(code=ErrorCode.RESUME_FAILED, msg=REFUSAL_MESSAGES[target], fatal=False)))
         await self._carry(live, live.link)
@@ -652,8 +664,12 @@ class NetworkServer:
             link.wake.set()  # session_start
             sender = asyncio.create_task(self._sender(live, link), name=f"sender-{session.session_id}")
             async for message in ws:
-                if live.link is not link:  # resumed on another connection: this one is being closed
+                if live.link is not link:  # resumed on another connection: this one is closed so
+                    await ws.close(CLOSE_RESUMED_ELSEWHERE, RESUMED_ELSEWHERE)  # (not 1000 as it returns)
                     break
+                if link.unconfirmed:
+                    self.tokens.confirm(live.key)
+                    link.unconfirmed = False
                 self._apply(live, link.receive(message, time.monotonic_ns()))
                 if session.counters.input_rate_limited > live.rate_limited_logged:
                     self._warn_rate_limited(live)

@@ -510,8 +510,7 @@ class Session:
             self._say(error)
         return []
 
-    def connection_closed(self, reason: EndReason = EndReason.CLIENT_CLOSED, now: float = 0.0
-                          ) -> list[Action]:
+    def connection_closed(self, reason: EndReason, now: float) -> list[Action]:
         """`reason`: why the socket went, as the I/O layer saw it (used only if the session was open); `now`:
         when (a resumable session's window starts then)."""
         if self.phase is Phase.DETACHED:
@@ -553,13 +552,15 @@ class Session:
 
     def attach(self, start: SessionStart, now: float) -> list[Action]:
         """A new connection resumed this DETACHED session: `start` (its `session_start`, `resumed`) goes out
-        first and the conversation goes on; its idle timeout counts from now."""
+        first and the conversation goes on. Its idle timeout does not count the detached time, nor start
+        over (dropping and resuming must not keep a silent session alive)."""
         if self.phase is not Phase.DETACHED:
             raise ValueError(f"session {self.session_id} is {self.phase.value}, not detached")
+        assert self.detached_at is not None
+        self._last_audio += now - self.detached_at
         self.phase, self.detached_at = Phase.OPEN, None
         self.resumes += 1
         self._control.append(start)
-        self._last_audio = now
         self._next_report = now + self.rules.latency_period_s
         return []
 

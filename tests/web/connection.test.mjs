@@ -122,7 +122,7 @@ if (typeof WebSocket === 'undefined') {
       env,
     });
     assert.equal(child.status, 0, `${child.stdout}\n${child.stderr}`);
-    assert.match(child.stdout, /# pass 11\n/);
+    assert.match(child.stdout, /# pass 12\n/);
   });
 } else {
   describe('AgentConnection', () => {
@@ -307,6 +307,36 @@ if (typeof WebSocket === 'undefined') {
       assert.deepEqual([...again.getAll('resume'), again.get('codec')], ['new', 'opus']);
     });
 
+    test('Stop while a drop is being resumed ends the session on the server', async () => {
+      const base = server.connections.length;
+      const recorder = new Recorder();
+      const client = makeConnection(server.url, recorder);
+      client.start();
+      const first = await server.connection(base);
+      first.sendJson(resumableStart('s-stop', 'tok-stop'));
+      await recorder.waitForState('live');
+      first.destroy();
+      await nthReconnecting(recorder, 1);
+      client.stop(); // the resume has not come through: no socket can say goodbye
+      assert.equal(client.state, 'stopped');
+      // A connection of its own resumes the session with its token only to end it.
+      let goodbye = null;
+      for (let n = base + 1; goodbye === null; n++) {
+        const connection = await server.connection(n);
+        if (query(connection).get('resume') !== 'tok-stop') continue;
+        const said = await Promise.race([
+          connection.nextJson('session_end').then(() => true),
+          connection.closedPromise().then(() => false),
+        ]);
+        if (said) goodbye = connection;
+      }
+      goodbye.sendJson(resumableStart('s-stop', 'tok-next', { resumed: true }));
+      goodbye.close(1000, 'session ended');
+      await goodbye.closedPromise();
+      assert.equal(client.state, 'stopped');
+      assert.equal(recorder.count('onResumed'), 0); // the goodbye is not a session of the page's
+    });
+
     test('a silent server, abandoned with 4000, is resumed too', async () => {
       const base = server.connections.length;
       const recorder = new Recorder();
@@ -360,6 +390,9 @@ if (typeof WebSocket === 'undefined') {
       const third = await server.connection(base + 2);
       assert.equal(query(third).get('resume'), 'tok-fresh');
       assert.equal((await nthReconnecting(recorder, 2)).serverError, null);
+      // Live again before Stop: a Stop during the resume would open a goodbye connection of its own.
+      third.sendJson(resumableStart('fresh', 'tok-next', { resumed: true }));
+      await recorder.waitForState('live', (detail) => detail.resumed === true);
       client.stop();
       await third.closedPromise();
     });

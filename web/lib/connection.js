@@ -166,6 +166,10 @@ export class AgentConnection {
 
   /** End the session at the user's request: tell the server, close, and do not reconnect. */
   stop() {
+    // A drop being resumed: the session waits on the server and no open socket can say goodbye for it, so
+    // one is opened to resume it only to end it (or it would hold its slot for the whole resume window).
+    const orphan = this.resumable() && this.socket?.readyState !== OPEN
+      ? withResume(this.url, this.resumeToken) : null;
     this.clearTimers();
     const socket = this.socket;
     this.socket = null;
@@ -183,9 +187,38 @@ export class AgentConnection {
     this.sessionId = '';
     this.session = null;
     this.codec = '';
-    this.forgetResume(); // the session_end above ends it on the server
+    this.forgetResume(); // the session_end above (or the goodbye below) ends it on the server
     this.opus?.end();
     this.setState('stopped', {});
+    if (orphan !== null) this.sayGoodbye(orphan);
+  }
+
+  /** Best effort, for stop(): resume the session at `url` only to send it `session_end`; the server answers
+   * and closes. Given up after the resume handshake's timeout (the window ends the session anyway). */
+  sayGoodbye(url) {
+    let socket;
+    try {
+      socket = new this.WebSocketImpl(url);
+    } catch {
+      return;
+    }
+    const giveUp = this.timers.setTimeout(() => {
+      try {
+        socket.close(CLOSE.NORMAL, 'client stop');
+      } catch {
+        // Closing is all there was left to do.
+      }
+    }, this.settings.resumeConnectTimeoutMs);
+    socket.onopen = () => {
+      try {
+        socket.send(clientSessionEndMessage());
+      } catch {
+        // The socket is going already.
+      }
+    };
+    socket.onclose = () => this.timers.clearTimeout(giveUp);
+    socket.onerror = () => {};
+    socket.onmessage = () => {};
   }
 
   /** Send a control message (JSON text) while the session is live. Returns whether it was sent. */
