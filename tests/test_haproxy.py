@@ -205,6 +205,9 @@ class ServerSetup:
     slots: int = 1
     # SIGTERM drains this long at most, after which a live session hears `server_shutdown`.
     drain_timeout_s: float = 1.0
+    # A dropped session is kept this long for a resume: long enough, in the resume tests, for what they do
+    # while the link is down on a loaded machine.
+    resume_window_s: float = 10.0
 
 
 @pytest.fixture
@@ -212,7 +215,7 @@ def servers(request: pytest.FixtureRequest) -> Iterator[list[ServerProcess]]:
     """Two loopback servers, started side by side, each answering HAProxy's agent check on a free port."""
     setup: ServerSetup = getattr(request, "param", ServerSetup())
     args = ("--engine", "loopback", "--max-sessions", str(setup.slots), "--drain-timeout",
-            str(setup.drain_timeout_s), "--agent-port", "0")
+            str(setup.drain_timeout_s), "--agent-port", "0", "--resume-window", str(setup.resume_window_s))
     with contextlib.ExitStack() as stack, ThreadPoolExecutor(2) as pool:
         starting = [pool.submit(ServerProcess, *args) for _ in range(2)]
         started, failed = [], []
@@ -676,6 +679,7 @@ async def audio_flows(run: ClientRun, frames: int = 25) -> None:
     await wait_for("audio flowing", lambda: len(run.frames) >= have + frames, 10)
 
 
+@pytest.mark.parametrize("servers", [ServerSetup(resume_window_s=60)], indirect=True)
 def test_a_link_cut_behind_haproxy_resumes_on_the_same_server_by_the_sticky_cookie(
     servers: list[ServerProcess], haproxy: HAProxy
 ) -> None:

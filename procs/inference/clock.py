@@ -354,7 +354,7 @@ class StepScheduler(Generic[P]):
         blocks = []
         for s in self.slots:
             if s is None or not s.timing.placed:
-                if s is not None and s.queue:  # cannot be: a queued block placed it; kept for safety
+                if s is not None and s.queue:  # blocks a session sent before its link dropped (`replace`)
                     blocks.append(s.queue.popleft())
                 continue
             s.depths.append(len(s.queue))
