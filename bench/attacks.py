@@ -50,6 +50,7 @@ from protocol import (
     encode_client_audio,
     encode_client_control,
 )
+from tests.support.helpers import metric
 from tests.support.launcher import SHM, ServerProcess, poll_until
 from tests.support.proxy import TcpProxy
 from tests.support.speech import telugu_speech_for
@@ -62,12 +63,6 @@ Figures = dict[str, Any]
 def health(server: ServerProcess) -> tuple[int, str]:
     code, body = server.health()
     return code, body.get("status", "unreachable")
-
-
-def metric(server: ServerProcess, name: str) -> float:
-    value = server.metric(name)
-    assert value is not None, f"/metrics has no {name}"
-    return value
 
 
 def latencies_ms(run: ClientRun) -> list[float]:
@@ -348,10 +343,6 @@ SETTLE_S = 15.0  # after an attack: how long the server gets to give every slot 
 URLSAFE = string.ascii_letters + string.digits + "-_"  # a resume token's alphabet
 
 
-def port_of(server: ServerProcess) -> int:
-    return int(server.url.rsplit(":", 1)[1])
-
-
 def refusals(server: ServerProcess) -> Counter[str]:
     """`voice_resume_failures_total` by reason."""
     return Counter({r.value: int(metric(server, f'voice_resume_failures_total{{reason="{r.value}"}}'))
@@ -438,7 +429,7 @@ def resume_flood() -> Figures:
     attempts, attackers = 1000, 4
     pcm = (np.sin(np.arange(16000) / 16000 * 2 * np.pi * 330) * 8000).astype(np.int16)
     with (ServerProcess(*LOOPBACK, "--max-sessions", "16", "--resume-window", "120") as server,
-          TcpProxy("127.0.0.1", port_of(server)) as proxy):
+          TcpProxy("127.0.0.1", server.port) as proxy):
         before, sessions_before = refusals(server), metric(server, "voice_sessions_total")
 
         async def spent_and_expired() -> tuple[str, str]:
@@ -543,7 +534,7 @@ def resume_race() -> Figures:
     session and resume_failed; never may both carry it."""
     rounds = 20
     with (ServerProcess(*LOOPBACK, "--max-sessions", "8") as server,
-          TcpProxy("127.0.0.1", port_of(server)) as proxy):
+          TcpProxy("127.0.0.1", server.port) as proxy):
         before, resumed_before = refusals(server), metric(server, "voice_sessions_resumed_total")
 
         async def contender(url: str, session_id: str) -> tuple[str, Any]:

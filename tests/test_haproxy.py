@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -26,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ from protocol import (
     decode_server,
     encode_client_control,
 )
-from tests.support.helpers import assert_real_time
+from tests.support.helpers import assert_real_time, metric
 from tests.support.launcher import SHM, ServerProcess, wait_gone
 from tests.support.proxy import TcpProxy
 from tests.support.speech import telugu_speech_16k
@@ -210,6 +209,19 @@ class ServerSetup:
     resume_window_s: float = 10.0
 
 
+def run_showing_logs(scenario: Callable[[], Coroutine[Any, Any, object]], haproxy: HAProxy,
+                     servers: Sequence[ServerProcess] = ()) -> None:
+    """Run a test's scenario; if it fails, print HAProxy's log and each server's (pytest shows them)."""
+    try:
+        asyncio.run(scenario())
+    except BaseException:
+        print("HAProxy log:\n" + haproxy.log())
+        for k, server in enumerate(servers):
+            name = SERVER_NAMES[k] if len(servers) == len(SERVER_NAMES) else "server"
+            print(f"{name} log:\n{server.log()}")
+        raise
+
+
 @pytest.fixture
 def servers(request: pytest.FixtureRequest) -> Iterator[list[ServerProcess]]:
     """Two loopback servers, started side by side, each answering HAProxy's agent check on a free port."""
@@ -336,11 +348,7 @@ def test_haproxy_spreads_sessions_refuses_when_full_and_drains(
         assert len({r.session_start.session_id for r in (drained_run, survivor_run, newcomer_run)}) == 3
 
     t0 = time.monotonic()
-    try:
-        asyncio.run(scenario())
-    except BaseException:
-        print("HAProxy log:\n" + haproxy.log())
-        raise
+    run_showing_logs(scenario, haproxy)
     timings["scenario"] = time.monotonic() - t0
     # Both servers were stopped by the scenario: nothing of theirs may be left behind.
     for server in servers:
@@ -464,11 +472,7 @@ def test_agent_weight_follows_free_slots(servers: list[ServerProcess], haproxy: 
         assert haproxy.status(PRIMARY, name) == "DOWN"
         assert haproxy.weight(other_name) == 100 and haproxy.status(PRIMARY, other_name) == "UP"
 
-    try:
-        asyncio.run(scenario())
-    except BaseException:
-        print("HAProxy log:\n" + haproxy.log())
-        raise
+    run_showing_logs(scenario, haproxy)
 
 
 # ---- sticky sessions ------------------------------------------------------------------------------------
@@ -539,11 +543,7 @@ def test_sticky_sessions_return_to_their_server_while_it_has_room(
             # ...and HAProxy gave the client the new server's cookie, so it sticks there from now on.
             assert moved_to.startswith(f"{STICKY_COOKIE}={SERVER_NAMES[other]};"), moved_to
 
-    try:
-        asyncio.run(scenario())
-    except BaseException:
-        print("HAProxy log:\n" + haproxy.log())
-        raise
+    run_showing_logs(scenario, haproxy)
 
 
 def agent_answers(server: ServerProcess, line: str) -> Callable[[], bool]:
@@ -575,11 +575,7 @@ def test_agent_port_survives_a_network_process_restart(
             await wait_for("HAProxy following the new agent: weight 50 with one session",
                            lambda: haproxy.weight(name) == 50 and haproxy.status(PRIMARY, name) == "UP")
 
-    try:
-        asyncio.run(scenario())
-    except BaseException:
-        print("HAProxy log:\n" + haproxy.log() + "\nserver log:\n" + server.log())
-        raise
+    run_showing_logs(scenario, haproxy, [server])
 
 
 def test_the_agent_takes_resets_and_silent_checkers_without_an_error() -> None:
@@ -631,15 +627,6 @@ class CookieJar:
             self.cookies[name.strip()] = value.strip()
         if self.cookies:
             self.headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-
-
-def metric(server: ServerProcess, name: str) -> float:
-    """One sample of the server's /metrics, by its name with labels (`voice_x{reason="y"}`)."""
-    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert found is not None, name
-    return float(found.group(1))
 
 
 def detached(server: ServerProcess) -> float:
@@ -804,13 +791,7 @@ def test_a_link_cut_behind_haproxy_resumes_on_the_same_server_by_the_sticky_cook
         assert "/ws" in log
         assert not [s.resume_token for s in starts if s.resume_token and s.resume_token in log]
 
-    try:
-        asyncio.run(scenario())
-    except BaseException:
-        print("HAProxy log:\n" + haproxy.log())
-        for name, server in zip(SERVER_NAMES, servers, strict=True):
-            print(f"{name} log:\n{server.log()}")
-        raise
+    run_showing_logs(scenario, haproxy, servers)
 
 
 def test_a_resume_whose_server_is_gone_gets_a_fresh_session_elsewhere_at_once(
@@ -859,10 +840,4 @@ def test_a_resume_whose_server_is_gone_gets_a_fresh_session_elsewhere_at_once(
         await wait_for("every slot free", lambda: sessions_active(servers[other]) == 0
                        and haproxy.current_sessions(PRIMARY) == haproxy.current_sessions(OVERFLOW) == 0)
 
-    try:
-        asyncio.run(scenario())
-    except BaseException:
-        print("HAProxy log:\n" + haproxy.log())
-        for name, server in zip(SERVER_NAMES, servers, strict=True):
-            print(f"{name} log:\n{server.log()}")
-        raise
+    run_showing_logs(scenario, haproxy, servers)

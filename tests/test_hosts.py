@@ -267,13 +267,9 @@ def plain_get(port: int, request: bytes) -> bytes:
     return reply
 
 
-def port_of(server: ServerProcess) -> int:
-    return int(server.url.rsplit(":", 1)[1])
-
-
 def test_a_dns_rebinding_handshake_is_refused_and_the_servers_own_names_pass(
         loopback_server: ServerProcess) -> None:
-    port = port_of(loopback_server)
+    port = loopback_server.port
     # evil.example's page, its name now resolving to 127.0.0.1: same-origin to the Origin check alone.
     assert asyncio.run(handshake_status(port, f"evil.example:{port}", f"http://evil.example:{port}")) == 421
     assert asyncio.run(handshake_status(port, "evil.example", None)) == 421  # no browser: no other rule
@@ -284,7 +280,7 @@ def test_a_dns_rebinding_handshake_is_refused_and_the_servers_own_names_pass(
 
 def test_the_page_is_refused_to_a_foreign_host_and_the_probes_answer_any(
         loopback_server: ServerProcess) -> None:
-    port = port_of(loopback_server)
+    port = loopback_server.port
     page = plain_get(port, b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n")
     assert page.startswith(b"HTTP/1.1 421 ") and page.endswith(b"--allowed-hosts)\n")
     assert plain_get(port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 200 ")
@@ -304,7 +300,7 @@ def everywhere_server() -> Iterator[ServerProcess]:
 
 def test_allowed_hosts_adds_a_name_and_a_domain_to_a_wildcard_binds_own(
         everywhere_server: ServerProcess) -> None:
-    port = port_of(everywhere_server)
+    port = everywhere_server.port
     for host in ("voice.example", f"voice.example:{port}", "corp.example", "a.b.corp.example:443",
                  f"{socket.gethostname()}:{port}", f"localhost:{port}", f"0.0.0.0:{port}"):
         assert asyncio.run(handshake_status(port, host, f"http://{host}")) == 101, host

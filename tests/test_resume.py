@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import string
 import subprocess
 import sys
 import time
-import urllib.request
 import wave
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from protocol import (
     encode_client_audio,
     encode_client_control,
 )
-from tests.support.helpers import wait_for_sessions
+from tests.support.helpers import metric, wait_for_sessions
 from tests.support.launcher import ServerProcess, poll_until
 from tests.support.proxy import TcpProxy
 from tests.support.speech import telugu_speech_16k
@@ -144,18 +142,6 @@ def test_a_mutated_token_never_resumes_any_session(victim: int, edits: list[tupl
 # ---- the real server, through a proxy whose link is cut ---------------------------------------------
 
 
-def metric(server: ServerProcess, name: str) -> float:
-    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert found is not None, name
-    return float(found.group(1))
-
-
-def port_of(server: ServerProcess) -> int:
-    return int(server.url.rsplit(":", 1)[1])
-
-
 async def heard_by(server: ServerProcess, frames: float) -> None:
     """Until the server has received `frames` client audio frames in all (voice_frames_in_total)."""
     assert await asyncio.to_thread(
@@ -179,7 +165,7 @@ def test_a_link_cut_mid_conversation_resumes_the_same_session_100_times_in_a_row
     resumed_before = metric(loopback_server, "voice_sessions_resumed_total")
     sessions_before = metric(loopback_server, "voice_sessions_total")
     pcm = (np.sin(np.arange(16000) / 16000 * 2 * np.pi * 220) * 8000).astype(np.int16)
-    with TcpProxy("127.0.0.1", port_of(loopback_server)) as proxy:
+    with TcpProxy("127.0.0.1", loopback_server.port) as proxy:
         restored: list[float] = []
 
         async def cutter(run: ClientRun, done: asyncio.Event) -> None:
@@ -223,7 +209,7 @@ def test_a_link_cut_mid_conversation_resumes_the_same_session_100_times_in_a_row
 
 def test_detached_sessions_count_for_capacity_until_their_window_ends(loopback_server: ServerProcess) -> None:
     async def scenario() -> tuple[list[object], int | None, float | None]:
-        with TcpProxy("127.0.0.1", port_of(loopback_server)) as proxy:
+        with TcpProxy("127.0.0.1", loopback_server.port) as proxy:
             heard = metric(loopback_server, "voice_frames_in_total")
             held = [await first_messages(proxy.url(), 1) for _ in range(4)]
             for _, ws in held:
@@ -324,7 +310,7 @@ def test_a_drain_ends_detached_sessions_at_once() -> None:
     with ServerProcess("--engine", "loopback", "--resume-window", "120", "--drain-timeout", "60") as server:
 
         async def detach() -> None:
-            with TcpProxy("127.0.0.1", port_of(server)) as proxy:
+            with TcpProxy("127.0.0.1", server.port) as proxy:
                 _, ws = await first_messages(proxy.url(), 1)
                 await ws.send(SILENCE)
                 await heard_by(server, 1)  # a session that heard nothing would not be kept
@@ -350,7 +336,7 @@ def test_voice_agent_client_resume_carries_a_session_across_a_cut(loopback_serve
         wav.setframerate(16000)
         wav.writeframes((np.sin(np.arange(4 * 16000) / 16000 * 2 * np.pi * 440) * 8000).astype(np.int16))
     frames_before = metric(loopback_server, "voice_frames_in_total")
-    with TcpProxy("127.0.0.1", port_of(loopback_server)) as proxy:
+    with TcpProxy("127.0.0.1", loopback_server.port) as proxy:
         client = subprocess.Popen(
             [sys.executable, "-m", "procs", "client", "--url", proxy.url(), "--wav", str(tmp_path / "in.wav"),
              "--resume", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -405,7 +391,7 @@ def test_the_demo_model_goes_on_after_a_resume_exactly_as_if_the_link_had_never_
             return await lock_step(ws, range(len(frames) // 4))
 
     async def cut_halfway(server: ServerProcess) -> tuple[list[bytes], SessionStart, SessionStart]:
-        with TcpProxy("127.0.0.1", port_of(server)) as proxy:
+        with TcpProxy("127.0.0.1", server.port) as proxy:
             ws = await connect(proxy.url(), compression=None)
             first = decode_server(await ws.recv())
             assert isinstance(first, SessionStart) and first.resume_token

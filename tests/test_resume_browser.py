@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -20,7 +19,7 @@ import pytest
 from playwright.sync_api import Page, sync_playwright
 
 from tests.support.chromium import CHROMIUM, chromium_flags
-from tests.support.helpers import wait_for_sessions
+from tests.support.helpers import metric, wait_for_sessions
 from tests.support.launcher import ServerProcess, poll_until
 from tests.support.proxy import TcpProxy
 
@@ -57,15 +56,6 @@ RECORD_SOCKETS = """
   };
 })();
 """
-
-
-def metric(server: ServerProcess, name: str) -> float:
-    """One unlabelled series of GET /metrics."""
-    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
-        body = response.read().decode()
-    match = re.search(rf"^{re.escape(name)} (\S+)$", body, re.MULTILINE)
-    assert match, f"{name} not in /metrics:\n{body}"
-    return float(match.group(1))
 
 
 def wait_for_metric(server: ServerProcess, name: str, value: float, timeout_s: float = 10.0) -> None:

@@ -34,3 +34,11 @@ def wait_for_sessions(server: ServerProcess, active: int, timeout_s: float = 5.0
             return
         assert time.monotonic() < deadline, f"sessions_active stayed {seen}, expected {active}"
         time.sleep(0.02)  # polls /health; the deadline is the bound
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    """One sample of the server's /metrics, by its name with labels (`voice_x{reason="y"}`), which must be
+    there."""
+    value = server.metric(name)
+    assert value is not None, f"/metrics has no {name}"
+    return value

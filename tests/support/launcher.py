@@ -169,6 +169,11 @@ class ServerProcess:
         except OSError:
             return 0, {}
 
+    @property
+    def port(self) -> int:
+        """The port it listens on (it was started with --port 0)."""
+        return int(self.url.rsplit(":", 1)[1])
+
     def metric(self, name: str) -> float | None:
         """One sample of GET /metrics, by its name as exposed, labels included
         (`voice_resume_failures_total{reason="used"}`); None when the server exposes no such sample."""
